@@ -1,0 +1,54 @@
+"""Configuration records shared by the loader, the model runner, the scheduler and the server.
+
+Plain dataclasses so that every layer can build and inspect them without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Architecture facts the model code needs, filled by the loader from GGUF metadata or config.json."""
+
+    architecture: str  # "llama" (Llama 2/3.x, SmolLM, Mistral) | "qwen2" | "qwen3"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF-style dict, e.g. {"rope_type": "llama3", "factor": 32.0, ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineConfig:
+    """Everything `treadle serve` passes to the engine; defaults come from configs/<device>.yaml."""
+
+    model: str | None = None  # GGUF file, HF-style directory, or None for the embedded default model
+    served_model_name: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    page_size: int = 16
+    num_pages: int | None = None  # None: derive from kv_memory_fraction (CUDA) or kv_cache_gb (CPU)
+    kv_cache_gb: float = 1.0
+    kv_memory_fraction: float = 0.85
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int = 1024
+    enable_prefix_caching: bool = True
+    max_logprobs: int = 20
+    seed: int = 0
+    weights_cache_dir: str | None = None  # None: ~/.cache/treadle
+    num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores

@@ -1,0 +1,67 @@
+"""Per-request generation parameters, validated once at the door so the engine loop never sees bad values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter is out of range; `param` names it (the server turns this into a 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    max_tokens: int | None = None  # None: up to the context length
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
+    skip_special_tokens: bool = True
+
+    def validate(self, max_logprobs: int = 20) -> None:
+        def bad(msg: str, param: str) -> None:
+            raise InvalidParameterError(msg, param)
+
+        if self.n < 1:
+            bad("n must be at least 1", "n")
+        if self.temperature < 0:
+            bad("temperature must be non-negative", "temperature")
+        if not 0 < self.top_p <= 1:
+            bad("top_p must be in (0, 1]", "top_p")
+        if self.top_k < -1:
+            bad("top_k must be -1 (off), 0 (off) or positive", "top_k")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p must be in [0, 1]", "min_p")
+        if self.repetition_penalty <= 0:
+            bad("repetition_penalty must be positive", "repetition_penalty")
+        if not -2 <= self.presence_penalty <= 2:
+            bad("presence_penalty must be in [-2, 2]", "presence_penalty")
+        if not -2 <= self.frequency_penalty <= 2:
+            bad("frequency_penalty must be in [-2, 2]", "frequency_penalty")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            bad("max_tokens must be at least 1", "max_tokens")
+        if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            bad("min_tokens must be in [0, max_tokens]", "min_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= max_logprobs:
+            bad(f"top_logprobs must be in [0, {max_logprobs}]", "top_logprobs")
+        if any(not s for s in self.stop):
+            bad("stop strings must be non-empty", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
