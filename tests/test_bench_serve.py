@@ -121,7 +121,8 @@ def test_jsonl_dataset(tmp_path):
     path.write_text('{"prompt": "a b", "output_len": 3}\n\n{"prompt": "c"}\n')
     reqs = bs.read_jsonl_requests(path, default_output_len=9)
     assert [(r.prompt, r.output_len) for r in reqs] == [("a b", 3), ("c", 9)]
-    for bad, msg in [('{"prompt": 1}', "string"), ("{oops", "line 1|:1:"), ('{"prompt": "x", "output_len": 0}', "positive")]:
+    cases = [('{"prompt": 1}', "string"), ("{oops", "not valid JSON"), ('{"prompt": "x", "output_len": 0}', "positive")]
+    for bad, msg in cases:
         path.write_text(bad + "\n")
         with pytest.raises(ValueError, match=msg):
             bs.read_jsonl_requests(path, 9)
@@ -169,7 +170,8 @@ async def _events(body: dict):
     def chunk(text=None, finish=None):
         if chat:
             delta = {} if text is None else {"content": text}
-            return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            return {"object": "chat.completion.chunk", "choices": [choice]}
         return {"object": "text_completion", "choices": [{"index": 0, "text": text or "", "finish_reason": finish}]}
 
     if chat:
