@@ -1,0 +1,128 @@
+"""The `treadle` console script: `treadle serve` loads a model and serves the OpenAI API over HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import socket
+import sys
+
+from . import bench_serve
+from .serve_config import API_KEY_ENV, ConfigError, ServeConfig, build_serve_config
+
+log = logging.getLogger("treadle.server")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags default to None so that only the ones given override configs/<device>.yaml and --config."""
+    p.add_argument("--model", help="GGUF file or HF-style directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--config", metavar="YAML", help="a YAML file of options (the keys of configs/cpu.yaml)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on; 0 picks a free one (default 8000)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available); picks configs/<device>.yaml")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights and KV-cache dtype")
+    p.add_argument("--served-model-name", help="the model name clients send (default: derived from the file)")
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer <key>' on every route but /health "
+                                     f"(default: ${API_KEY_ENV})")
+    p.add_argument("--page-size", type=int, help="tokens per KV-cache page")
+    pool = p.add_mutually_exclusive_group()
+    pool.add_argument("--num-pages", type=int, help="KV-cache pages, overriding the size options below")
+    pool.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (CPU)")
+    pool.add_argument("--kv-memory-fraction", type=float, help="share of free GPU memory for the KV cache (CUDA)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences in a running batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens in one forward pass at most (prefill chunk)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-waiting-requests", type=int, help="queued requests before new ones get 429")
+    p.add_argument("--max-logprobs", type=int, help="largest top_logprobs a request may ask for")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
+                   help="do not reuse the KV of shared prompt prefixes")
+    p.add_argument("--seed", type=int, help="seed of the sampler for requests that send none")
+    p.add_argument("--num-threads", type=int, help="torch threads on CPU (default: all cores)")
+    p.add_argument("--weights-cache-dir", help="where converted weights are cached (default ~/.cache/treadle)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--uvicorn-log-level", default="warning", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's own logging; 'info' adds an access log line per request")
+
+
+_NOT_CONFIG = {"command", "config", "log_level", "uvicorn_log_level"}
+
+
+def serve_config_from_args(args: argparse.Namespace) -> ServeConfig:
+    flags = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    return build_serve_config(flags, args.config)
+
+
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _serve(server, sock: socket.socket, banner: str) -> bool:
+    """Run uvicorn on `sock`, printing the banner once it accepts requests; False if startup failed."""
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(banner, flush=True)
+    await task
+    return server.started
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from treadle.engine.async_engine import AsyncEngine
+
+    from .app import build_app
+
+    cfg = serve_config_from_args(args)
+    try:
+        engine = AsyncEngine(cfg.engine, progress=True)
+    except (OSError, ValueError) as exc:
+        print(f"treadle: error: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    try:
+        sock = socket.create_server((cfg.host, cfg.port), family=socket.AF_INET6 if ":" in cfg.host else
+                                    socket.AF_INET)
+    except OSError as exc:
+        print(f"treadle: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+    port = sock.getsockname()[1]
+    app = build_app(engine, api_key=cfg.api_key, max_logprobs=cfg.engine.max_logprobs)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5))
+    banner = f"treadle: serving {engine.model_name} on {_url(cfg.host, port)} (OpenAI API at /v1)"
+    if cfg.api_key:
+        banner += "; API key required"
+    return 0 if asyncio.run(_serve(server, sock, banner)) else 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="treadle", description="An OpenAI-compatible LLM serving engine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_serve_arguments(commands.add_parser("serve", help="serve a model over the OpenAI API",
+                                            description="Serve a model over the OpenAI API. Defaults come from "
+                                            "configs/cpu.yaml or configs/cuda.yaml (by --device), then --config, "
+                                            "then these flags."))
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench_serve.add_arguments(bench.add_parser("serve", help="load-test an OpenAI-compatible server",
+                                               description="Load-test an OpenAI-compatible server with streaming "
+                                               "requests; metrics as vLLM's bench serve defines them."))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "bench":
+        return bench_serve.main(args)
+    try:
+        return serve(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

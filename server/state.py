@@ -1,0 +1,35 @@
+"""What every handler needs, stored once on the app: the engine, the metrics, and the checks that gate a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from treadle.engine.async_engine import AsyncEngine
+
+from .errors import APIError
+from .metrics import ServerMetrics
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    metrics: ServerMetrics
+    max_logprobs: int
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def check_model(self, requested: str | None) -> None:
+        if requested is not None and requested != self.engine.model_name:
+            raise APIError(404, f"The model `{requested}` does not exist.", param="model", code="model_not_found")
+
+    def check_healthy(self) -> None:
+        if not self.engine.is_healthy:
+            raise APIError(503, "The engine is not running.", code="engine_unavailable", retry_after=5)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.treadle
