@@ -6,11 +6,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import jinja2
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from treadle.engine.outputs import TokenLogprob
+from treadle.engine.tokenizer import ChatTemplateError, Tokenizer
 
 from . import sse
 from .disconnect import ClientDisconnected, unless_disconnected
@@ -33,13 +33,14 @@ from .protocol import (
 from .state import get_state
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool, tools=None) -> list[int]:
+def render_chat(tokenizer: Tokenizer, messages: list[ChatMessage], add_generation_prompt: bool,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of the templated conversation; the template already holds the special tokens it wants."""
     dicts = [m.template_dict(i) for i, m in enumerate(messages)]
     try:
         text = tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt, tools=tools)
-    except (jinja2.TemplateError, ValueError) as exc:
-        raise bad_request(f"The chat template rejected the messages: {exc}", "messages") from None
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from treadle.engine.outputs import TokenLogprob
+from treadle.engine.tokenizer import Tokenizer
 
 from . import sse
 from .disconnect import ClientDisconnected, unless_disconnected
@@ -19,7 +20,7 @@ from .protocol import LOGPROB_FLOOR, CompletionChoice, CompletionLogprobs, Compl
 from .state import get_state
 
 
-def prompt_token_ids(tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+def prompt_token_ids(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     """Every prompt of the request as token ids; text is encoded with the tokenizer's special tokens (BOS)."""
     if isinstance(prompt, str):
         prompts: list = [prompt]
