@@ -1,0 +1,83 @@
+"""Runs one forward pass over the scheduler's ragged batch and returns the logits the sampler needs.
+
+Owns the paged KV tensors (one [num_slots, kv_heads, head_dim] K and V per layer). Chunks are reordered decode
+rows first, then prefill chunks (the layout paged_attention batches over); logits come back in the caller's order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .batch import SeqChunk
+from .config import EngineConfig, ModelConfig
+from .loader import torch_dtype
+from .models.attention import AttentionMetadata
+from .models.llama import LlamaForCausalLM
+
+
+class ModelRunner:
+    def __init__(
+        self, model: LlamaForCausalLM, model_config: ModelConfig, engine_config: EngineConfig, num_slots: int
+    ):
+        self.model = model
+        self.model_config = model_config
+        self.device = torch.device(engine_config.device)
+        self.dtype = torch_dtype(engine_config.dtype)
+        if self.device.type == "cpu" and engine_config.num_threads:
+            torch.set_num_threads(engine_config.num_threads)
+        shape = (num_slots, model_config.num_kv_heads, model_config.head_dim)
+        # Zeros, not empty: padded decode rows gather slot 0, and NaN garbage there would survive a zero softmax weight.
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(model_config.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_slot(model_config: ModelConfig, dtype: torch.dtype | str) -> int:
+        """K and V of one token across all layers."""
+        if isinstance(dtype, str):
+            dtype = torch_dtype(dtype)
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * model_config.num_layers * model_config.num_kv_heads * model_config.head_dim * elem
+
+    @torch.inference_mode()
+    def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """float32 logits [number of chunks with need_logits, vocab], in chunk order."""
+        if not chunks:
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        decode = [c for c in chunks if len(c.token_ids) == 1]
+        prefill = [c for c in chunks if len(c.token_ids) != 1]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        row_of: dict[int, int] = {}  # id(chunk) -> batch row of its last new token
+        for c in decode:
+            row_of[id(c)] = len(ids)
+            ids += c.token_ids
+            positions += c.positions
+            slot_mapping.append(c.kv_slots[-1])
+        for c in prefill:
+            n = len(c.token_ids)
+            if n == 0:
+                raise ValueError("a chunk needs at least one new token")
+            ids += c.token_ids
+            positions += c.positions
+            slot_mapping += c.kv_slots[-n:]
+            row_of[id(c)] = len(ids) - 1
+        if not len(ids) == len(positions) == len(slot_mapping):
+            raise ValueError("every new token needs one position id and one KV slot")
+        attn = AttentionMetadata.build(
+            decode_slots=[c.kv_slots for c in decode],
+            prefill_slots=[c.kv_slots for c in prefill],
+            prefill_num_new=[len(c.token_ids) for c in prefill],
+            slot_mapping=slot_mapping,
+            logits_indices=[row_of[id(c)] for c in chunks if c.need_logits],
+            device=self.device,
+        )
+        hidden = self.model(
+            torch.tensor(ids, dtype=torch.long).to(self.device),
+            torch.tensor(positions, dtype=torch.long).to(self.device),
+            attn,
+            self.kv_caches,
+        )
+        return self.model.compute_logits(hidden)
