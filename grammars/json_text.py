@@ -57,13 +57,17 @@ def _unicode_escapes(charset: CharSet) -> Expr:
         lo = max(lo, 0x10000)
         high_lo, low_lo = divmod(lo - 0x10000, 0x400)
         high_hi, low_hi = divmod(hi - 0x10000, 0x400)
-        pairs = []
         if high_lo == high_hi:
-            pairs.append((high_lo, high_lo, low_lo, low_hi))
+            pairs = [(high_lo, high_lo, low_lo, low_hi)]
         else:
-            pairs.append((high_lo, high_lo, low_lo, 0x3FF))
-            pairs.append((high_lo + 1, high_hi - 1, 0, 0x3FF))
-            pairs.append((high_hi, high_hi, 0, low_hi))
+            # A partial first and last high surrogate, and the full ones between them in one pattern.
+            first = high_lo if low_lo == 0 else high_lo + 1
+            last = high_hi if low_hi == 0x3FF else high_hi - 1
+            pairs = [(first, last, 0, 0x3FF)]
+            if low_lo != 0:
+                pairs.insert(0, (high_lo, high_lo, low_lo, 0x3FF))
+            if low_hi != 0x3FF:
+                pairs.append((high_hi, high_hi, 0, low_hi))
         for h_lo, h_hi, l_lo, l_hi in pairs:
             if h_lo <= h_hi:
                 options.append(
