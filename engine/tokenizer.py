@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import jinja2
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 class ChatTemplateError(ValueError):
@@ -35,7 +35,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str, eos_token_ids: list[int] | None = None) -> "Tokenizer":
-        """Load from an HF-style directory (tokenizer.json, tokenizer_config.json, chat template)."""
+        """Load from an HF-style directory (tokenizer.json, tokenizer_config.json, chat template).
+
+        tokenizer.json, when present, is taken as the whole truth: AutoTokenizer would pick a model-specific class
+        from config.json that may rebuild the pipeline from the vocab and disagree with the file.
+        """
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return cls(PreTrainedTokenizerFast.from_pretrained(path), eos_token_ids)
         return cls(AutoTokenizer.from_pretrained(path), eos_token_ids)
 
     @classmethod

@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from .llama import o_proj_has_bias
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -123,7 +124,7 @@ def gguf_state_dict(
                 )
             )
         sd[p + "o_proj.weight"] = out(load(b + "attn_output.weight"))
-        if cfg.attention_bias and cfg.architecture == "llama":
+        if o_proj_has_bias(cfg):
             sd[p + "o_proj.bias"] = out(load(b + "attn_output.bias"))
         if cfg.qk_norm:
             sd[p + "q_norm.weight"] = out(load(b + "attn_q_norm.weight"))

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from .llama import o_proj_has_bias
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
@@ -116,7 +117,7 @@ def hf_state_dict(
         for suffix in ("weight", "bias") if cfg.attention_bias else ("weight",):
             sd[p + f"qkv_proj.{suffix}"] = torch.cat([load(h + f"self_attn.{x}_proj.{suffix}") for x in "qkv"])
         sd[p + "o_proj.weight"] = load(h + "self_attn.o_proj.weight")
-        if cfg.attention_bias and cfg.architecture == "llama":
+        if o_proj_has_bias(cfg):
             sd[p + "o_proj.bias"] = load(h + "self_attn.o_proj.bias")
         if cfg.qk_norm:
             sd[p + "q_norm.weight"] = load(h + "self_attn.q_norm.weight")

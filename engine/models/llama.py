@@ -18,6 +18,11 @@ from .rope import RotaryEmbedding, apply_rotary
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (K, V), each [num_slots, num_kv_heads, head_dim]
 
 
+def o_proj_has_bias(cfg: ModelConfig) -> bool:
+    """attention_bias biases o_proj too in Llama and Qwen3; Qwen2's bias is on q/k/v only."""
+    return cfg.attention_bias and cfg.architecture != "qwen2"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -37,8 +42,7 @@ class DecoderLayer(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        # Llama's attention_bias also biases o_proj; Qwen2's biases only q/k/v.
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias and cfg.architecture == "llama")
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=o_proj_has_bias(cfg))
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
