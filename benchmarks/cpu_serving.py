@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import platform
-import shutil
 import signal
 import socket
 import statistics
@@ -207,13 +206,7 @@ def measure_transformers(gguf: Path, tokenizer, prompts: PromptSets) -> tuple[li
 
 
 def treadle_command(port: int, args: argparse.Namespace) -> list[str]:
-    exe = Path(sys.executable).with_name("treadle")
-    if not exe.exists():
-        found = shutil.which("treadle")
-        if found is None:
-            raise RuntimeError("the `treadle` console script is not installed (pip install -e .)")
-        exe = Path(found)
-    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "treadle.server.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if args.dtype:
         cmd += ["--dtype", args.dtype]
     if args.model:
@@ -225,7 +218,8 @@ def llama_cpp_command(port: int, gguf: Path, args: argparse.Namespace) -> list[s
     if importlib.util.find_spec("llama_cpp") is None:
         raise RuntimeError("--llama-cpp needs llama-cpp-python[server]; see benchmarks/README.md")
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--n_ctx", "2048", "--n_threads", str(os.cpu_count())]
+    threads = str(os.cpu_count())
+    cmd += ["--port", str(port), "--n_ctx", "2048", "--n_threads", threads, "--n_threads_batch", threads]
     # A new request must queue behind the running ones, not cut them off (the server's default).
     return cmd + ["--interrupt_requests", "False"]
 

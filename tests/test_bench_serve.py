@@ -7,7 +7,12 @@ import argparse
 import asyncio
 import json
 import math
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -319,3 +324,53 @@ def test_cli_reports_unreachable_server(capsys):
     argv = ["--base-url", f"http://127.0.0.1:{_free_port()}", "--num-prompts", "1", "--disable-tqdm"]
     assert bs.main(_parser().parse_args(argv)) == 2
     assert "server request failed" in capsys.readouterr().out
+
+
+# ---- The load generator against a real `treadle serve` ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def treadle_server():
+    cmd = [sys.executable, "-m", "treadle.server.cli", "serve", "--port", "0", "--num-pages", "256"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    drain = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    drain.start()
+    url, seen, deadline = None, [], time.monotonic() + 120
+    while url is None:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        seen.append(line)
+        if m := re.search(r"serving .* on (http://127\.0\.0\.1:\d+)", line):
+            url = m.group(1)
+    try:
+        assert url, "treadle serve did not start:\n" + "".join(seen[-20:])
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_bench_serve_against_treadle(treadle_server, tmp_path):
+    """4 prompts x 8 tokens on each endpoint: prompts sized exactly through /tokenize, lengths fixed by ignore_eos."""
+    for endpoint in bs.ENDPOINTS:
+        out = tmp_path / "result.json"
+        argv = ["--base-url", treadle_server, "--endpoint", endpoint, "--num-prompts", "4", "--input-len", "16"]
+        argv += ["--output-len", "8", "--ignore-eos", "--max-concurrency", "4", "--disable-tqdm"]
+        argv += ["--extra-body", '{"temperature": 0}', "--result-file", str(out)]
+        assert bs.main(_parser().parse_args(argv)) == 0
+        result = json.loads(out.read_text())
+        assert result["errors"] == [""] * 4
+        assert result["output_lens"] == [8] * 4
+        if endpoint == "/v1/completions":
+            assert result["input_lens"] == [16] * 4  # usage.prompt_tokens: the sizing was exact
+        else:
+            assert all(n > 16 for n in result["input_lens"])  # the chat template adds its tokens
+        assert 0 < result["mean_ttft_ms"] <= result["mean_e2el_ms"]
+        assert len(result["itls"][0]) >= 1 and result["total_output_tokens"] == 32
