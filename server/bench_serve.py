@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 from rich.console import Console
 from rich.table import Table
-from tqdm.asyncio import tqdm
+from tqdm import tqdm
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
@@ -310,6 +310,17 @@ def read_jsonl_requests(path: str | Path, default_output_len: int) -> list[Bench
     if not requests:
         raise ValueError(f"{path}: no prompts")
     return requests
+
+
+async def count_prompt_tokens(requests: list[BenchRequest], codec: PromptCodec) -> None:
+    """Fill `prompt_len` of file prompts, a few tokenize calls at a time so the server is not flooded."""
+    sem = asyncio.Semaphore(8)
+
+    async def one(req: BenchRequest) -> None:
+        async with sem:
+            req.prompt_len = len(await codec[0](req.prompt))
+
+    await asyncio.gather(*(one(r) for r in requests))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -678,9 +689,7 @@ async def _main(args: argparse.Namespace) -> int:
                 raise ValueError(f"{args.dataset_path} holds {len(prompts)} prompts; {total} are needed")
             prompts = prompts[:total]
             if codec is not None:
-                lens = await asyncio.gather(*(codec[0](p.prompt) for p in prompts))
-                for p, ids in zip(prompts, lens):
-                    p.prompt_len = len(ids)
+                await count_prompt_tokens(prompts, codec)
         else:
             if codec is None:
                 print("note: the server has no /tokenize; prompt lengths are approximate until usage reports them")

@@ -320,6 +320,23 @@ def test_cli_end_to_end(sse_server, tmp_path, capsys):
     assert len(result["itls"]) == 4 and "api_key" not in result
 
 
+def test_cli_file_dataset(sse_server, tmp_path, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "no usage", "output_len": 4}) + "\n" for _ in range(4)))
+    out = tmp_path / "res.json"
+    argv = ["--base-url", sse_server, "--dataset", "file", "--dataset-path", str(data), "--disable-tqdm"]
+    argv += ["--num-prompts", "3", "--num-warmups", "1", "--result-file", str(out)]
+    assert bs.main(_parser().parse_args(argv)) == 0
+    result = json.loads(out.read_text())
+    assert result["input_lens"] == [2] * 3  # counted through /tokenize, the server sends no usage
+    assert result["output_lens"] == [3] * 3  # three output chunks
+    assert received[-1]["body"]["max_tokens"] == 4
+
+    argv[argv.index("3")] = "4"  # 4 prompts + 1 warmup: the file is one short
+    assert bs.main(_parser().parse_args(argv)) == 2
+    assert "holds 4 prompts; 5 are needed" in capsys.readouterr().out
+
+
 def test_cli_reports_unreachable_server(capsys):
     argv = ["--base-url", f"http://127.0.0.1:{_free_port()}", "--num-prompts", "1", "--disable-tqdm"]
     assert bs.main(_parser().parse_args(argv)) == 2
