@@ -98,9 +98,6 @@ class PromptSets:
     levels: dict[int, list[bs.BenchRequest]]
     ttft: list[bs.BenchRequest]
 
-    def all(self) -> list[bs.BenchRequest]:
-        return [self.warmup, self.batch1, *[r for rs in self.levels.values() for r in rs], *self.ttft]
-
 
 def build_prompts(tokenizer, args: argparse.Namespace, seed: int) -> PromptSets:
     """Distinct prompts of exactly --prompt-len tokens (as the model's tokenizer counts them)."""
