@@ -126,21 +126,6 @@ def opt(body: Expr) -> Expr:
     return repeat(body, 0, 1)
 
 
-def nullable(expr: Expr, nullable_rules: set[str]) -> bool:
-    """Whether `expr` derives the empty string, given which rules do."""
-    if isinstance(expr, Lit):
-        return expr.text == ""
-    if isinstance(expr, Chars):
-        return False
-    if isinstance(expr, Ref):
-        return expr.name in nullable_rules
-    if isinstance(expr, Seq):
-        return all(nullable(item, nullable_rules) for item in expr.items)
-    if isinstance(expr, Alt):
-        return any(nullable(option, nullable_rules) for option in expr.options)
-    return expr.lo == 0 or nullable(expr.body, nullable_rules)
-
-
 def _prune(expr: Expr, productive: set[str]) -> Expr:
     """Replace references to rules that derive nothing by NOTHING, simplifying upward."""
     if isinstance(expr, Ref):

@@ -1,6 +1,6 @@
 """JSON Schema to EBNF.
 
-Coverage: `type` (incl. arrays of types and OpenAPI `nullable`), `enum`/`const`, `properties`/
+Coverage: `type` (incl. arrays of types), `enum`/`const`, `properties`/
 `required`/`additionalProperties`/`unevaluatedProperties`, `items`/`prefixItems` (and the draft-4
 tuple form with `additionalItems`)/`unevaluatedItems`, `minItems`/`maxItems`, `anyOf`, `oneOf` (when
 its branches are provably disjoint), `allOf` (merged, see schema_merge), local `$ref`/`$defs` incl.
@@ -37,7 +37,8 @@ from .digit_ranges import decimal_range, integer_range
 from .ebnf_writer import EMPTY, NOTHING, Expr, Ref, RuleSet, alt, lit, repeat, seq
 from .errors import GrammarError
 from .json_text import json_chars, json_literal
-from .regex import constrain_length, map_chars, parse_regex
+from .length_bound import bounded_length
+from .regex import map_chars, parse_regex
 from .schema_merge import ANNOTATIONS, Schema, SchemaMerger, numeric_bounds, resolve_pointer, type_set, value_key
 from .string_formats import FORMATS
 
@@ -230,8 +231,6 @@ class _Converter:
 
     def _types(self, schema: dict[str, Any], path: str) -> set[str] | None:
         types = type_set(schema, path)
-        if types is not None and schema.get("nullable") is True:
-            types.add("null")
         values = schema.get("enum", [schema["const"]] if "const" in schema else None)
         if isinstance(values, list):
             from_values = {_json_type(v) for v in values}
@@ -288,8 +287,6 @@ class _Converter:
         if "const" in schema:
             values = [v for v in values if value_key(v) == value_key(schema["const"])]
         types = type_set(schema, path)
-        if types is not None and schema.get("nullable") is True:
-            types.add("null")
         kept = []
         seen = set()
         for v in values:
@@ -374,8 +371,6 @@ class _Converter:
             if not implied:
                 return json_value(self.rules, self.layout.flat())
             types = implied
-        if schema.get("nullable") is True:
-            types.add("null")
         if "number" in types:
             types.discard("integer")
         options = []
@@ -437,9 +432,14 @@ class _Converter:
                 return json_string(self.rules)
             return self.rules.add("str", seq(lit('"'), repeat(json_char(self.rules), min_len, max_len), lit('"')))
         text = parse_regex(FORMATS[fmt]) if fmt is not None else parse_regex(pattern, search=True)
+
+        def spell(cs: CharSet) -> Expr:
+            return self.rules.add("char", json_chars(cs, canonical=True))
+
         if min_len or max_len is not None:
-            text = constrain_length(text, min_len, max_len, f"string at {path}")
-        body = map_chars(text, lambda cs: self.rules.add("char", json_chars(cs, canonical=True)))
+            body = bounded_length(text, min_len, max_len, self.rules, spell, f"string at {path}")
+        else:
+            body = map_chars(text, spell)
         return self.rules.add("str", seq(lit('"'), body, lit('"')))
 
     def array(self, schema: dict[str, Any], path: str, depth: int) -> Expr:

@@ -18,22 +18,7 @@ import re
 from collections.abc import Callable
 
 from .charset import ANY_CHAR, CharSet
-from .ebnf_writer import (
-    EMPTY,
-    NOTHING,
-    Alt,
-    Chars,
-    Expr,
-    Lit,
-    Ref,
-    Repeat,
-    RuleSet,
-    Seq,
-    alt,
-    chars,
-    repeat,
-    seq,
-)
+from .ebnf_writer import EMPTY, Alt, Chars, Expr, Lit, Ref, Repeat, RuleSet, Seq, alt, chars, repeat, seq
 from .errors import GrammarError
 
 try:
@@ -184,67 +169,6 @@ def parse_regex(pattern: str, *, search: bool = False) -> Expr:
             body = seq(anywhere if start == 0 else EMPTY, body, anywhere if end == 0 else EMPTY)
         options.append(body)
     return alt(*options)
-
-
-def length_range(expr: Expr) -> tuple[int, int | None]:
-    """Shortest and longest string length (in characters) of a character-level expression."""
-    if isinstance(expr, Lit):
-        return len(expr.text), len(expr.text)
-    if isinstance(expr, Chars):
-        return 1, 1
-    if isinstance(expr, Seq):
-        lo, hi = 0, 0
-        for item in expr.items:
-            a, b = length_range(item)
-            lo += a
-            hi = None if hi is None or b is None else hi + b
-        return lo, hi
-    if isinstance(expr, Alt):
-        if not expr.options:
-            return 0, 0
-        ranges = [length_range(option) for option in expr.options]
-        highs = [b for _, b in ranges]
-        return min(a for a, _ in ranges), None if None in highs else max(highs)
-    if isinstance(expr, Repeat):
-        a, b = length_range(expr.body)
-        return a * expr.lo, None if expr.hi is None or b is None else b * expr.hi
-    raise GrammarError("internal: rule reference inside a character-level expression")
-
-
-def _single_char(expr: Expr) -> bool:
-    return isinstance(expr, Chars) or (isinstance(expr, Lit) and len(expr.text) == 1)
-
-
-def constrain_length(expr: Expr, lo: int, hi: int | None, what: str) -> Expr:
-    """Intersect a character-level language with "length in lo..hi", exactly, or raise.
-
-    Exact cases: the bounds are implied by the expression, exclude it entirely, or the expression (or
-    each of its alternatives) is fixed-length except one repetition of a single character, whose counts
-    are then tightened. Anything else cannot be expressed without expanding a product automaton, so it
-    is an error naming the combination rather than a silently dropped bound.
-    """
-    e_lo, e_hi = length_range(expr)
-    if lo <= e_lo and (hi is None or (e_hi is not None and e_hi <= hi)):
-        return expr
-    if (hi is not None and e_lo > hi) or (e_hi is not None and e_hi < lo):
-        return NOTHING
-    if isinstance(expr, Alt):
-        return alt(*(constrain_length(option, lo, hi, what) for option in expr.options))
-    items = expr.items if isinstance(expr, Seq) else (expr,)
-    variable = [i for i, item in enumerate(items) if length_range(item)[0] != length_range(item)[1]]
-    if len(variable) == 1:
-        target = items[variable[0]]
-        if isinstance(target, Repeat) and _single_char(target.body):
-            fixed = e_lo - target.lo
-            new_lo = max(target.lo, lo - fixed)
-            if hi is None:
-                new_hi = target.hi
-            else:
-                new_hi = hi - fixed if target.hi is None else min(target.hi, hi - fixed)
-            replaced = list(items)
-            replaced[variable[0]] = repeat(target.body, new_lo, new_hi)
-            return seq(*replaced)
-    raise GrammarError(f"{what}: cannot enforce minLength/maxLength together with this pattern or format")
 
 
 def map_chars(expr: Expr, spell: Callable[[CharSet], Expr]) -> Expr:
