@@ -143,7 +143,6 @@ def stream_chat(client: openai.OpenAI, server: Server, **kw) -> tuple[dict[int, 
 # ---- the API surface ---------------------------------------------------------------------------------------------
 def test_models_health_version(server: Server, client: openai.OpenAI):
     assert [m.id for m in client.models.list().data] == [server.model]
-    assert server.model == "SmolLM2-135M-Instruct"
     assert httpx.get(server.base_url + "/health").status_code == 200
     assert httpx.get(server.base_url + "/version").json()["version"]
 
@@ -209,10 +208,10 @@ def test_completions_batch_and_token_prompts(server: Server, client: openai.Open
 
 
 def test_n2_and_seed_reproducibility(server: Server, client: openai.OpenAI):
-    kw = dict(temperature=1.0, max_tokens=10, extra_body={"ignore_eos": True})
+    kw = dict(temperature=1.0, max_tokens=6, extra_body={"ignore_eos": True})
     two = chat(client, server, n=2, seed=7, **kw)
     assert [c.index for c in two.choices] == [0, 1]
-    assert two.usage.completion_tokens == 20
+    assert two.usage.completion_tokens == 12
     again = chat(client, server, n=2, seed=7, **kw)
     assert [c.message.content for c in again.choices] == [c.message.content for c in two.choices]
     texts, finishes, _ = stream_chat(client, server, n=2, seed=7, **kw)
@@ -349,9 +348,9 @@ def _wait_idle(server: Server, headers: dict | None = None) -> dict:
 def test_disconnect_mid_stream_frees_kv(server: Server):
     body = {"model": server.model, "messages": USER, "max_tokens": 2000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body, timeout=60) as r:
-        for line in r.iter_lines():
-            if '"content":"' in line and '"role"' not in line:
-                break  # a token arrived: the request is decoding
+        lines = r.iter_lines()  # keep a reference: dropping the iterator closes the connection
+        while not ('"content":"' in (line := next(lines)) and '"role"' not in line):
+            pass  # until a token arrives: the request is decoding
         during = metrics(server)
         assert during["treadle:num_requests_running", ()] == 1 and during["treadle:kv_cache_usage_perc", ()] > 0
     after = _wait_idle(server)
@@ -362,7 +361,7 @@ def test_disconnect_mid_stream_frees_kv(server: Server):
 def test_health_and_metrics_answer_during_long_prefill(server: Server):
     words = ["river", "stone", "cloud", "lamp", "orange", "window", "violet", "tiger", "paper", "engine"]
     rng = random.Random(time.time_ns())  # fresh text: no prefix-cache hit shortens the prefill
-    prompt = " ".join(rng.choice(words) for _ in range(1500))
+    prompt = " ".join(rng.choice(words) for _ in range(600))
     body = {"model": server.model, "prompt": prompt, "max_tokens": 4, "ignore_eos": True}
     seen_busy = 0
 
@@ -392,10 +391,12 @@ def test_api_key_guards_everything_but_health(strict_server: Server):
         r = httpx.get(url + path)
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert httpx.post(url + "/tokenize", json={"prompt": "hi"}).status_code == 401
-    for key in (None, "wrong-key"):
-        bad = openai.OpenAI(base_url=url + "/v1", api_key=key or "", max_retries=0)
-        with pytest.raises(openai.AuthenticationError):
-            bad.chat.completions.create(model=strict_server.model, messages=USER, max_tokens=1)
+    body = {"model": strict_server.model, "messages": USER, "max_tokens": 1}
+    assert httpx.post(url + "/v1/chat/completions", json=body).status_code == 401  # no key at all
+    bad = openai.OpenAI(base_url=url + "/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.chat.completions.create(**body)
+    assert _error(e.value)["message"] == "Incorrect API key provided."
     good = openai.OpenAI(base_url=url + "/v1", api_key="test-key", max_retries=0)
     assert good.chat.completions.create(model=strict_server.model, messages=USER, max_tokens=1).choices
     assert httpx.get(url + "/metrics", headers={"Authorization": "Bearer test-key"}).status_code == 200
