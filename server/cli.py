@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        print(f"treadle serve: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
