@@ -1,0 +1,245 @@
+"""The synchronous engine: one `step()` = schedule, run the model once, sample, turn tokens into outputs.
+
+It is driven by one thread (see async_engine.py) and owns all request state; nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .batch import SeqChunk
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer, token_text
+from .kv_cache import KVCacheManager
+from .loader import LoadedModel
+from .model_runner import ModelRunner
+from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
+from .sampler import Sampler, SeqSamplingState
+from .scheduler import Scheduler
+from .sequence import Request, Sequence
+from .stop_checker import StopChecker
+
+
+def kv_pool_pages(cfg: EngineConfig, bytes_per_slot: int) -> int:
+    """Pages for the KV pool: explicit, a share of free GPU memory, or a fixed size on CPU."""
+    if cfg.num_pages is not None:
+        return cfg.num_pages
+    if cfg.device.startswith("cuda"):
+        free, _total = torch.cuda.mem_get_info(torch.device(cfg.device))
+        budget = free * cfg.kv_memory_fraction
+    else:
+        budget = cfg.kv_cache_gb * 2**30
+    return max(1, int(budget // (bytes_per_slot * cfg.page_size)))
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel):
+        self.cfg = cfg
+        self.loaded = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        dtype = getattr(torch, cfg.dtype)
+        num_pages = kv_pool_pages(cfg, ModelRunner.kv_bytes_per_slot(loaded.config, dtype))
+        self.kv = KVCacheManager(num_pages, cfg.page_size, cfg.enable_prefix_caching)
+        self.runner = ModelRunner(loaded.model, loaded.config, cfg, num_pages * cfg.page_size)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.sampler = Sampler(loaded.config.vocab_size, self.tokenizer.eos_token_ids, self.runner.device)
+        # A sequence can never outgrow the pool, or preemption could not make room for it.
+        limit = cfg.max_model_len or loaded.config.max_position_embeddings
+        self.max_model_len = min(limit, num_pages * cfg.page_size)
+        self._eos = set(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats(num_total_pages=num_pages)  # cumulative counters; gauges are read live
+
+    # ---- requests --------------------------------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        """Admit a validated request (the caller checked lengths and parameters)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id}")
+        params = req.params
+        room = self.max_model_len - len(req.prompt_token_ids)
+        req.max_tokens = min(params.max_tokens or room, room)
+        seq = Sequence(req, 0, list(req.prompt_token_ids))
+        self._init_decoding(seq, seed=params.seed)
+        req.seqs.append(seq)
+        req.forked = params.n == 1
+        self.requests[req.request_id] = req
+        self.scheduler.add(seq)
+        self.stats.prompt_tokens += len(req.prompt_token_ids)
+
+    def _init_decoding(self, seq: Sequence, seed: int | None) -> None:
+        params = seq.request.params
+        seq.sampling = SeqSamplingState(params, seq.request.prompt_token_ids, seed)
+        seq.detokenizer = IncrementalDetokenizer(
+            self.tokenizer.hf, seq.request.prompt_token_ids, params.skip_special_tokens
+        )
+        seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        outs = []
+        for seq in req.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = "abort"
+                outs.append(CompletionOutput(seq.index, "", [], finish_reason="abort",
+                                             num_generated_tokens=seq.num_generated))
+                self._count_finish("abort")
+        if req.on_output is not None:
+            req.on_output(self._request_output(req, outs, finished=True))
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step --------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        chunks = []
+        for c in sched.chunks:
+            seq, n = c.seq, c.num_tokens
+            start = seq.num_computed
+            chunks.append(SeqChunk(
+                token_ids=seq.token_ids[start : start + n],
+                positions=seq.kv.positions[-n:],
+                kv_slots=seq.kv.slots,
+                need_logits=start + n == len(seq.token_ids),
+            ))
+        logits = self.runner.execute(chunks)
+
+        rows: list[int] = []
+        to_sample: list[Sequence] = []
+        row = 0
+        for c, chunk in zip(sched.chunks, chunks):
+            seq = c.seq
+            seq.num_computed += c.num_tokens
+            self.kv.register_computed(seq.kv, seq.token_ids, seq.num_computed)
+            if not chunk.need_logits:
+                continue
+            for s in self._fork_if_needed(seq):
+                rows.append(row)
+                to_sample.append(s)
+            row += 1
+        if not to_sample:
+            return []
+        if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        result = self.sampler.sample(logits, [s.sampling for s in to_sample])
+        now = time.monotonic()
+        news: dict[str, list[CompletionOutput]] = {}
+        for seq, tok, lp in zip(to_sample, result.token_ids, result.logprobs):
+            news.setdefault(seq.request.request_id, []).append(self._append_token(seq, tok, lp))
+            if seq.request.first_token_time is None:
+                seq.request.first_token_time = now
+        outputs = []
+        for rid, outs in news.items():
+            req = self.requests[rid]
+            finished = req.finished
+            out = self._request_output(req, outs, finished)
+            if finished:
+                del self.requests[rid]
+            if req.on_output is not None:
+                req.on_output(out)
+            outputs.append(out)
+        return outputs
+
+    def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
+        """The prompt of an n > 1 request is prefilled once; its choices fork from it here, sharing its KV."""
+        req = seq.request
+        if req.forked:
+            return [seq]
+        req.forked = True
+        seqs = [seq]
+        seed = req.params.seed
+        for i in range(1, req.params.n):
+            child = Sequence(req, i, list(seq.token_ids), kv=self.kv.fork(seq.kv), num_computed=seq.num_computed)
+            self._init_decoding(child, seed=None if seed is None else seed + i)
+            req.seqs.append(child)
+            self.scheduler.add_running(child)
+            seqs.append(child)
+        return seqs
+
+    def _append_token(self, seq: Sequence, tok: int, lp) -> CompletionOutput:
+        req = seq.request
+        params = req.params
+        seq.token_ids.append(tok)
+        seq.sampling.append(tok)
+        self.stats.generation_tokens += 1
+        logprobs = None
+        if lp is not None:
+            logprobs = [self._token_logprob(lp)]
+        text = ""
+        matched = None
+        if tok in self._eos and not params.ignore_eos:  # the sampler bans EOS until min_tokens
+            seq.finish_reason = "stop"
+        elif tok in params.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", tok
+        else:
+            text, matched = seq.stop_checker.feed(seq.detokenizer.step(tok))
+            if matched is not None:
+                seq.finish_reason, seq.stop_reason = "stop", matched
+        if seq.finish_reason is None and (
+            seq.num_generated >= req.max_tokens or len(seq.token_ids) >= self.max_model_len
+        ):
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if matched is None:  # ended for another reason: release every character still held back
+                tail, late_match = seq.stop_checker.feed(seq.detokenizer.flush())
+                text += tail if late_match else tail + seq.stop_checker.flush()
+            self.scheduler.remove(seq)
+            self._count_finish(seq.finish_reason)
+        return CompletionOutput(
+            index=seq.index,
+            text=text,
+            token_ids=[tok],
+            logprobs=logprobs,
+            finish_reason=seq.finish_reason,
+            stop_reason=seq.stop_reason,
+            num_generated_tokens=seq.num_generated,
+        )
+
+    def _token_logprob(self, lp) -> TokenLogprob:
+        hf = self.tokenizer.hf
+        return TokenLogprob(
+            token_id=lp.token_id,
+            token=token_text(hf, lp.token_id),
+            logprob=lp.logprob,
+            top=[(i, token_text(hf, i), v) for i, v in lp.top],
+        )
+
+    def _count_finish(self, reason: str) -> None:
+        self.stats.finished_by_reason[reason] = self.stats.finished_by_reason.get(reason, 0) + 1
+
+    def _request_output(self, req: Request, outs: list[CompletionOutput], finished: bool) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            outputs=outs,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+            finished=finished,
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+        )
+
+    def snapshot_stats(self) -> EngineStats:
+        """A copy of the counters and gauges, safe to hand to another thread."""
+        s = self.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=self.kv.num_used_pages / self.kv.num_pages,
+            num_free_pages=self.kv.num_free_pages,
+            num_total_pages=self.kv.num_pages,
+            prefix_cache_queries=self.scheduler.prefix_cache_queries,
+            prefix_cache_hits=self.scheduler.prefix_cache_hits,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=s.generation_tokens,
+            finished_by_reason=dict(s.finished_by_reason),
+        )
+
