@@ -12,41 +12,17 @@ batch bucket).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 
-def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None = None) -> torch.Tensor:
-    """Per-pair inverse frequencies [head_dim // 2] (fp32), with "linear" or "llama3" scaling applied.
-
-    Follows transformers' rope init functions; "default"/None means unscaled. Dynamic schemes (which depend on
-    the sequence length at run time) are refused rather than silently ignored.
-    """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    rope_type = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
-    if rope_type == "default":
-        return inv_freq
-    factor = float(rope_scaling["factor"])
-    if rope_type == "linear":
-        return inv_freq / factor
-    if rope_type == "llama3":
-        low = float(rope_scaling["low_freq_factor"])
-        high = float(rope_scaling["high_freq_factor"])
-        old_len = float(rope_scaling["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope scaling type {rope_type!r}")
-
-
 def rope_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, device: torch.device | str) -> torch.Tensor:
-    """fp32 table [max_positions, head_dim]: cos of each pair's angle in the first half, sin in the second."""
+    """fp32 table [max_positions, head_dim]: cos of each pair's angle in the first half, sin in the second.
+
+    `inv_freq` [head_dim // 2] carries any frequency scaling (linear, Llama 3, GGUF freq factors): the model's
+    rotary embedding computes it. The angle is position * inv_freq in fp32, as transformers computes it.
+    """
     pos = torch.arange(max_positions, device=device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq.to(device=device, dtype=torch.float32)[None, :]
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).contiguous()

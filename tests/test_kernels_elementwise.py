@@ -16,7 +16,7 @@ from treadle.kernels.bitmask import apply_token_bitmask_
 from treadle.kernels.kv_append import kv_append
 from treadle.kernels.norm import rmsnorm
 from treadle.kernels.reference import kv_append_reference, rope_reference
-from treadle.kernels.rope import apply_rope, rope_cos_sin_cache, rope_inv_freq, rope_kv_append
+from treadle.kernels.rope import apply_rope, rope_cos_sin_cache, rope_kv_append
 
 # bf16 casts truncate under Triton's interpreter (the GPU rounds to nearest), so bf16 is only bit-exact on a GPU.
 EXACT_DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
@@ -73,18 +73,6 @@ LLAMA3 = {  # transformers adds keys to the dict it is given: pass copies
           "original_max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("rope_scaling", [None, LLAMA3, {"rope_type": "linear", "factor": 2.0}])
-def test_rope_inv_freq_matches_transformers(rope_scaling):
-    cfg = LlamaConfig(hidden_size=256, num_attention_heads=2, head_dim=128, rope_theta=500000.0,
-                      max_position_embeddings=512, rope_scaling=dict(rope_scaling) if rope_scaling else None)
-    assert torch.equal(rope_inv_freq(128, 500000.0, rope_scaling), LlamaRotaryEmbedding(cfg).inv_freq)
-
-
-def test_rope_inv_freq_refuses_dynamic_scaling():
-    with pytest.raises(ValueError, match="unsupported"):
-        rope_inv_freq(64, 1e4, {"rope_type": "dynamic", "factor": 2.0})
-
-
 def _qkv(tokens, hq, hkv, d, dtype):
     """q, k, v as strided views of one fused projection output, as the model produces them."""
     qkv = _randn(tokens, (hq + 2 * hkv) * d, dtype=dtype)
@@ -102,10 +90,10 @@ def test_rope_matches_transformers(dtype):
                       rope_theta=10000.0, max_position_embeddings=4096, rope_scaling=dict(LLAMA3))
     q, k, _ = _qkv(tokens, hq, hkv, d, dtype)
     positions = torch.tensor([0, 1, 17, 3000, 4095], device=DEVICE)
-    cache = rope_cos_sin_cache(rope_inv_freq(d, 10000.0, LLAMA3), 4096, DEVICE)
+    rot = LlamaRotaryEmbedding(cfg).to(DEVICE)
+    cache = rope_cos_sin_cache(rot.inv_freq, 4096, DEVICE)
     with nan_allocations():
         q_out, k_out = apply_rope(q, k, positions.to(torch.int32), cache)
-    rot = LlamaRotaryEmbedding(cfg).to(DEVICE)
     cos, sin = rot(q, positions[None])
     ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
     ref_q, ref_k = ref_q[0].transpose(0, 1), ref_k[0].transpose(0, 1)
@@ -122,7 +110,7 @@ def test_rope_kv_append_writes_only_its_slots(dtype):
     q, k, v = _qkv(tokens, hq, hkv, d, dtype)
     positions = torch.tensor([5, 0, 9, 2], device=DEVICE, dtype=torch.int32)
     slots = torch.tensor([7, -1, 0, 10], device=DEVICE, dtype=torch.int32)  # -1: a padding row, no write
-    cache = rope_cos_sin_cache(rope_inv_freq(d, 1e5), 16, DEVICE)
+    cache = rope_cos_sin_cache(1e5 ** -(torch.arange(0, d, 2) / d), 16, DEVICE)
     k_cache, v_cache = poisoned((num_slots, hkv, d), dtype), poisoned((num_slots, hkv, d), dtype)
     with nan_allocations():
         q_out = rope_kv_append(q, k, v, positions, cache, slots, k_cache, v_cache)
