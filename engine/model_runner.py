@@ -31,6 +31,13 @@ class ModelRunner:
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(model_config.num_layers)
         ]
+        # On CUDA, decode-only steps replay the Triton kernels from per-batch-size CUDA graphs.
+        self.graph_decoder = None
+        if self.device.type == "cuda":
+            from treadle.kernels.cuda_graph_runner import CudaGraphDecoder
+
+            max_len = engine_config.max_model_len or model_config.max_position_embeddings
+            self.graph_decoder = CudaGraphDecoder(model, self.kv_caches, engine_config.max_num_seqs, max_len)
 
     @staticmethod
     def kv_bytes_per_slot(model_config: ModelConfig, dtype: torch.dtype | str) -> int:
@@ -45,6 +52,11 @@ class ModelRunner:
         """float32 logits [number of chunks with need_logits, vocab], in chunk order."""
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
+        g = self.graph_decoder
+        if g is not None and len(chunks) <= g.max_batch_size and all(
+            len(c.token_ids) == 1 and c.need_logits for c in chunks
+        ):
+            return g.decode([c.token_ids[0] for c in chunks], [c.positions[0] for c in chunks], [c.kv_slots for c in chunks])
         decode = [c for c in chunks if len(c.token_ids) == 1]
         prefill = [c for c in chunks if len(c.token_ids) != 1]
         ids: list[int] = []
