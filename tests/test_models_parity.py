@@ -65,7 +65,7 @@ def reference_tokens(reference, prompts) -> list[list[int]]:
             out = reference(torch.tensor([ids]), use_cache=True)
             toks = [int(out.logits[0, -1].argmax())]
             for _ in range(NEW_TOKENS - 1):
-                out = reference(torch.tensor([[toks[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+                out = reference(torch.tensor([[toks[-1]]]), cache=out.cache, use_cache=True)
                 toks.append(int(out.logits[0, -1].argmax()))
             outs.append(toks)
     return outs

@@ -98,14 +98,22 @@ def paged_attention(
     if meta.num_decode:
         b = meta.num_decode
         qd = q[:b].view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
-        kd = k_cache[meta.decode_slots].transpose(1, 2)  # [B, kv_heads, L, D]
-        vd = v_cache[meta.decode_slots].transpose(1, 2)
+        kd = _gather(k_cache, meta.decode_slots)
+        vd = _gather(v_cache, meta.decode_slots)
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
         outs.append(o.reshape(b, num_heads * head_dim))
     for p in meta.prefills:
         qp = q[p.start : p.start + p.num_new].transpose(0, 1)  # [heads, T, D]
-        kp = k_cache[p.slots].transpose(0, 1)  # [kv_heads, L, D]
-        vp = v_cache[p.slots].transpose(0, 1)
+        kp = k_cache.index_select(0, p.slots).transpose(0, 1)  # [kv_heads, L, D]
+        vp = v_cache.index_select(0, p.slots).transpose(0, 1)
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o.transpose(0, 1).reshape(p.num_new, num_heads * head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """[num_slots, kv_heads, D] gathered at [B, L] slots -> [B, kv_heads, L, D] (a strided view of one copy).
+
+    index_select on the flat index is several times faster than advanced indexing on CPU."""
+    b, length = slots.shape
+    return cache.index_select(0, slots.view(-1)).view(b, length, cache.shape[1], cache.shape[2]).transpose(1, 2)
