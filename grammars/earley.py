@@ -1,0 +1,171 @@
+"""Byte-level Earley parsing over rule automata, with hash-consed parser configurations.
+
+An Earley item is (state, origin, count). Instead of an input position, `origin` is the id of the interned
+configuration (Earley set) in which the item's rule instance started: a configuration is identified by its
+kernel items alone (predictions are a static function of them), so two parses that differ only in absolute
+positions share one configuration. That makes the parser a lazily built DFA over configurations: every
+(configuration, byte) transition is computed once and memoized, and masks are memoized per configuration.
+Origin -1 marks the bottom item (the grammar's root, or the rule whose tokens are being classified); it
+completing sets `can_end`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .automata import GrammarIR
+
+DEAD = -1
+UNKNOWN = -2
+ROOT = -1
+
+
+class Config:
+    """One interned Earley set. `scan` lists (byte->state table, origin, count) of every item that can scan."""
+
+    __slots__ = ("id", "kernel", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply", "tok")
+
+    def __init__(self, cid: int, kernel: tuple, selfs: frozenset, scan: list, can_end: bool):
+        self.id = cid
+        self.kernel = kernel
+        self.selfs = selfs
+        self.scan = scan
+        self.can_end = can_end
+        self.next: dict[int, int] = {}
+        self.waiters: dict[int, list] | None = None
+        self.mask = None
+        self.need_apply = True
+        self.tok: dict[int, int] = {}
+
+
+class Space:
+    """The configurations of one grammar and their memoized byte transitions.
+
+    `table` mirrors `Config.next` as a dense int32 array (UNKNOWN where not computed yet) so the vocabulary
+    walks in mask.py can step thousands of tokens per numpy call.
+    """
+
+    def __init__(self, ir: GrammarIR):
+        self.ir = ir
+        self.configs: list[Config] = []
+        self.index: dict[frozenset, int] = {}
+        self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
+        self.can_end_arr = np.zeros(64, dtype=bool)
+        self.contrib: dict = {}
+
+    def initial(self, state: int, count: int = 0, origin: int = ROOT) -> int:
+        """The configuration whose only kernel item is (state, origin, count), closed."""
+        return self._close([(state, origin, count)])
+
+    def step(self, cid: int, byte: int) -> int:
+        cfg = self.configs[cid]
+        r = cfg.next.get(byte)
+        if r is not None:
+            return r
+        new = []
+        for bn, o, c in cfg.scan:
+            t = bn.get(byte)
+            if t is not None:
+                new.append((t, o, c))
+        r = self._close(new) if new else DEAD
+        cfg.next[byte] = r
+        self.table[cid, byte] = r
+        return r
+
+    def run(self, cid: int, data: bytes) -> int:
+        """Configuration after `data` from `cid`, or DEAD."""
+        configs = self.configs
+        for byte in data:
+            r = configs[cid].next.get(byte)
+            cid = self.step(cid, byte) if r is None else r
+            if cid < 0:
+                return DEAD
+        return cid
+
+    def _waiters(self, cfg: Config) -> dict[int, list]:
+        """Items of cfg that wait on each rule, already advanced over it."""
+        ir = self.ir
+        w: dict[int, list] = {}
+        for s, o, c in cfg.kernel:
+            rep = ir.rep_of[s]
+            if rep is not None:
+                body, lo, hi = rep
+                if hi is None:
+                    w.setdefault(body, []).append((s, o, min(c + 1, lo)))
+                elif c < hi:
+                    w.setdefault(body, []).append((s, o, c + 1))
+            else:
+                for r, t in ir.rnext[s].items():
+                    w.setdefault(r, []).append((t, o, c))
+        for s in cfg.selfs:
+            rep = ir.rep_of[s]
+            if rep is not None:
+                w.setdefault(rep[0], []).append((s, cfg.id, min(1, rep[1]) if rep[2] is None else 1))
+            else:
+                for r, t in ir.rnext[s].items():
+                    w.setdefault(r, []).append((t, cfg.id, 0))
+        cfg.waiters = w
+        return w
+
+    def _close(self, items: list) -> int:
+        ir = self.ir
+        rep_of, final, rule_of = ir.rep_of, ir.final, ir.rule_of
+        configs = self.configs
+        kernel: set = set()
+        can_end = False
+        stack = items
+        while stack:
+            it = stack.pop()
+            if it in kernel:
+                continue
+            kernel.add(it)
+            s, o, c = it
+            rep = rep_of[s]
+            if rep is None:
+                ex = ir._expand[s] or ir.expand(s)
+                if len(ex) > 1:
+                    for s2 in ex:
+                        if s2 != s:
+                            stack.append((s2, o, c))
+                fin = final[s]
+            else:
+                fin = c >= rep[1]
+            if fin:
+                if o < 0:
+                    can_end = True
+                else:
+                    oc = configs[o]
+                    w = oc.waiters if oc.waiters is not None else self._waiters(oc)
+                    nxt = w.get(rule_of[s])
+                    if nxt:
+                        stack.extend(nxt)
+        key = frozenset(kernel)
+        cid = self.index.get(key)
+        if cid is not None:
+            return cid
+        cid = len(configs)
+        self.index[key] = cid
+        selfs: frozenset = frozenset()
+        bnext = ir.bnext
+        for s, o, c in kernel:
+            rep = rep_of[s]
+            if rep is None or rep[2] is None or c < rep[2]:
+                p = ir._pred[s] or ir.pred(s)
+                if p:
+                    selfs = selfs | p if selfs else p
+        ordered = tuple(sorted(kernel))
+        scan = [(bnext[s], o, c) for s, o, c in ordered if bnext[s]]
+        scan.extend((bnext[s], cid, 0) for s in sorted(selfs) if bnext[s])
+        configs.append(Config(cid, ordered, selfs, scan, can_end))
+        if cid >= len(self.can_end_arr):
+            grow = np.full((len(self.table), 256), UNKNOWN, dtype=np.int32)
+            self.table = np.concatenate([self.table, grow])
+            self.can_end_arr = np.concatenate([self.can_end_arr, np.zeros(len(grow), dtype=bool)])
+        self.can_end_arr[cid] = can_end
+        return cid
+
+    def allowed_bytes(self, cid: int) -> set[int]:
+        out: set[int] = set()
+        for bn, _, _ in self.configs[cid].scan:
+            out.update(bn)
+        return out
