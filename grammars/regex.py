@@ -128,7 +128,7 @@ def _alternatives(items: list) -> list[list]:
     if len(items) == 1:
         op, av = items[0]
         if op.name == "BRANCH":
-            return [list(branch) for branch in av[1]]
+            return [alternative for branch in av[1] for alternative in _alternatives(list(branch))]
         if op.name == "SUBPATTERN" and av[1] == 0 and av[2] == 0:
             return _alternatives(list(av[3]))
     return [items]

@@ -213,8 +213,9 @@ class ValueGenerator:
                 options.append(_FORMAT_VALUES[fmt])
             text = draw(st.one_of(options))
         elif "pattern" in schema:
-            text = draw(st.from_regex(re.compile(schema["pattern"], re.ASCII)))
-            assume(ecma_search(schema["pattern"], text))
+            pattern = schema["pattern"]
+            text = draw(st.from_regex(re.compile(pattern, re.ASCII if pattern.isascii() else 0)))
+            assume(ecma_search(pattern, text))
         else:
             return draw(st.text(min_size=lo, max_size=min(hi if hi is not None else lo + 12, lo + 40)))
         assume(lo <= len(text) and (hi is None or len(text) <= hi))
