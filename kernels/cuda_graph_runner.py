@@ -39,11 +39,12 @@ class CudaGraphDecoder:
 
     `model` is an `engine.models.llama.LlamaForCausalLM` (Llama, Qwen2 with qkv bias, Qwen3 with q/k norm);
     `kv_caches` the runner's per-layer (K, V) tensors [num_slots, Hkv, D]. `max_model_len` bounds each sequence's
-    KV index and its position ids.
+    KV index and its position ids. `buckets` (default `batch_buckets(max_batch_size)`) are the batch sizes that
+    get a graph; the largest must be max_batch_size.
     """
 
     def __init__(self, model, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch_size: int,
-                 max_model_len: int, use_cuda_graphs: bool | None = None):
+                 max_model_len: int, buckets: list[int] | None = None, use_cuda_graphs: bool | None = None):
         cfg = model.config
         self.model = model
         self.kv_caches = kv_caches
@@ -71,10 +72,12 @@ class CudaGraphDecoder:
             sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         else:
             sms = 4
-        self.buckets = batch_buckets(max_batch_size)
+        self.buckets = sorted(buckets) if buckets else batch_buckets(max_batch_size)
+        if self.buckets[0] < 1 or self.buckets[-1] != max_batch_size:
+            raise ValueError("buckets must be positive and end at max_batch_size")
         self._splits = {bb: decode_num_splits(bb, self.num_kv_heads, sms) for bb in self.buckets}
         self.use_cuda_graphs = on_cuda if use_cuda_graphs is None else use_cuda_graphs
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if self.use_cuda_graphs:
             self._capture()
 
@@ -128,7 +131,7 @@ class CudaGraphDecoder:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._step(bucket)
-            self._graphs[bucket] = graph
+            self.graphs[bucket] = graph
         torch.cuda.synchronize(self.device)
 
     def _fill(self, token_ids: list[int], positions: list[int], kv_slots: list[list[int]]) -> int:
@@ -174,7 +177,7 @@ class CudaGraphDecoder:
         self._send(nnz)
         bucket = next(bb for bb in self.buckets if bb >= b)
         if self.use_cuda_graphs:
-            self._graphs[bucket].replay()
+            self.graphs[bucket].replay()
         else:
             self._step(bucket)
         return self._logits[:b].clone()

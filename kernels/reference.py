@@ -63,7 +63,8 @@ def paged_attention_reference(
     group = q.shape[1] // k_cache.shape[1]
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     o = torch.zeros_like(q)
-    lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.full(q.shape[:2], float("-inf"), dtype=lse_dtype, device=q.device)
     qo, kvp = qo_indptr.tolist(), kv_indptr.tolist()
     for b in range(len(qo) - 1):
         qs, qe, ks, ke = qo[b], qo[b + 1], kvp[b], kvp[b + 1]
@@ -74,8 +75,9 @@ def paged_attention_reference(
         k = k_cache[slots].repeat_interleave(group, dim=1)  # [n_kv, Hq, D]
         v = v_cache[slots].repeat_interleave(group, dim=1)
         s = torch.einsum("qhd,khd->hqk", q[qs:qe], k) * scale
-        allowed = torch.arange(n_kv)[None, :] <= (n_kv - n_q) + torch.arange(n_q)[:, None]
-        s = s.masked_fill(~allowed.to(s.device), float("-inf"))
+        limit = torch.arange(n_q, device=q.device)[:, None] + (n_kv - n_q)  # last index each new token sees
+        allowed = torch.arange(n_kv, device=q.device)[None, :] <= limit
+        s = s.masked_fill(~allowed, float("-inf"))
         lse[qs:qe] = torch.logsumexp(s, -1).transpose(0, 1).to(lse.dtype)
         o[qs:qe] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v)
     return o, lse

@@ -147,6 +147,33 @@ def test_chunked_prefill_equals_one_pass_and_decode():
     assert rel_err(dec, full[-1:]) < 1e-6 and rel_err(dec_lse, full_lse[-1:]) < 1e-6
 
 
+@pytest.mark.skipif(not ON_GPU, reason="real model shapes run on the GPU machine")
+@pytest.mark.parametrize("hq,hkv,d", [(32, 8, 64), (32, 8, 128)])  # Llama-3.2-1B, Llama-3.1-8B heads
+def test_real_shapes(hq, hkv, d):
+    gen = torch.Generator().manual_seed(d)
+    page_size = 16
+    lengths = [1, 1023, 1024, 1025, 4097, 8191]
+    indptr, slots = _paged_index(lengths, page_size, 1000, gen)
+    k_cache, v_cache = _caches(1000 * page_size, hkv, d, torch.bfloat16, gen)
+    q = torch.randn(len(lengths), hq, d, generator=gen).to(DEVICE, torch.bfloat16)
+    sms = torch.cuda.get_device_properties(DEVICE).multi_processor_count
+    out, lse = paged_decode_attention(q, k_cache, v_cache, indptr.to(DEVICE), slots.to(DEVICE),
+                                      num_splits=decode_num_splits(len(lengths), hkv, sms))
+    ref_o, ref_lse = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(),
+                                               torch.arange(len(lengths) + 1), indptr, slots)
+    _check(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+    shapes = [(1000, 3000), (2048, 2048), (1, 777), (129, 4097)]
+    q_lens, kv_lens = zip(*shapes)
+    indptr, slots = _paged_index(list(kv_lens), page_size, 1000, gen)
+    qo = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(int(qo[-1]), hq, d, generator=gen).to(DEVICE, torch.bfloat16)
+    out, lse = paged_prefill_attention(q, k_cache, v_cache, qo.to(DEVICE), indptr.to(DEVICE), slots.to(DEVICE),
+                                       max(q_lens))
+    ref_o, ref_lse = paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), qo, indptr, slots)
+    _check(out, lse, ref_o, ref_lse, torch.bfloat16)
+
+
 def test_attention_rejects_bad_metadata():
     q = torch.randn(2, 4, 32, device=DEVICE)
     cache = torch.randn(10, 2, 32, device=DEVICE)

@@ -51,7 +51,9 @@ def test_batch_buckets():
 def test_decode_steps_match_the_torch_model(arch):
     model = _model(arch)
     page_size, num_pages = 4, 40
-    runner = ModelRunner(model, model.config, EngineConfig(device=DEVICE, dtype="float32"), page_size * num_pages)
+    engine_cfg = EngineConfig(device=DEVICE, dtype="float32", max_num_seqs=4)
+    runner = ModelRunner(model, model.config, engine_cfg, page_size * num_pages)
+    runner.graph_decoder = None  # the reference is the model's own torch path (on CUDA the runner has both)
     decoder = CudaGraphDecoder(model, runner.kv_caches, max_batch_size=4, max_model_len=64)
     rng = random.Random(1)
     free_pages = list(range(num_pages))

@@ -88,3 +88,16 @@ def test_sampling_rejects_bad_parameters():
     with pytest.raises(ValueError, match="top_k"):
         sample_tokens(logits, torch.ones(2, device=DEVICE), torch.zeros(2, device=DEVICE), torch.ones(2, device=DEVICE),
                       torch.zeros(2, dtype=torch.int64, device=DEVICE))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real vocabulary sizes run on the GPU machine")
+def test_real_vocab():
+    torch.manual_seed(2)
+    batch, vocab = 64, 128256
+    logits = torch.randn(batch, vocab, device=DEVICE) * 3
+    seeds = torch.arange(batch, device=DEVICE)
+    greedy = sample_tokens(logits, *_params(batch, 0.0, 0, 1.0), seeds)
+    assert torch.equal(greedy, logits.argmax(-1))
+    expected = sampling_probs_reference(logits[:8], torch.ones(8), torch.full((8,), 50), torch.full((8,), 0.9))
+    drawn = sample_tokens(logits, *_params(batch, 1.0, 50, 0.9), seeds)
+    assert (expected[torch.arange(8), drawn[:8]] > 0).all()
