@@ -1,0 +1,371 @@
+"""Weight-only quantized matmul: y = x @ W_hat (+ bias), W_hat = q * scale + min with b-bit codes q.
+
+Two Triton kernels read the packed weight of `quant_pack` once and never materialize W_hat:
+
+- `_gemv_kernel` (small M, decode): CUDA cores. Each of the 32 element slots of a chunk is decoded with
+  compile-time masks into an exact fp32 integer (OR-ing the code into the mantissa of a power of two and
+  subtracting it, cheaper than an int-to-float conversion), then multiplied by the activation. Per group,
+  scale * sum(x*q) + min * sum(x) applies the scale once instead of once per weight.
+- `_dot_kernel` (larger M, prefill): tensor cores. One group's codes are assembled into a [group, BLOCK_N] tile
+  of exact integers in the activation dtype and multiplied with `tl.dot`; the scale and minimum are applied to
+  the group's partial product, so the result is the same sum as the GEMV's.
+
+Both accumulate in fp32 and round once at the end, the math of `quant_matmul_reference`. Split-K programs write
+fp32 partials; the last program of each output tile (found with an atomic counter) sums them in a fixed order,
+so one launch does the whole product and results are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .quantize import QuantizedWeight, dequantize
+
+# Slot decoding. A code q of BITS bits at bit offset s (s + BITS <= 23) of a word, OR-ed with the bits of the
+# float 2**23, gives the float 2**23 + q * 2**s exactly; one FMA by constants turns that into q. The OR operand
+# `magic` (always 0x4B000000) arrives as a kernel argument: as a compile-time constant the compiler would split
+# the mask-and-OR into two instructions, as a register it stays one LOP3.
+MAGIC = 0x4B000000
+
+
+@triton.constexpr_function
+def _slot_offset(e, j, bits):
+    """Bit offset of slot e relative to word j (negative: the code starts in word j - 1)."""
+    return e * bits - 32 * j
+
+
+@triton.constexpr_function
+def _last_word(e, bits):
+    return (e * bits + bits - 1) // 32
+
+
+@triton.constexpr_function
+def _field_mask(bits, s):
+    return ((1 << bits) - 1) << s
+
+
+@triton.constexpr_function
+def _unscale(s):
+    return 2.0**-s
+
+
+@triton.constexpr_function
+def _unbias(s):
+    return -(2.0 ** (23 - s))
+
+
+@triton.jit
+def _code(t, magic, BITS: tl.constexpr, S: tl.constexpr):
+    f = ((t & _field_mask(BITS, S)) | magic).to(tl.float32, bitcast=True)
+    return f * _unscale(S) + _unbias(S)
+
+
+@triton.jit
+def _decode_slot(prev, w, magic, E: tl.constexpr, J: tl.constexpr, BITS: tl.constexpr):
+    """Code of element slot E, whose last bit is in word J (`w`); `prev` is word J - 1. Exact fp32."""
+    s: tl.constexpr = _slot_offset(E, J, BITS)
+    if s < 0:  # straddles the two words: funnel-shift them
+        return _code((prev >> (32 + s)) | (w << (-s)), magic, BITS, 0)
+    elif s + BITS <= 23:
+        return _code(w, magic, BITS, s)
+    else:  # above the mantissa: use the upper half-word
+        return _code(w >> 16, magic, BITS, s - 16)
+
+
+@triton.jit
+def _store_tile(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(
+    res, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr
+):
+    """Write the [BM, BN] fp32 tile `res`; with split-K, only the last program of the tile sums the partials."""
+    if not SPLIT_K:
+        _store_tile(res, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+    else:
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        mn = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * M * N + mn, res, mask=mask)
+        tl.debug_barrier()
+        tile = tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
+        splits = tl.num_programs(1)
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == splits - 1:
+            total = tl.zeros_like(res)
+            for k in range(splits):
+                total += tl.load(ws_ptr + k * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_tile(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    n_chunks,
+    chunks_per_split,
+    stride_xm,
+    stride_om,
+    magic,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    C: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    # Loads use clamped indices instead of masks (no per-element predicates); clamped duplicates are zeroed by
+    # masked scales and dropped by the masked store.
+    if EVEN_N:
+        n3 = tl.max_contiguous(tl.multiple_of(offs_n, BN), BN)[None, None, :]
+    else:
+        n3 = tl.minimum(offs_n, N - 1)[None, None, :]
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None, None] * stride_xm
+    lane = tl.arange(0, C)[None, :, None]
+    acc = tl.zeros([BM, C, BN], dtype=tl.float32)
+    begin = tl.program_id(1) * chunks_per_split
+    end = tl.minimum(begin + chunks_per_split, n_chunks)
+    for c0 in range(begin, end, C):
+        chunk = tl.minimum(c0 + lane, end - 1)
+        w_rows = w_ptr + chunk * (BITS * N) + n3
+        x_chunk = x_rows + chunk * 32
+        part = tl.zeros([BM, C, BN], dtype=tl.float32)
+        xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
+        prev = tl.zeros([1, C, BN], dtype=tl.uint32)
+        for j in tl.static_range(BITS):
+            w = tl.load(w_rows + j * N).to(tl.uint32, bitcast=True)
+            for e in tl.static_range((32 * j) // BITS, (32 * j + 32) // BITS):
+                if EVEN_K:
+                    xe = tl.load(x_chunk + e).to(tl.float32)
+                else:
+                    xe = tl.load(x_chunk + e, mask=chunk * 32 + e < K, other=0.0).to(tl.float32)
+                part += xe * _decode_slot(prev, w, magic, e, j, BITS)
+                xsum += xe
+            prev = w
+        group = (chunk * 32) // GROUP
+        live = c0 + lane < end
+        scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+        acc += part * scale + xsum * zero
+    _epilogue(
+        tl.sum(acc, axis=1), out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS
+    )
+
+
+@triton.jit
+def _decode_tree(words, magic, E0: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr):
+    """Slots E0 .. E0+COUNT-1 of a chunk, joined so that slot bit i is dimension 2+i of the result."""
+    if COUNT == 1:
+        j: tl.constexpr = _last_word(E0, BITS)
+        if j == 0:
+            return _decode_slot(words[0], words[0], magic, E0, 0, BITS)
+        else:
+            return _decode_slot(words[j - 1], words[j], magic, E0, j, BITS)
+    else:
+        return tl.join(
+            _decode_tree(words, magic, E0, COUNT // 2, BITS), _decode_tree(words, magic, E0 + COUNT // 2, COUNT // 2, BITS)
+        )
+
+
+@triton.jit
+def _dot_kernel(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    z_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    M,
+    N,
+    K,
+    n_chunks,
+    chunks_per_split,
+    stride_xm,
+    stride_om,
+    magic,
+    BITS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    C: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    EVEN_N: tl.constexpr,
+):
+    T: tl.constexpr = GROUP // 32
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
+    offs_g = tl.arange(0, GROUP)
+    if EVEN_N:
+        cols = tl.max_contiguous(tl.multiple_of(offs_n, BN), BN)
+    else:
+        cols = tl.minimum(offs_n, N - 1)
+    begin = tl.program_id(1) * chunks_per_split
+    end = tl.minimum(begin + chunks_per_split, n_chunks)
+    w_rows = w_ptr + (begin + tl.arange(0, T))[:, None] * (BITS * N) + cols[None, :]
+    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + begin * 32 + offs_g[None, :]
+    ones = tl.full([GROUP, BN], 1.0, dtype=tl.float32).to(x_ptr.dtype.element_ty)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for c0 in range(begin, end, T):
+        words = ()
+        for j in tl.static_range(BITS):
+            words = words + (tl.load(w_rows + j * N).to(tl.uint32, bitcast=True),)
+        q = _decode_tree(words, magic, 0, 32, BITS)  # [T, BN, 2, 2, 2, 2, 2]
+        q = tl.reshape(tl.permute(q, 0, 6, 5, 4, 3, 2, 1), GROUP, BN).to(x_ptr.dtype.element_ty)
+        if EVEN_K:
+            x = tl.load(x_rows)
+        else:  # the last group's padding must meet zeros
+            x = tl.load(x_rows, mask=c0 * 32 + offs_g[None, :] < K, other=0.0)
+        if x_ptr.dtype.element_ty == tl.float32:
+            part = tl.dot(x, q, input_precision="ieee")
+            xsum = tl.dot(x, ones, input_precision="ieee")
+        else:
+            part = tl.dot(x, q)
+            xsum = tl.dot(x, ones)  # row sums, already broadcast over the tile's columns
+        group = c0 // T
+        scale = tl.load(s_ptr + group * N + cols).to(tl.float32)
+        zero = tl.load(z_ptr + group * N + cols).to(tl.float32)
+        acc += part * scale[None, :] + xsum * zero[None, :]
+        w_rows += T * BITS * N
+        x_rows += GROUP
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+
+
+@dataclass(frozen=True)
+class QuantMatmulConfig:
+    """Tiling of one launch. dot: tensor-core kernel (C is then one group); else the CUDA-core GEMV."""
+
+    dot: bool
+    block_m: int
+    block_n: int
+    chunks: int
+    split_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+GEMV_MAX_M = 8  # above this the tensor-core kernel reads the weight once for more rows at lower ALU cost
+
+
+def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
+    """Tiles sized so that the grid covers the GPU about twice over, splitting K when N alone cannot."""
+    n_chunks = qw.padded_in_features // 32
+    if m <= GEMV_MAX_M:
+        block_m, block_n, chunks, warps = triton.next_power_of_2(m), 128, 4, 4
+        dot = False
+    else:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        block_n, chunks, warps = 64, qw.group_size // 32, 4
+        dot = True
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    split = max(1, min(2 * num_sms // tiles, n_chunks // (4 * chunks), 32))
+    return QuantMatmulConfig(dot, block_m, block_n, chunks, split, warps)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed per-tile arrival counters, reset by the kernel itself after use (one stream per device)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < size:
+        buf = torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def quant_matmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: QuantMatmulConfig | None = None
+) -> torch.Tensor:
+    """x [M, in_features] (fp16/bf16/fp32, rows contiguous) -> [M, out_features] in x.dtype."""
+    if x.dim() != 2 or x.shape[1] != qw.in_features or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, {qw.in_features}] with contiguous rows, got {tuple(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    if qw.packed.device != x.device:
+        raise ValueError(f"weight is on {qw.packed.device}, x on {x.device}")
+    if bias is not None and (bias.shape != (qw.out_features,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous [{qw.out_features}] vector")
+    m, n = x.shape[0], qw.out_features
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    cfg = config or default_config(m, n, qw, _num_sms(x.device))
+    if cfg.dot:  # whole groups, padding included (its activations load as zeros)
+        n_chunks, step = qw.padded_in_features // 32, qw.group_size // 32
+        extra = {"EVEN_K": qw.in_features % qw.group_size == 0, "EVEN_N": n % cfg.block_n == 0}
+    else:  # only chunks holding real input features
+        n_chunks, step, extra = triton.cdiv(qw.in_features, 32), cfg.chunks, {"EVEN_K": qw.in_features % 32 == 0, "EVEN_N": n % cfg.block_n == 0}
+    per_split = triton.cdiv(triton.cdiv(n_chunks, cfg.split_k), step) * step
+    split = triton.cdiv(n_chunks, per_split)
+    grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))
+    ws = torch.empty((split, m, n), dtype=torch.float32, device=x.device) if split > 1 else out
+    cnt = _counters(x.device, grid[0] * grid[2]) if split > 1 else qw.packed
+    kernel = _dot_kernel if cfg.dot else _gemv_kernel
+    kernel[grid](
+        x,
+        qw.packed,
+        qw.scales,
+        qw.mins,
+        bias if bias is not None else out,
+        out,
+        ws,
+        cnt,
+        m,
+        n,
+        qw.in_features,
+        n_chunks,
+        per_split,
+        x.stride(0),
+        out.stride(0),
+        MAGIC,
+        BITS=qw.bits,
+        GROUP=qw.group_size,
+        BM=cfg.block_m,
+        BN=cfg.block_n,
+        C=cfg.chunks,
+        SPLIT_K=split > 1,
+        HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        **extra,
+    )
+    return out
+
+
+def quant_matmul_reference(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dequantize to fp32, multiply in fp32, round once to x.dtype: the math both kernels implement."""
+    y = x.float() @ dequantize(qw)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

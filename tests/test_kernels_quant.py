@@ -1,0 +1,161 @@
+"""Weight-only quantized matmul: packing, the round-to-nearest quantizer and both Triton kernels.
+
+The bitstream is checked against NumPy's packbits, the quantizer against the weight it started from, and the
+kernels against fp64 torch matmuls of the dequantized weight. Without a GPU the kernels run under
+TRITON_INTERPRET=1 on small odd shapes; on a GPU the same tests also run at Llama-3.1-8B shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err  # noqa: I001  (sets up the interpreter first)
+
+from treadle.kernels.quant_matmul import QuantMatmulConfig, default_config, quant_matmul, quant_matmul_reference
+from treadle.kernels.quant_pack import SUPPORTED_BITS, pack_bits, unpack_bits
+from treadle.kernels.quantize import dequantize, quantization_error, quantize_rtn
+
+BITS = list(SUPPORTED_BITS)
+# Output tolerance vs the fp64 product of the dequantized weight: one rounding to the activation dtype, plus
+# fp32 accumulation (and the interpreter's truncating bf16 casts).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _ref64(x: torch.Tensor, qw, bias=None) -> torch.Tensor:
+    y = x.double().cpu() @ dequantize(qw.to("cpu")).double()
+    return y if bias is None else y + bias.double().cpu()
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_matches_numpy_little_endian_bitstream(bits):
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 1 << bits, (96, 5), generator=gen, dtype=torch.int32)
+    packed = pack_bits(q, bits)
+    assert packed.shape == (96 * bits // 32, 5) and packed.dtype == torch.int32
+    for n in range(q.shape[1]):
+        code_bits = (q[:, n].numpy()[:, None] >> np.arange(bits)) & 1  # LSB first, element after element
+        words = np.packbits(code_bits.astype(np.uint8).ravel(), bitorder="little").view("<u4")
+        assert np.array_equal(words, packed[:, n].numpy().view(np.uint32))
+    assert torch.equal(unpack_bits(packed, bits), q)
+
+
+def test_pack_rejects_bad_input():
+    with pytest.raises(ValueError, match="bits"):
+        pack_bits(torch.zeros(32, 1, dtype=torch.int32), 7)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        pack_bits(torch.zeros(33, 1, dtype=torch.int32), 4)
+    with pytest.raises(ValueError, match="values"):
+        pack_bits(torch.full((32, 1), 16, dtype=torch.int32), 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", BITS)
+def test_quantizer_error_is_at_most_half_a_step(bits, dtype):
+    gen = torch.Generator().manual_seed(bits)
+    n, k, group = 24, 200, 64  # k not a multiple of the group: the last group is padded
+    w = (torch.randn(n, k, generator=gen) * torch.logspace(-3, 0, n)[:, None]).to(dtype)
+    w[3, :64] = 0.25  # a constant group
+    qw = quantize_rtn(w, bits, group)
+    assert qw.scales.dtype == dtype and qw.packed.shape == (256 * bits // 32, n)
+    w_hat = dequantize(qw)
+    assert w_hat.shape == (k, n)
+    step = qw.scales.float().repeat_interleave(group, 0)[:k]
+    err = (w_hat - w.float().t()).abs()
+    assert (err <= step / 2 * (1 + 1e-6) + 1e-6 * w.float().t().abs()).all()
+    assert float(err[:64, 3].max()) == 0.0
+    stats = quantization_error(w, qw)
+    assert stats.max_abs == pytest.approx(float(err.max()))
+    assert 0 < stats.relative < 2.0 ** (1 - bits)
+
+
+def test_quantizer_rejects_bad_input():
+    with pytest.raises(ValueError, match="group_size"):
+        quantize_rtn(torch.randn(4, 64), 4, 48)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_rtn(torch.randn(4, 64), 1, 32)
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_rtn(torch.full((4, 64), float("nan")), 4, 32)
+
+
+def _case(bits: int, n: int, k: int, group: int, dtype: torch.dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    w = (torch.randn(n, k, generator=gen) * 0.05).to(dtype)
+    return quantize_rtn(w, bits, group).to(DEVICE)
+
+
+# (M, config): the CUDA-core GEMV with and without split-K, rows over the block, and the tensor-core kernel.
+SMALL_CONFIGS = [
+    (1, QuantMatmulConfig(False, 1, 32, 2, 1)),
+    (3, QuantMatmulConfig(False, 4, 16, 1, 3)),
+    (5, QuantMatmulConfig(True, 16, 16, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_matmul_matches_fp64_reference(bits):
+    """Odd N and K (K neither a multiple of 32 nor of the group): clamped tails, padding, masked stores."""
+    dtype = torch.float16
+    qw = _case(bits, n=37, k=200, group=64, dtype=dtype, seed=bits)
+    for m, cfg in SMALL_CONFIGS:
+        x = torch.randn(m, 200, device=DEVICE).to(dtype)
+        with nan_allocations():
+            out = quant_matmul(x, qw, config=cfg)
+        assert out.shape == (m, 37) and out.dtype == dtype
+        assert rel_err(out, _ref64(x, qw)) < TOL[dtype], (m, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dot", [False, True])
+def test_quant_matmul_dtypes_bias_and_even_shapes(dtype, dot):
+    if dot and dtype == torch.bfloat16 and not ON_GPU:
+        pytest.skip("Triton 3.6's interpreter miscomputes tl.dot on bf16 values cast in the kernel")
+    qw = _case(5, n=64, k=128, group=32, dtype=dtype, seed=7)
+    bias = torch.randn(64, device=DEVICE).to(dtype)
+    x = torch.randn(4, 128, device=DEVICE).to(dtype)
+    cfg = QuantMatmulConfig(dot, 16 if dot else 4, 32, 1 if dot else 2, 2)
+    with nan_allocations():
+        out = quant_matmul(x, qw, bias, config=cfg)
+    assert rel_err(out, _ref64(x, qw, bias)) < TOL[dtype]
+    assert rel_err(out, quant_matmul_reference(x, qw, bias)) < TOL[dtype]
+
+
+def test_split_k_counters_are_reset_between_calls():
+    qw = _case(4, n=32, k=256, group=32, dtype=torch.float32, seed=3)
+    cfg = QuantMatmulConfig(False, 1, 32, 1, 4)
+    for seed in range(3):
+        x = torch.randn(1, 256, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        assert rel_err(quant_matmul(x, qw, config=cfg), _ref64(x, qw)) < TOL[torch.float32]
+
+
+def test_quant_matmul_rejects_bad_input():
+    qw = _case(4, n=8, k=64, group=32, dtype=torch.float32, seed=0)
+    with pytest.raises(ValueError, match="x must be"):
+        quant_matmul(torch.randn(2, 63, device=DEVICE), qw)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        quant_matmul(torch.randn(2, 64, device=DEVICE).double(), qw)
+    with pytest.raises(ValueError, match="bias"):
+        quant_matmul(torch.randn(2, 64, device=DEVICE), qw, torch.zeros(7, device=DEVICE))
+    assert quant_matmul(torch.randn(0, 64, device=DEVICE), qw).shape == (0, 8)
+
+
+def test_default_config_fills_the_gpu():
+    qw = _case(4, n=64, k=4096, group=128, dtype=torch.float32, seed=0)
+    for m in (1, 4, 16, 64):
+        cfg = default_config(m, 4096, qw, num_sms=132)
+        assert cfg.dot == (m > 8)
+        tiles = -(-4096 // cfg.block_n) * -(-m // cfg.block_m)
+        assert tiles * cfg.split_k >= 132
+
+
+@pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+def test_quant_matmul_llama8b_shapes_on_gpu(bits, k, n):
+    qw = _case(bits, n=n, k=k, group=128, dtype=torch.bfloat16, seed=bits)
+    for m in (1, 4, 16, 64):
+        x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
+        with nan_allocations():
+            out = quant_matmul(x, qw)
+        assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16], m
