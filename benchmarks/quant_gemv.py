@@ -138,6 +138,7 @@ def main() -> int:
                 if best is None or ms < best[0]:
                     best = (ms, cfg, err)
             ms, cfg, err = best
+            print(f"{name} bits={bits} m={m}: {ms * 1e3:.1f} us (bf16 {bf16_ms * 1e3:.1f} us) {cfg}", flush=True)
             nbytes = sum(t.numel() * t.element_size() for t in (qw.packed, qw.scales, qw.mins, x)) + m * n * 2
             results.append(Result(name, k, n, bits, m, asdict(cfg), ms, bf16_ms, bf16_ms / ms, nbytes / ms / 1e6, err))
 
