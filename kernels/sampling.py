@@ -64,8 +64,8 @@ def _sample_kernel(
     offs = tl.arange(0, BLOCK)
 
     if temp == 0:
-        best = float("-inf")
-        best_idx = 0
+        best = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.zeros([], tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
@@ -98,11 +98,11 @@ def _sample_kernel(
                 kth_key = kth_key | (digit.to(tl.uint32) << shift)
 
         # Softmax statistics over the top-k survivors (online max), fused with the first Gumbel-max draw.
-        m = float("-inf")
-        z = 0.0
-        best = float("-inf")
-        pick_y = float("-inf")
-        pick = 0
+        m = tl.full([], float("-inf"), tl.float32)
+        z = tl.zeros([], tl.float32)
+        best = tl.full([], float("-inf"), tl.float32)
+        pick_y = tl.full([], float("-inf"), tl.float32)
+        pick = tl.zeros([], tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             y = _load_scaled(row_ptr, cols, vocab, temp)
@@ -122,10 +122,10 @@ def _sample_kernel(
             best = tl.where(take, bmax, best)
 
         # Top-p by rejection with a rising pivot: accept once the mass strictly above the pick is < top_p * z.
-        draw = 0
+        draw = tl.zeros([], tl.int32)
         done = (top_p >= 1.0).to(tl.int32)
         while done == 0:
-            mass_above = 0.0
+            mass_above = tl.zeros([], tl.float32)
             for start in range(0, vocab, BLOCK):
                 cols = start + offs
                 y = _load_scaled(row_ptr, cols, vocab, temp)
@@ -135,7 +135,7 @@ def _sample_kernel(
             if done == 0:
                 draw += 1
                 pivot = pick_y
-                best = float("-inf")
+                best = tl.full([], float("-inf"), tl.float32)
                 for start in range(0, vocab, BLOCK):
                     cols = start + offs
                     y = _load_scaled(row_ptr, cols, vocab, temp)
