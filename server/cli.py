@@ -75,6 +75,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from .app import build_app
 
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     cfg = serve_config_from_args(args)
     try:
         engine = AsyncEngine(cfg.engine, progress=True)
@@ -113,7 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.command == "bench":
         return bench_serve.main(args)
     try:
