@@ -79,3 +79,11 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="cannot read config file"):
         parse("--device", "cpu", "--config", "/nonexistent/treadle.yaml")
+
+
+def test_bench_serve_subcommand_is_wired(capsys):
+    from treadle.server.cli import main
+
+    # Port 9 (discard) is closed on a test box: the load generator runs and reports the unreachable server.
+    assert main(["bench", "serve", "--base-url", "http://127.0.0.1:9", "--num-prompts", "1", "--disable-tqdm"]) == 2
+    assert "treadle bench serve" in capsys.readouterr().out
