@@ -23,6 +23,7 @@ import xgrammar as xgr
 from hypothesis import assume
 from hypothesis import strategies as st
 
+import treadle.grammars as tg
 from treadle.grammars.schema_merge import SchemaMerger, numeric_bounds, type_set
 from treadle.grammars.string_formats import FORMATS
 
@@ -51,9 +52,12 @@ def ecma_search(pattern: str, text: str) -> bool:
     return re.search(re.sub(r"(?<!\\)\$", r"\\Z", pattern), text, re.ASCII) is not None
 
 
-# --- reference matcher ----------------------------------------------------------------------------
+# --- reference matchers ---------------------------------------------------------------------------
 
 _BYTE_COMPILER = xgr.GrammarCompiler(xgr.TokenizerInfo([]), max_threads=1, cache_enabled=False)
+# treadle's core over a vocabulary of the 256 single bytes (+ a stop token): one token per byte.
+BYTE_VOCAB = [bytes([i]) for i in range(256)] + [b"<eos>"]
+_TREADLE_BYTES = tg.GrammarCompiler(tg.TokenizerInfo(BYTE_VOCAB, stop_token_ids=[256]))
 
 
 @lru_cache(maxsize=256)
@@ -62,13 +66,29 @@ def byte_grammar(ebnf: str) -> xgr.CompiledGrammar:
     return _BYTE_COMPILER.compile_grammar(ebnf)
 
 
-def accepted_prefix(ebnf: str, data: bytes) -> tuple[int, bool]:
-    """How many leading bytes the grammar accepts one by one, and whether it is complete after them."""
+def _xgrammar_prefix(ebnf: str, data: bytes) -> tuple[int, bool]:
     matcher = xgr.GrammarMatcher(byte_grammar(ebnf), terminate_without_stop_token=True)
     for i in range(len(data)):
         if not matcher.accept_string(data[i : i + 1]):
             return i, matcher.is_completed()
     return len(data), matcher.is_completed()
+
+
+def _treadle_prefix(ebnf: str, data: bytes) -> tuple[int, bool]:
+    matcher = tg.GrammarMatcher(_TREADLE_BYTES.compile_grammar(ebnf))
+    for i, byte in enumerate(data):
+        if not matcher.accept_token(byte):
+            return i, matcher.is_completed()
+    return len(data), matcher.is_completed()
+
+
+def accepted_prefix(ebnf: str, data: bytes) -> tuple[int, bool]:
+    """How many leading bytes the grammar accepts one by one, and whether it is complete after them;
+    xgrammar and treadle's core must agree."""
+    reference = _xgrammar_prefix(ebnf, data)
+    ours = _treadle_prefix(ebnf, data)
+    assert ours == reference, f"treadle {ours} and xgrammar {reference} disagree on {data!r}"
+    return reference
 
 
 def accepts(ebnf: str, text: str | bytes) -> bool:
