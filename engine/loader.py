@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -71,10 +72,16 @@ def load_model(cfg: EngineConfig, progress: bool = True) -> LoadedModel:
         name = os.path.basename(os.path.normpath(path))
     elif os.path.isfile(path):
         config, tokenizer, state = _load_gguf_cached(path, cfg, progress)
-        name = os.path.splitext(os.path.basename(path))[0]
+        name = gguf_model_name(path)
     else:
         raise FileNotFoundError(f"model not found: {path}")
     return LoadedModel(_build(config, state, device), config, tokenizer, cfg.served_model_name or name)
+
+
+def gguf_model_name(path: str) -> str:
+    """The model's name without the quantization tag GGUF files carry (`SmolLM2-135M-Instruct.Q4_1.gguf`)."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return re.sub(r"[.-](?:i?q\d\w*|f\d+|bf16)$", "", stem, flags=re.IGNORECASE)
 
 
 def _build(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> LlamaForCausalLM:
