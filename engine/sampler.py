@@ -4,9 +4,8 @@ Called once per engine step with one row per sequence, so everything is batched 
 O(1) per sequence (parameter lists, no per-row `.item()`), and steps that no row needs are skipped.
 The same code runs on CPU and CUDA.
 
-Sampling uses the exponential race: argmax(p_i / q_i) with q_i ~ Exp(1) picks i with probability p_i. It needs
-no normalised cumulative sums and no host sync, and a seeded row simply draws its q from its own generator, so
-its tokens do not depend on what else is in the batch.
+Sampling is by inverse CDF with one uniform number per row: no host sync, and a seeded row draws its number
+from its own generator, so its tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -17,6 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from .sampling_params import SamplingParams
+
+# Best logits searched for the top-p cutoff before falling back to a full sort; enough for the peaked
+# distributions of instruction-tuned models at the usual top_p (0.9-0.95).
+_TOP_P_CANDIDATES = 256
 
 
 @dataclass
@@ -41,8 +44,9 @@ class SamplerOutput:
 class SeqSamplingState:
     """One sequence's sampling parameters and the history its penalties need, kept incrementally.
 
-    Penalty rows keep device tensors (output token counts, prompt-token mask) created at the first step and
-    updated by `append`, so a step never rebuilds them from the whole history.
+    A penalised sequence keeps its token history (prompt too when repetition_penalty is set) in a device buffer
+    that `append` extends in place, so a step gathers and scatters only the seen tokens and never rebuilds
+    anything from Python lists or touches [V]-sized per-sequence state.
     """
 
     def __init__(self, params: SamplingParams, prompt_token_ids: list[int], seed: int | None):
@@ -53,27 +57,38 @@ class SeqSamplingState:
         self.generator: torch.Generator | None = None  # created on the sampler's device at the first draw
         self.uses_repetition = params.repetition_penalty != 1.0
         self.uses_counts = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-        self.output_counts: torch.Tensor | None = None  # float32 [V], when any penalty is set
-        self.prompt_mask: torch.Tensor | None = None  # bool [V], when repetition_penalty != 1
+        self._history: torch.Tensor | None = None  # int64 [capacity]: (prompt if repetition) + output
+        self._history_len = 0
+        self._output_start = len(prompt_token_ids) if self.uses_repetition else 0
 
     def append(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
-        if self.output_counts is not None:
-            self.output_counts[token_id] += 1
-
-    def ensure_penalty_tensors(self, vocab_size: int, device: torch.device) -> None:
-        if self.output_counts is not None or not (self.uses_repetition or self.uses_counts):
+        if self._history is None:
             return
-        counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        if self.output_token_ids:
-            ids = torch.tensor(self.output_token_ids, dtype=torch.long, device=device)
-            counts.index_add_(0, ids, torch.ones(len(self.output_token_ids), device=device))
-        self.output_counts = counts
-        if self.uses_repetition:
-            mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            if self.prompt_token_ids:
-                mask[torch.tensor(self.prompt_token_ids, dtype=torch.long, device=device)] = True
-            self.prompt_mask = mask
+        if self._history_len == self._history.numel():
+            grown = torch.empty(2 * self._history_len, dtype=torch.long, device=self._history.device)
+            grown[: self._history_len] = self._history
+            self._history = grown
+        self._history[self._history_len] = token_id
+        self._history_len += 1
+
+    def seen_tokens(self, device: torch.device) -> torch.Tensor:
+        """Prompt and output token ids (with repeats), for the repetition penalty."""
+        self._ensure_history(device)
+        return self._history[: self._history_len]
+
+    def output_tokens(self, device: torch.device) -> torch.Tensor:
+        """Output token ids (with repeats), for the presence and frequency penalties."""
+        self._ensure_history(device)
+        return self._history[self._output_start : self._history_len]
+
+    def _ensure_history(self, device: torch.device) -> None:
+        if self._history is not None:
+            return
+        ids = (self.prompt_token_ids if self.uses_repetition else []) + self.output_token_ids
+        self._history = torch.empty(max(64, 2 * len(ids)), dtype=torch.long, device=device)
+        self._history[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        self._history_len = len(ids)
 
     def ensure_generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is not None and self.generator is None:
@@ -87,7 +102,10 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
-        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        # 1 << j for each bit of an int32 word (bit 31 is the sign bit, -2**31).
+        self._bit_values = torch.ones(32, dtype=torch.int32, device=self.device) << torch.arange(
+            32, dtype=torch.int32, device=self.device
+        )
 
     # ---- public API ------------------------------------------------------------------------------------------
     def sample(
@@ -100,15 +118,13 @@ class Sampler:
         logits = self._check(logits, states)
         x = self._penalized(logits, states, bitmask)
         sampling_rows = [i for i, s in enumerate(states) if not s.params.greedy]
-        if not sampling_rows:
-            tokens = x.argmax(dim=-1)
-        elif len(sampling_rows) == len(states):
-            tokens = self._draw(self._truncated(x, states), states)
+        if len(sampling_rows) == len(states):
+            tokens = self._draw_rows(x, states)
         else:
-            rows = torch.tensor(sampling_rows, device=self.device)
-            sub = [states[i] for i in sampling_rows]
             tokens = x.argmax(dim=-1)
-            tokens[rows] = self._draw(self._truncated(x[rows], sub), sub)
+            if sampling_rows:
+                rows = torch.tensor(sampling_rows, device=self.device)
+                tokens[rows] = self._draw_rows(x[rows], [states[i] for i in sampling_rows])
         return SamplerOutput(tokens.tolist(), self._logprobs(logits, tokens, states))
 
     def sampling_logits(
@@ -126,9 +142,17 @@ class Sampler:
         x = self._penalized(logits, states, bitmask)
         sampling_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampling_rows:
-            rows = torch.tensor(sampling_rows, device=self.device)
+            sub = [states[i] for i in sampling_rows]
+            dense = torch.full((len(sub), self.vocab_size), -math.inf, device=self.device)
+            for rows, values, token_ids in self._groups(x[torch.tensor(sampling_rows, device=self.device)], sub):
+                values = self._min_p(values, [sub[i] for i in rows])
+                rows_t = torch.tensor(rows, device=self.device)
+                if token_ids is None:
+                    dense[rows_t] = values
+                else:
+                    dense[rows_t] = dense[rows_t].scatter(1, token_ids, values)
             x = x.clone()
-            x[rows] = self._truncated(x[rows], [states[i] for i in sampling_rows])
+            x[torch.tensor(sampling_rows, device=self.device)] = dense
         return x
 
     # ---- steps -----------------------------------------------------------------------------------------------
@@ -149,30 +173,45 @@ class Sampler:
         if not (rep_rows or count_rows or ban_rows or bitmask is not None):
             return logits
         x = logits.clone()
-        for i in set(rep_rows) | set(count_rows):
-            states[i].ensure_penalty_tensors(self.vocab_size, self.device)
         if rep_rows:
             sub = [states[i] for i in rep_rows]
-            rows = torch.tensor(rep_rows, device=self.device)
-            seen = torch.stack([s.prompt_mask for s in sub]) | (torch.stack([s.output_counts for s in sub]) > 0)
-            penalty = self._column([s.params.repetition_penalty for s in sub])
-            xr = x[rows]
-            # HF semantics: shrink a seen token's logit towards zero side (divide if positive, multiply if not).
-            x[rows] = torch.where(seen, torch.where(xr < 0, xr * penalty, xr / penalty), xr)
+            group, rows, cols = self._flat_index(rep_rows, [s.seen_tokens(self.device) for s in sub])
+            penalty = torch.tensor([s.params.repetition_penalty for s in sub], device=self.device)[group]
+            seen = x[rows, cols]
+            # HF semantics: a seen token's logit moves towards less likely (divided if positive, else multiplied).
+            # Repeated ids write the same value, so each token is penalised once.
+            x[rows, cols] = torch.where(seen < 0, seen * penalty, seen / penalty)
         if count_rows:
             sub = [states[i] for i in count_rows]
-            rows = torch.tensor(count_rows, device=self.device)
-            counts = torch.stack([s.output_counts for s in sub])
-            freq = self._column([s.params.frequency_penalty for s in sub])
-            pres = self._column([s.params.presence_penalty for s in sub])
-            x[rows] -= counts * freq + (counts > 0).float() * pres
+            group, rows, cols = self._flat_index(count_rows, [s.output_tokens(self.device) for s in sub])
+            freq = torch.tensor([s.params.frequency_penalty for s in sub], device=self.device)[group]
+            pres = torch.tensor([s.params.presence_penalty for s in sub], device=self.device)[group]
+            x[rows, cols] = x[rows, cols] - pres  # once per distinct token: repeats write the same value
+            x.index_put_((rows, cols), -freq, accumulate=True)  # once per occurrence
         if ban_rows:
             r = torch.tensor(ban_rows, device=self.device)
             c = torch.tensor(ban_cols, device=self.device)
+            before_ban = x[r, c]
             x[r, c] = -math.inf
         if bitmask is not None:
-            x.masked_fill_(~self._unpack_bitmask(bitmask, len(states)), -math.inf)
+            banned = self._banned_by_bitmask(bitmask, len(states))
+            x.masked_fill_(banned, -math.inf)
+            if ban_rows:
+                # A grammar that allows nothing but stop tokens outranks min_tokens: a row left with no token
+                # gets back the stop tokens its grammar allows.
+                dead = x.amax(dim=-1) == -math.inf
+                x[r, c] = torch.where(dead[r] & ~banned[r, c], before_ban, -math.inf)
         return x
+
+    def _flat_index(
+        self, batch_rows: list[int], ids: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Flatten per-row token ids: (index into the group, row in the batch, token id) per entry."""
+        sizes = [t.numel() for t in ids]
+        lengths = torch.tensor(sizes, device=self.device)
+        # output_size spares CUDA a device-to-host sync to size the result.
+        group = torch.repeat_interleave(torch.arange(len(ids), device=self.device), lengths, output_size=sum(sizes))
+        return group, torch.tensor(batch_rows, device=self.device)[group], torch.cat(ids)
 
     def _min_tokens_bans(self, states: list[SeqSamplingState]) -> tuple[list[int], list[int]]:
         """(row, token) pairs to ban: stop tokens (and EOS unless ignored) while output < min_tokens."""
@@ -188,71 +227,134 @@ class Sampler:
             cols += ids
         return rows, cols
 
-    def _unpack_bitmask(self, bitmask: torch.Tensor, batch: int) -> torch.Tensor:
+    def _banned_by_bitmask(self, bitmask: torch.Tensor, batch: int) -> torch.Tensor:
         """xgrammar's layout: int32 [B, ceil(V/32)], bit j of word w allows token 32*w + j."""
         words = (self.vocab_size + 31) // 32
         if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, words):
             raise ValueError(f"bitmask must be int32 [{batch}, {words}], got {bitmask.dtype} {list(bitmask.shape)}")
         bm = bitmask.to(self.device, non_blocking=True)
-        bits = (bm.unsqueeze(-1) >> self._bit_shifts) & 1
-        return bits.view(batch, words * 32)[:, : self.vocab_size].bool()
+        banned = (bm.unsqueeze(-1) & self._bit_values) == 0
+        return banned.view(batch, words * 32)[:, : self.vocab_size]
 
-    def _truncated(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
-        """Temperature, then top_k, top_p and min_p (HF order), as -inf outside the kept set."""
-        temps = [s.params.temperature for s in states]
-        if any(t != 1.0 for t in temps):
-            x = x / self._column(temps)
-        k_rows = [i for i, s in enumerate(states) if 0 < s.params.top_k < self.vocab_size]
-        p_rows = [i for i, s in enumerate(states) if s.params.top_p < 1.0]
-        trunc_rows = sorted(set(k_rows) | set(p_rows))
-        if trunc_rows:
-            sub = [states[i] for i in trunc_rows]
-            if len(trunc_rows) == len(states):
-                x = self._top_k_top_p(x, sub, use_p=bool(p_rows))
-            else:
-                rows = torch.tensor(trunc_rows, device=self.device)
-                x = x.clone()
-                x[rows] = self._top_k_top_p(x[rows], sub, use_p=bool(p_rows))
-        min_p = [s.params.min_p for s in states]
-        if any(m > 0 for m in min_p):
-            # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p); log(0) = -inf keeps every token.
-            log_min_p = torch.tensor(min_p, device=self.device).log().unsqueeze(1)
-            x = x.masked_fill(x < x.amax(dim=-1, keepdim=True) + log_min_p, -math.inf)
-        return x
+    def _draw_rows(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+        """One token per (non-greedy) row."""
+        tokens = torch.empty(len(states), dtype=torch.long, device=self.device)
+        for rows, values, token_ids in self._groups(x, states):
+            sub = [states[i] for i in rows]
+            picked = self._inverse_cdf(self._min_p(values, sub), sub)
+            if token_ids is not None:
+                picked = token_ids.gather(1, picked.unsqueeze(1)).squeeze(1)
+            tokens[torch.tensor(rows, device=self.device)] = picked
+        return tokens
 
-    def _top_k_top_p(self, x: torch.Tensor, states: list[SeqSamplingState], use_p: bool) -> torch.Tensor:
+    def _groups(
+        self, x: torch.Tensor, states: list[SeqSamplingState]
+    ) -> list[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+        """Temperature, top_k and top_p: the rows split by how their kept tokens are held.
+
+        Each group is (rows, logits [r, m], token ids [r, m] or None when the logits are the whole vocabulary).
+        Rows with top_k/top_p keep only their best candidates, best first, -inf past the cutoff: drawing among
+        a few hundred of those is much cheaper than masking and accumulating the whole vocabulary. A full sort
+        costs milliseconds per row on CPU, so candidates come from a partial top-k (`_TOP_P_CANDIDATES`, or the
+        largest top_k); only rows whose top_p mass reaches past them are sorted in full.
+        Ties at a top-k or top-p cutoff are broken by position in that order, so exactly k tokens survive top-k.
+        """
         V = self.vocab_size
         ks = [s.params.top_k if 0 < s.params.top_k < V else V for s in states]
-        k = torch.tensor(ks, device=self.device).unsqueeze(1)
-        if not use_p:  # top_k alone needs only the k best, not a full sort
-            kth = x.topk(max(ks), dim=-1).values.gather(1, k - 1)
-            return x.masked_fill(x < kth, -math.inf)
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        kth = sorted_x.gather(1, k - 1)
-        sorted_x = sorted_x.masked_fill(sorted_x < kth, -math.inf)  # ties with the k-th are kept, as in HF
-        probs = sorted_x.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        # Keep the smallest prefix whose mass reaches top_p; top_p = 1 rows keep all (inf never reached).
-        top_p = self._column([s.params.top_p if s.params.top_p < 1.0 else math.inf for s in states])
-        sorted_x = sorted_x.masked_fill(mass_before >= top_p, -math.inf)
-        return torch.empty_like(x).scatter_(1, order, sorted_x)
+        ps = [s.params.top_p for s in states]
+        plain = [i for i in range(len(states)) if ks[i] == V and ps[i] >= 1.0]
+        trunc = [i for i in range(len(states)) if ks[i] < V or ps[i] < 1.0]
+        groups: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
+        if plain:
+            xp = x if len(plain) == len(states) else x[torch.tensor(plain, device=self.device)]
+            groups.append((plain, self._scaled(xp, [states[i] for i in plain]), None))
+        if not trunc:
+            return groups
+        # Temperature keeps the order, so candidates are chosen unscaled and only they are scaled.
+        xt = x if len(trunc) == len(states) else x[torch.tensor(trunc, device=self.device)]
+        st = [states[i] for i in trunc]
+        kt = [ks[i] for i in trunc]
+        pt = [ps[i] for i in trunc]
+        uses_p = any(p < 1.0 for p in pt)
+        n = min(V, max([k for k in kt if k < V] + ([_TOP_P_CANDIDATES] if uses_p else [])))
+        values, token_ids = xt.topk(n, dim=-1)
+        values, covered = self._cut(xt, self._scaled(values, st), st, kt, pt)
+        if all(covered):
+            return groups + [(trunc, values, token_ids)]
+        inside = [j for j, c in enumerate(covered) if c]
+        outside = [j for j, c in enumerate(covered) if not c]
+        if inside:
+            idx = torch.tensor(inside, device=self.device)
+            groups.append(([trunc[j] for j in inside], values[idx], token_ids[idx]))
+        xo = xt[torch.tensor(outside, device=self.device)]
+        so = [st[j] for j in outside]
+        full_values, full_ids = xo.sort(dim=-1, descending=True)
+        full_values, _ = self._cut(xo, self._scaled(full_values, so), so, [kt[j] for j in outside],
+                                   [pt[j] for j in outside])
+        return groups + [([trunc[j] for j in outside], full_values, full_ids)]
 
-    def _draw(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
-        probs = x.softmax(dim=-1)
-        q = torch.empty_like(probs)
+    def _cut(
+        self, x: torch.Tensor, best: torch.Tensor, states: list[SeqSamplingState], ks: list[int], ps: list[float]
+    ) -> tuple[torch.Tensor, list[bool]]:
+        """Mask the sorted, scaled candidates `best` [r, n] past each row's top-k / top-p cutoff (HF semantics).
+
+        top_p keeps the shortest prefix whose probability reaches top_p, with probabilities normalised over the
+        top-k set (wholly inside `best`, as n >= every finite k) or else over the full unscaled row `x`. Returns
+        whether each row's kept set is known to lie inside `best` (one host sync, only when top_p is in play).
+        """
+        n = best.shape[1]
+        position = torch.arange(n, device=self.device)
+        k = torch.tensor(ks, device=self.device).clamp_max(n).unsqueeze(1)
+        if all(p >= 1.0 for p in ps):
+            return best.masked_fill(position >= k, -math.inf), [True] * len(ks)
+        best = best.masked_fill(position >= k, -math.inf)
+        has_k = torch.tensor([k < self.vocab_size for k in ks], device=self.device)
+        norm = best.logsumexp(dim=-1)
+        if not all(k < self.vocab_size for k in ks):
+            norm = torch.where(has_k, norm, self._scaled(x, states).logsumexp(dim=-1))
+        norm = norm.unsqueeze(1)
+        probs = (best - norm).exp()
+        mass = probs.cumsum(dim=-1)
+        # top_p = 1 never cuts (a float mass can fall just short of 1.0).
+        top_p = self._column([p if p < 1.0 else math.inf for p in ps])
+        best = best.masked_fill(mass - probs >= top_p, -math.inf)  # the first token always stays
+        if n == self.vocab_size:
+            return best, [True] * len(ks)
+        covered = has_k | (mass[:, -1:] >= top_p).squeeze(1)
+        return best, covered.tolist()
+
+    def _scaled(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+        temps = [s.params.temperature for s in states]
+        return x / self._column(temps) if any(t != 1.0 for t in temps) else x
+
+    def _min_p(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+        """Drop tokens below min_p times the best token's probability (after temperature and truncation)."""
+        min_p = [s.params.min_p for s in states]
+        if not any(m > 0 for m in min_p):
+            return x
+        # p_i < min_p * p_max  <=>  x_i < x_max + log(min_p); log(0) = -inf keeps every token.
+        log_min_p = torch.tensor(min_p, device=self.device).log().unsqueeze(1)
+        return x.masked_fill(x < x.amax(dim=-1, keepdim=True) + log_min_p, -math.inf)
+
+    def _inverse_cdf(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
+        """Position drawn from softmax(x) per row, with one uniform number per row.
+
+        One number per row is cheap on CPU (unlike a noise vector per row) and lets a seeded row draw from its
+        own generator. The CDF is accumulated in float64 so that rounding over a large vocabulary does not
+        shift mass between tokens; tokens at -inf have zero width and cannot be picked.
+        """
+        cdf = x.softmax(dim=-1).double().cumsum(dim=-1)
+        u = torch.empty(len(states), 1, dtype=torch.float64, device=self.device)
         seeded = [i for i, s in enumerate(states) if s.seed is not None]
         if len(seeded) < len(states):
-            if seeded:
-                unseeded = [i for i, s in enumerate(states) if s.seed is None]
-                rows = torch.tensor(unseeded, device=self.device)
-                q[rows] = torch.empty(len(unseeded), q.shape[1], device=self.device).exponential_()
-            else:
-                q.exponential_()
+            u.uniform_()
         for i in seeded:
-            q[i].exponential_(generator=states[i].ensure_generator(self.device))
-        # A zero draw would make 0/0 = NaN for a banned token, and argmax prefers NaN.
-        q.clamp_min_(torch.finfo(q.dtype).tiny)
-        return (probs / q).argmax(dim=-1)
+            u[i].uniform_(generator=states[i].ensure_generator(self.device))
+        total = cdf[:, -1:]
+        # u * total < total, so some token's upper CDF edge lies above it: the index is always in range.
+        target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+        # The clamp only matters for a row with no allowed token at all (NaN CDF): it must not index past the row.
+        return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(x.shape[1] - 1)
 
     def _logprobs(
         self, logits: torch.Tensor, tokens: torch.Tensor, states: list[SeqSamplingState]

@@ -52,8 +52,8 @@ def test_repetition_penalty_matches_transformers(device):
     logits = randn(4, V, seed=1, device=device)
     rows = []
     for i, penalty in enumerate([1.3, 0.7, 1.0, 2.0]):
-        prompt = torch.randint(0, V, (20,), generator=g).tolist()
-        output = torch.randint(0, V, (7,), generator=g).tolist()
+        prompt = torch.randint(0, 40, (20,), generator=g).tolist()  # a narrow range: plenty of repeats
+        output = torch.randint(0, 40, (7 + 40 * i,), generator=g).tolist()  # past the history buffer's size
         rows.append((prompt, output, penalty))
     states = [state(p, o, temperature=0.0, repetition_penalty=r) for p, o, r in rows]
     got = Sampler(V, EOS, device).sampling_logits(logits, states).cpu()
@@ -75,11 +75,27 @@ def test_presence_and_frequency_penalties_count_output_tokens_only(device):
         for tok, n in Counter(output).items():
             want[tok] -= fp * n + pp
         torch.testing.assert_close(got[i], want)
-    # Counts keep up with tokens appended after the first step.
-    states[2].append(11)
-    states[2].append(11)
+    # Counts keep up with tokens appended after the first step, past the history buffer's first size.
+    more = torch.randint(0, 50, (150,), generator=torch.Generator().manual_seed(2)).tolist()
+    for t in more:
+        states[2].append(t)
     got = sampler.sampling_logits(logits, states).cpu()
-    assert got[2, 11].item() == pytest.approx(logits[2, 11].item() - 2 * 1.0 - 1.0, abs=1e-5)
+    want = logits[2].cpu().clone()
+    for tok, n in Counter(more).items():
+        want[tok] -= 1.0 * n + 1.0
+    torch.testing.assert_close(got[2], want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_repetition_then_presence_and_frequency_in_one_row(device):
+    logits = randn(1, V, seed=6, device=device)
+    prompt, output = [3, 4, 5, 5], [5, 6, 6, 9]
+    s = state(prompt, output, temperature=0.0, repetition_penalty=1.5, presence_penalty=0.4, frequency_penalty=0.3)
+    got = Sampler(V, EOS, device).sampling_logits(logits, [s]).cpu()[0]
+    want = RepetitionPenaltyLogitsProcessor(1.5)(torch.tensor([prompt + output]), logits.cpu().clone())[0]
+    for tok, n in Counter(output).items():  # the prompt's tokens are not "output" for these two
+        want[tok] -= 0.3 * n + 0.4
+    torch.testing.assert_close(got, want)
 
 
 def hf_chain(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -104,6 +120,8 @@ WARPER_CASES = [  # temperature, top_k, top_p, min_p
     (1.0, 20, 0.8, 0.0),
     (0.9, 100, 0.95, 0.02),
     (2.0, -1, 0.5, 0.1),
+    (50.0, 0, 0.9, 0.0),  # nearly flat: the top-p set is larger than the sampler's first candidate search
+    (1.0, 600, 0.99, 0.0),  # top_k above the candidate count
 ]
 
 
@@ -119,6 +137,10 @@ def test_temperature_top_k_top_p_min_p_match_transformers(device):
         keep = ~torch.isinf(want)
         torch.testing.assert_close(got[i][keep], want[keep])
     torch.testing.assert_close(got[-1], logits[-1].cpu())
+    # sample() draws inside the same kept sets.
+    for _ in range(3):
+        tokens = Sampler(V, EOS, device).sample(logits, states).token_ids
+        assert all(not math.isinf(got[i, t]) for i, t in enumerate(tokens))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -134,6 +156,21 @@ def test_min_tokens_bans_eos_and_stop_tokens_until_reached(device):
     banned = [{2, 7, 8}, set(), {9}, {2}]
     for i, ban in enumerate(banned):
         assert {int(j) for j in torch.nonzero(torch.isinf(got[i]))} == ban
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grammar_allowing_only_eos_outranks_min_tokens(device):
+    logits = randn(3, V, seed=7, device=device)
+    words = (V + 31) // 32
+    bm = torch.zeros(3, words, dtype=torch.int32)
+    bm[:, 0] = 1 << EOS[0]  # row 0 and 1: only EOS
+    bm[1, 0] |= 1 << 9  # row 1 also allows token 9
+    bm[2] = -1
+    kw = dict(min_tokens=5)
+    states = [state(temperature=0.0, **kw), state(temperature=1.0, **kw), state(temperature=0.0, **kw)]
+    out = Sampler(V, EOS, device).sample(logits, states, bm)
+    assert out.token_ids[:2] == [EOS[0], 9]
+    assert out.token_ids[2] != EOS[0]
 
 
 def random_bitmask(batch: int, vocab: int, seed: int) -> torch.Tensor:
@@ -220,7 +257,7 @@ def chi_square(counts: list[int], probs: list[float]) -> float:
 @pytest.mark.parametrize("kw", [dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.9, temperature=0.8)])
 def test_sampled_frequencies_follow_the_truncated_distribution(device, kw):
     vocab, n = 12, 20000
-    base = torch.tensor([2.0, 1.5, 1.4, 1.0, 0.5, 0.3, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0])
+    base = torch.tensor([0.0, 1.5, -3.0, 1.0, 0.5, -1.0, 2.0, -0.5, 0.3, -1.5, -2.0, 1.4])  # ids not in rank order
     t = kw.get("temperature", 1.0)
     probs = hf_chain(base, t, kw.get("top_k", 0), kw.get("top_p", 1.0), 0.0).softmax(-1).tolist()
     torch.manual_seed(0)  # unseeded rows share the global generator; fixing it keeps the test deterministic
