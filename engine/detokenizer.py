@@ -125,7 +125,8 @@ class _VocabInfo:
 def _vocab_info(hf_tokenizer: PreTrainedTokenizerBase) -> _VocabInfo:
     """How vocabulary strings map to bytes, read once per tokenizer from its decoder definition."""
     backend = hf_tokenizer.backend_tokenizer
-    types = _decoder_types(json.loads(backend.to_str()).get("decoder") or {})
+    # The decoder's pickled state is its JSON definition (the whole tokenizer's would serialise the vocabulary).
+    types = _decoder_types(json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else {})
     added = frozenset(backend.get_added_tokens_decoder())
     if "ByteLevel" in types:
         return _VocabInfo("byte_level", {c: b for b, c in bytes_to_unicode().items()}, added)
