@@ -373,10 +373,14 @@ class GrammarIR:
                 self.rep_of[s] = (rep[0], 0, rep[2])
         self.nullable = self._nullable()
         self._check_productive()
+        # a final state with no way on: its item only matters for the completion it triggers
+        self.dead_end = [not self.bnext[s] and not self.rnext[s] and self.rep_of[s] is None
+                         for s in range(self.n_states)]
         self._expand: list = [None] * self.n_states
         self._pred: list = [None] * self.n_states
         self._follow: list | None = None
         self._hash: list = [None] * len(self.rule_names)
+        self._cyclic: list[bool] | None = None
 
     def start(self, r: int) -> int:
         return self.rule_base[r]
@@ -532,43 +536,109 @@ class GrammarIR:
                     changed = True
         return [bytes(1 if i in f else 0 for i in range(256)) for f in follow]
 
+    def _own(self, r: int) -> tuple:
+        """Rule r's automaton with states renumbered from 0; references keep global rule ids."""
+        base, end = self.rule_base[r], self.rule_base[r + 1]
+        rep = self.rep_of[base]
+        if rep is not None:
+            return ("rep", rep)
+        states = []
+        for s in range(base, end):
+            runs: list[list[int]] = []
+            for byte, t in sorted(self.bnext[s].items()):
+                if runs and runs[-1][1] == byte - 1 and runs[-1][2] == t - base:
+                    runs[-1][1] = byte
+                else:
+                    runs.append([byte, byte, t - base])
+            refs = tuple(sorted((r2, t - base) for r2, t in self.rnext[s].items()))
+            states.append((self.final[s], tuple(map(tuple, runs)), refs))
+        return ("dfa", tuple(states))
+
+    def _children(self, own: tuple) -> list[int]:
+        if own[0] == "rep":
+            return [own[1][0]]
+        return sorted({r2 for _, _, refs in own[1] for r2, _ in refs})
+
     def rule_hash(self, r: int) -> bytes:
-        """Digest of the sub-grammar reachable from r, rules renumbered in discovery order.
+        """Digest of the sub-grammar reachable from r, independent of rule names and numbering.
 
         Equal digests mean isomorphic sub-grammars, so token classifications keyed by it are shared across
-        grammars (the same tool schema inside many tool sets is classified once).
+        grammars (the same tool schema inside many tool sets is classified once). Rules outside a cycle
+        hash their own automaton with their children's digests (Merkle style); a rule on a cycle hashes
+        everything reachable from it, numbered in discovery order.
         """
         h = self._hash[r]
-        if h is None:
-            order, index = [r], {r: 0}
-            parts = []
+        if h is not None:
+            return h
+        if self._cyclic is None:
+            self._cyclic = self._find_cyclic()
+        own = self._own(r)
+        if not self._cyclic[r]:
+            kids = {c: self.rule_hash(c) for c in self._children(own)}
+            parts = (_relabel(own, kids), )
+        else:
+            order, index, parts_l = [r], {r: 0}, []
             i = 0
             while i < len(order):
-                rr = order[i]
+                o = own if order[i] == r else self._own(order[i])
                 i += 1
-                base, end = self.rule_base[rr], self.rule_base[rr + 1]
-                rep = self.rep_of[base]
-                if rep is not None:
-                    if rep[0] not in index:
-                        index[rep[0]] = len(order)
-                        order.append(rep[0])
-                    parts.append(("rep", index[rep[0]], rep[1], rep[2]))
-                    continue
-                states = []
-                for s in range(base, end):
-                    runs = []
-                    for byte, t in sorted(self.bnext[s].items()):
-                        if runs and runs[-1][1] == byte - 1 and runs[-1][2] == t - base:
-                            runs[-1][1] = byte
-                        else:
-                            runs.append([byte, byte, t - base])
-                    refs = []
-                    for r2, t in self.rnext[s].items():
-                        if r2 not in index:
-                            index[r2] = len(order)
-                            order.append(r2)
-                        refs.append((index[r2], t - base))
-                    states.append((self.final[s], tuple(map(tuple, runs)), tuple(sorted(refs))))
-                parts.append(("dfa", tuple(states)))
-            h = self._hash[r] = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+                for c in self._children(o):
+                    if c not in index:
+                        index[c] = len(order)
+                        order.append(c)
+                parts_l.append(_relabel(o, index))
+            parts = tuple(parts_l)
+        h = self._hash[r] = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
         return h
+
+    def _find_cyclic(self) -> list[bool]:
+        """Marks rules that can reach themselves through references (Tarjan's SCC, iteratively)."""
+        n = len(self.rule_names)
+        kids = [self._children(self._own(r)) for r in range(n)]
+        index = [-1] * n
+        low = [0] * n
+        on = [False] * n
+        stack: list[int] = []
+        cyclic = [False] * n
+        counter = 0
+        for root in range(n):
+            if index[root] >= 0:
+                continue
+            work = [(root, 0)]
+            while work:
+                v, i = work.pop()
+                if i == 0:
+                    index[v] = low[v] = counter
+                    counter += 1
+                    stack.append(v)
+                    on[v] = True
+                if i < len(kids[v]):
+                    work.append((v, i + 1))
+                    w = kids[v][i]
+                    if index[w] < 0:
+                        work.append((w, 0))
+                    elif on[w]:
+                        low[v] = min(low[v], index[w])
+                    continue
+                for w in kids[v]:
+                    if on[w] and index[w] > index[v]:
+                        low[v] = min(low[v], low[w])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on[w] = False
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1 or v in kids[v]:
+                        for w in comp:
+                            cyclic[w] = True
+        return cyclic
+
+
+def _relabel(own: tuple, label: dict) -> tuple:
+    if own[0] == "rep":
+        body, lo, hi = own[1]
+        return ("rep", label[body], lo, hi)
+    return ("dfa", tuple((f, runs, tuple((label[r2], t) for r2, t in refs)) for f, runs, refs in own[1]))

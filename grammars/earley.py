@@ -23,11 +23,14 @@ ROOT = -1
 class Config:
     """One interned Earley set. `scan` lists (byte->state table, origin, count) of every item that can scan."""
 
-    __slots__ = ("id", "kernel", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply", "tok")
+    __slots__ = ("id", "kernel", "roots", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply",
+                 "tok", "row_filled")
 
-    def __init__(self, cid: int, kernel: tuple, selfs: frozenset, scan: list, can_end: bool):
+    def __init__(self, cid: int, kernel: tuple, roots: tuple, selfs: frozenset, scan: list, can_end: bool):
         self.id = cid
         self.kernel = kernel
+        self.roots = roots  # kernel items not merely reached by skipping a nullable rule: they cover the rest
+        self.row_filled = False
         self.selfs = selfs
         self.scan = scan
         self.can_end = can_end
@@ -62,6 +65,9 @@ class Space:
         r = cfg.next.get(byte)
         if r is not None:
             return r
+        if cfg.row_filled:
+            r = cfg.next[byte] = int(self.table[cid, byte])
+            return r
         new = []
         for bn, o, c in cfg.scan:
             t = bn.get(byte)
@@ -71,6 +77,29 @@ class Space:
         cfg.next[byte] = r
         self.table[cid, byte] = r
         return r
+
+    def fill_row(self, cid: int) -> None:
+        """Computes all 256 byte transitions of a configuration into `table`, closing each distinct
+        scanned item set once (a string-body configuration has ~250 bytes but only a few outcomes)."""
+        cfg = self.configs[cid]
+        if cfg.row_filled:
+            return
+        per_byte: list[list] = [[] for _ in range(256)]
+        for bn, o, c in cfg.scan:
+            for byte, t in bn.items():
+                per_byte[byte].append((t, o, c))
+        outcomes: dict[tuple, int] = {}
+        row = np.full(256, DEAD, dtype=np.int32)
+        for byte in range(256):
+            items = per_byte[byte]
+            if items:
+                key = tuple(items)
+                r = outcomes.get(key)
+                if r is None:
+                    r = outcomes[key] = self._close(items)
+                row[byte] = r
+        self.table[cid] = row
+        cfg.row_filled = True
 
     def run(self, cid: int, data: bytes) -> int:
         """Configuration after `data` from `cid`, or DEAD."""
@@ -111,14 +140,17 @@ class Space:
         ir = self.ir
         rep_of, final, rule_of = ir.rep_of, ir.final, ir.rule_of
         configs = self.configs
+        seen: set = set()
         kernel: set = set()
         can_end = False
-        stack = items
+        direct = list(items)
+        stack = list(items)
+        dead_end = ir.dead_end
         while stack:
             it = stack.pop()
-            if it in kernel:
+            if it in seen:
                 continue
-            kernel.add(it)
+            seen.add(it)
             s, o, c = it
             rep = rep_of[s]
             if rep is None:
@@ -128,8 +160,12 @@ class Space:
                         if s2 != s:
                             stack.append((s2, o, c))
                 fin = final[s]
+                if not dead_end[s]:
+                    kernel.add(it)
             else:
                 fin = c >= rep[1]
+                if rep[2] is None or c < rep[2]:
+                    kernel.add(it)
             if fin:
                 if o < 0:
                     can_end = True
@@ -139,6 +175,7 @@ class Space:
                     nxt = w.get(rule_of[s])
                     if nxt:
                         stack.extend(nxt)
+                        direct.extend(nxt)
         key = frozenset(kernel)
         cid = self.index.get(key)
         if cid is not None:
@@ -156,7 +193,7 @@ class Space:
         ordered = tuple(sorted(kernel))
         scan = [(bnext[s], o, c) for s, o, c in ordered if bnext[s]]
         scan.extend((bnext[s], cid, 0) for s in sorted(selfs) if bnext[s])
-        configs.append(Config(cid, ordered, selfs, scan, can_end))
+        configs.append(Config(cid, ordered, tuple(sorted(set(direct) & kernel)), selfs, scan, can_end))
         if cid >= len(self.can_end_arr):
             grow = np.full((len(self.table), 256), UNKNOWN, dtype=np.int32)
             self.table = np.concatenate([self.table, grow])

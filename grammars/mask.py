@@ -45,9 +45,9 @@ def walk(space: Space, vocab: VocabIndex, start: int, follow: np.ndarray) -> tup
         cfg = space.table[pc, byt]
         unk = cfg == UNKNOWN
         if unk.any():
-            keys = np.unique(pc[unk] * 256 + byt[unk])
-            for k in keys.tolist():
-                space.step(k >> 8, k & 255)
+            cand = pc[unk]
+            for k in ([int(cand[0])] if (cand == cand[0]).all() else np.unique(cand).tolist()):
+                space.fill_row(k)
             cfg = space.table[pc, byt]
             can_end = space.can_end_arr
         alive = cfg >= 0
@@ -158,7 +158,7 @@ class Masker:
         ir = self.ir
         words = None
         owned = False
-        for s, o, c in cfg.kernel:
+        for s, o, c in cfg.roots:
             rep = ir.rep_of[s]
             if rep is None:
                 if not ir.bnext[s] and not ir.rnext[s]:
