@@ -49,6 +49,7 @@ class Result:
     speedup: float
     gbps: float
     out_rel_err: float
+    tried: list  # [config, ms] for every candidate of a --sweep
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int) -> list[QuantMatmulConfig]:
@@ -57,12 +58,14 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int) -> list[QuantMatmu
     out = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
-        for bn, warps, waves in itertools.product((256, 512, 1024), (1, 2, 4), (1, 2, 4)):
-            if bn // (32 * warps) >= 4:
-                out.append(_with_split(QuantMatmulConfig(False, bm, bn, 1, 1, warps, 2), m, n, qw, sms, waves))
+        for (bn, warps), stages, waves in itertools.product(
+            ((512, 1), (512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8)), (2, 3, 4), (1, 2, 4)
+        ):
+            out.append(_with_split(QuantMatmulConfig(False, bm, bn, 1, 1, warps, stages), m, n, qw, sms, waves))
     bm = max(16, min(64, triton.next_power_of_2(m)))
-    for bn, warps, stages, waves in itertools.product((64, 128, 256), (4, 8), (2, 3), (1, 2)):
-        out.append(_with_split(QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, warps, stages), m, n, qw, sms, waves))
+    for bn, warps, stages, waves in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (1, 2)):
+        cfg = QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, warps, stages)
+        out.append(_with_split(cfg, m, n, qw, sms, waves))
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
 
@@ -129,18 +132,22 @@ def main() -> int:
         for bits in args.bits:
             qw = quants[name, bits]
             ref = quant_matmul_reference(x, qw).float()
-            best = None
+            best, tried = None, []
             for cfg in plan[name, bits, m]:
                 out = quant_matmul(x, qw, config=cfg).float()
                 err = float((out - ref).norm() / ref.norm())
                 ms = triton.testing.do_bench(lambda: quant_matmul(x, qw, config=cfg), args.warmup, args.rep,
                                              return_mode="median")
+                tried.append([asdict(cfg), ms])
                 if best is None or ms < best[0]:
                     best = (ms, cfg, err)
             ms, cfg, err = best
             print(f"{name} bits={bits} m={m}: {ms * 1e3:.1f} us (bf16 {bf16_ms * 1e3:.1f} us) {cfg}", flush=True)
             nbytes = sum(t.numel() * t.element_size() for t in (qw.packed, qw.scales, qw.mins, x)) + m * n * 2
-            results.append(Result(name, k, n, bits, m, asdict(cfg), ms, bf16_ms, bf16_ms / ms, nbytes / ms / 1e6, err))
+            results.append(
+                Result(name, k, n, bits, m, asdict(cfg), ms, bf16_ms, bf16_ms / ms, nbytes / ms / 1e6, err,
+                       tried if args.sweep else [])
+            )
 
     console = Console(width=160)
     table = Table(title=f"quantized GEMV vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, group {args.group_size}")

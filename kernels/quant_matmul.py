@@ -108,6 +108,16 @@ def _epilogue(
 
 
 @triton.jit
+def _load_words(w_ptr, chunk, cols, N, BITS: tl.constexpr):
+    """The BITS words of each chunk in `chunk` for columns `cols`, as a tuple of uint32 tensors."""
+    rows = w_ptr + chunk * (BITS * N) + cols
+    words = ()
+    for j in tl.static_range(BITS):
+        words = words + (tl.load(rows + j * N).to(tl.uint32, bitcast=True),)
+    return words
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -134,6 +144,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -148,23 +159,20 @@ def _gemv_kernel(
     acc = tl.zeros([BM, C, BN], dtype=tl.float32)
     begin = tl.program_id(1) * chunks_per_split
     end = tl.minimum(begin + chunks_per_split, n_chunks)
-    for c0 in range(begin, end, C):
+    for c0 in tl.range(begin, end, C, num_stages=STAGES):
         chunk = tl.minimum(c0 + lane, end - 1)
-        w_rows = w_ptr + chunk * (BITS * N) + n3
+        words = _load_words(w_ptr, chunk, n3, N, BITS)
         x_chunk = x_rows + chunk * 32
         part = tl.zeros([BM, C, BN], dtype=tl.float32)
         xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
-        prev = tl.zeros([1, C, BN], dtype=tl.uint32)
         for j in tl.static_range(BITS):
-            w = tl.load(w_rows + j * N).to(tl.uint32, bitcast=True)
             for e in tl.static_range((32 * j) // BITS, (32 * j + 32) // BITS):
                 if EVEN_K:
                     xe = tl.load(x_chunk + e).to(tl.float32)
                 else:
                     xe = tl.load(x_chunk + e, mask=chunk * 32 + e < K, other=0.0).to(tl.float32)
-                part += xe * _decode_slot(prev, w, magic, e, j, BITS)
+                part += xe * _decode_slot(words[j - 1 if j > 0 else 0], words[j], magic, e, j, BITS)
                 xsum += xe
-            prev = w
         group = (chunk * 32) // GROUP
         live = c0 + lane < end
         scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
@@ -176,8 +184,9 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _decode_tree(words, magic, E0: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr):
-    """Slots E0 .. E0+COUNT-1 of a chunk, joined so that slot bit i is dimension 2+i of the result."""
+def _decode_tree(words, magic, E0: tl.constexpr, STRIDE: tl.constexpr, COUNT: tl.constexpr, BITS: tl.constexpr):
+    """Slots E0, E0+STRIDE, ... (COUNT of them), joined so that a row-major reshape of the trailing dimensions
+    puts them in slot order: the outermost join splits on the lowest bit of the slot index."""
     if COUNT == 1:
         j: tl.constexpr = _last_word(E0, BITS)
         if j == 0:
@@ -186,7 +195,8 @@ def _decode_tree(words, magic, E0: tl.constexpr, COUNT: tl.constexpr, BITS: tl.c
             return _decode_slot(words[j - 1], words[j], magic, E0, j, BITS)
     else:
         return tl.join(
-            _decode_tree(words, magic, E0, COUNT // 2, BITS), _decode_tree(words, magic, E0 + COUNT // 2, COUNT // 2, BITS)
+            _decode_tree(words, magic, E0, STRIDE * 2, COUNT // 2, BITS),
+            _decode_tree(words, magic, E0 + STRIDE, STRIDE * 2, COUNT // 2, BITS),
         )
 
 
@@ -217,6 +227,7 @@ def _dot_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     T: tl.constexpr = GROUP // 32
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -229,31 +240,28 @@ def _dot_kernel(
     begin = tl.program_id(1) * chunks_per_split
     end = tl.minimum(begin + chunks_per_split, n_chunks)
     w_rows = w_ptr + (begin + tl.arange(0, T))[:, None] * (BITS * N) + cols[None, :]
-    x_rows = x_ptr + tl.minimum(offs_m, M - 1)[:, None] * stride_xm + begin * 32 + offs_g[None, :]
-    ones = tl.full([GROUP, BN], 1.0, dtype=tl.float32).to(x_ptr.dtype.element_ty)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for c0 in range(begin, end, T):
+    xt_rows = x_ptr + tl.minimum(offs_m, M - 1)[None, :] * stride_xm + begin * 32 + offs_g[:, None]
+    ones = tl.full([BN, GROUP], 1.0, dtype=tl.float32).to(x_ptr.dtype.element_ty)
+    acc = tl.zeros([BN, BM], dtype=tl.float32)
+    for c0 in tl.range(begin, end, T, num_stages=STAGES):
         words = ()
         for j in tl.static_range(BITS):
             words = words + (tl.load(w_rows + j * N).to(tl.uint32, bitcast=True),)
-        q = _decode_tree(words, magic, 0, 32, BITS)  # [T, BN, 2, 2, 2, 2, 2]
-        q = tl.reshape(tl.permute(q, 0, 6, 5, 4, 3, 2, 1), GROUP, BN).to(x_ptr.dtype.element_ty)
+        q = tl.reshape(_decode_tree(words, magic, 0, 1, 32, BITS), T, BN, 32)
+        a = tl.reshape(tl.permute(q, 1, 0, 2), BN, GROUP).to(x_ptr.dtype.element_ty)
         if EVEN_K:
-            x = tl.load(x_rows)
-        else:  # the last group's padding must meet zeros
-            x = tl.load(x_rows, mask=c0 * 32 + offs_g[None, :] < K, other=0.0)
-        if x_ptr.dtype.element_ty == tl.float32:
-            part = tl.dot(x, q, input_precision="ieee")
-            xsum = tl.dot(x, ones, input_precision="ieee")
+            xt = tl.load(xt_rows)
         else:
-            part = tl.dot(x, q)
-            xsum = tl.dot(x, ones)  # row sums, already broadcast over the tile's columns
+            xt = tl.load(xt_rows, mask=c0 * 32 + offs_g[:, None] < K, other=0.0)
+        part = tl.dot(a, xt)
+        xsum = tl.dot(ones, xt)
         group = c0 // T
         scale = tl.load(s_ptr + group * N + cols).to(tl.float32)
         zero = tl.load(z_ptr + group * N + cols).to(tl.float32)
-        acc += part * scale[None, :] + xsum * zero[None, :]
+        acc += part * scale[:, None] + xsum * zero[:, None]
         w_rows += T * BITS * N
-        x_rows += GROUP
+        xt_rows += GROUP
+    acc = tl.trans(acc)
     _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
 
 
@@ -321,6 +329,8 @@ def quant_matmul(
     if m == 0:
         return out
     cfg = config or default_config(m, n, qw, _num_sms(x.device))
+    if cfg.dot and cfg.block_m < 16:
+        raise ValueError("the tensor-core kernel needs block_m >= 16")
     if cfg.dot:  # whole groups, padding included (its activations load as zeros)
         n_chunks, step = qw.padded_in_features // 32, qw.group_size // 32
         extra = {"EVEN_K": qw.in_features % qw.group_size == 0, "EVEN_N": n % cfg.block_n == 0}
@@ -356,8 +366,8 @@ def quant_matmul(
         C=cfg.chunks,
         SPLIT_K=split > 1,
         HAS_BIAS=bias is not None,
+        STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
         **extra,
     )
     return out
