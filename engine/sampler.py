@@ -4,8 +4,9 @@ Called once per engine step with one row per sequence, so everything is batched 
 O(1) per sequence (parameter lists, no per-row `.item()`), and steps that no row needs are skipped.
 The same code runs on CPU and CUDA.
 
-Sampling is by inverse CDF with one uniform number per row: no host sync, and a seeded row draws its number
-from its own generator, so its tokens do not depend on what else is in the batch.
+Sampling is by inverse CDF with one uniform number per row: a seeded row draws its number from its own
+generator, so its tokens do not depend on what else is in the batch. The only host syncs are the returned
+token ids (and logprobs) and, when a row uses top_p, one check of whether its candidates sufficed.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import json
 import os
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from treadle.engine.detokenizer import IncrementalDetokenizer, token_bytes, token_text
 
 SAMPLES = ["Hello world", "naïve café", "世界你好", "🎉🇺🇳👩‍👩‍👧", "日本語のテキスト", " spaced  out\n\ttabs", "mixé 中文 and 😀 emoji"]
-TEXT = st.text(alphabet=st.sampled_from(list("ab é世界🎉😀\n") + ["\u00e9", "z"]), max_size=20)
+TEXT = st.text(alphabet=st.sampled_from(list("ab zé世界🎉😀\n")), max_size=20)
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
