@@ -19,6 +19,7 @@ from .errors import GrammarError
 from .json_text import json_chars
 
 DEFAULT_MAX_WHITESPACE = 20
+_WHITESPACE = CharSet.of(*" \n\r\t")
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class JsonLayout:
         return JsonLayout(False, self.max_whitespace, None, self.item_separator, self.key_separator)
 
     def _ws(self, rules: RuleSet) -> Expr:
-        return rules.add_named("ws", repeat(chars(CharSet.of(*" \n\r\t")), 0, self.max_whitespace))
+        return rules.named("ws", lambda: repeat(chars(_WHITESPACE), 0, self.max_whitespace))
 
     def _newline(self, depth: int) -> str:
         return "" if self.indent is None else "\n" + " " * (self.indent * depth)
@@ -105,58 +106,64 @@ class JsonLayout:
 
 def json_string(rules: RuleSet) -> Ref:
     """Any JSON string, every valid spelling of its characters accepted."""
-    return rules.add_named("json_string", seq(lit('"'), json_string_rest(rules)))
+    return rules.named("json_string", lambda: seq(lit('"'), json_string_rest(rules)))
 
 
 def json_char(rules: RuleSet) -> Ref:
     """One character of a JSON string, in any valid spelling."""
-    return rules.add_named("json_char", json_chars(ANY_CHAR, canonical=False))
+    return rules.named("json_char", lambda: json_chars(ANY_CHAR, canonical=False))
 
 
 def json_string_rest(rules: RuleSet) -> Ref:
     """The rest of any JSON string after its opening quote."""
-    return rules.add_named("json_string_rest", seq(repeat(json_char(rules), 0, None), lit('"')))
+    return rules.named("json_string_rest", lambda: seq(repeat(json_char(rules), 0, None), lit('"')))
 
 
 def json_integer(rules: RuleSet) -> Ref:
     """Any integer in canonical form (no fraction, exponent, leading zeros or negative zero)."""
-    return rules.add_named("json_integer", integer_range(None, None))
+    return rules.named("json_integer", lambda: integer_range(None, None))
 
 
 def json_number(rules: RuleSet) -> Ref:
     """Any JSON number."""
-    digits = chars(CharSet.of(("0", "9")))
-    body = seq(
-        opt(lit("-")),
-        alt(lit("0"), seq(chars(CharSet.of(("1", "9"))), repeat(digits, 0, None))),
-        opt(seq(lit("."), repeat(digits, 1, None))),
-        opt(seq(chars(CharSet.of("e", "E")), opt(chars(CharSet.of("+", "-"))), repeat(digits, 1, None))),
-    )
-    return rules.add_named("json_number", body)
+
+    def build() -> Expr:
+        digits = chars(CharSet.of(("0", "9")))
+        return seq(
+            opt(lit("-")),
+            alt(lit("0"), seq(chars(CharSet.of(("1", "9"))), repeat(digits, 0, None))),
+            opt(seq(lit("."), repeat(digits, 1, None))),
+            opt(seq(chars(CharSet.of("e", "E")), opt(chars(CharSet.of("+", "-"))), repeat(digits, 1, None))),
+        )
+
+    return rules.named("json_number", build)
 
 
 def json_value(rules: RuleSet, layout: JsonLayout) -> Ref:
     """Any JSON value under a depth-free layout (`layout.flat()`)."""
-    if rules.has("json_value"):
-        return Ref("json_value")
-    value = Ref("json_value")
-    rules.declare("json_value")
-    pair = seq(json_string(rules), layout.colon(rules), value)
-    obj = alt(
-        layout.empty(rules, "{}"),
-        seq(layout.open(rules, "{", 0), pair, repeat(seq(layout.comma(rules, 0), pair), 0, None), layout.close(rules, "}", 0)),
-    )
-    arr = alt(
-        layout.empty(rules, "[]"),
-        seq(layout.open(rules, "[", 0), value, repeat(seq(layout.comma(rules, 0), value), 0, None), layout.close(rules, "]", 0)),
-    )
-    rules.add_named("json_object", obj)
-    rules.add_named("json_array", arr)
-    rules.define(
-        "json_value",
-        alt(Ref("json_object"), Ref("json_array"), json_string(rules), json_number(rules), lit("true"), lit("false"), lit("null")),
-    )
-    return value
+
+    def build() -> Expr:
+        value = Ref("json_value")
+        pair = seq(json_string(rules), layout.colon(rules), value)
+        obj = alt(
+            layout.empty(rules, "{}"),
+            seq(layout.open(rules, "{", 0), pair, repeat(seq(layout.comma(rules, 0), pair), 0, None), layout.close(rules, "}", 0)),
+        )
+        arr = alt(
+            layout.empty(rules, "[]"),
+            seq(layout.open(rules, "[", 0), value, repeat(seq(layout.comma(rules, 0), value), 0, None), layout.close(rules, "]", 0)),
+        )
+        return alt(
+            rules.named("json_object", lambda: obj),
+            rules.named("json_array", lambda: arr),
+            json_string(rules),
+            json_number(rules),
+            lit("true"),
+            lit("false"),
+            lit("null"),
+        )
+
+    return rules.named("json_value", build)
 
 
 def builtin_json_ebnf(max_whitespace_cnt: int | None = None) -> str:
@@ -164,4 +171,3 @@ def builtin_json_ebnf(max_whitespace_cnt: int | None = None) -> str:
     rules = RuleSet()
     json_value(rules, JsonLayout.create(max_whitespace_cnt=max_whitespace_cnt))
     return rules.to_ebnf(alt(Ref("json_object"), Ref("json_array")), "the built-in JSON grammar")
-

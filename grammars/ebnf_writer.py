@@ -12,10 +12,21 @@ dialect the core parses (xgrammar's GBNF style: `name ::= ...`, `|`, `( )`, `* +
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 from .charset import ANY_CHAR, CharSet
 from .errors import GrammarError
+
+
+def _cached_hash(self) -> int:
+    """Composite expressions are hashed again and again as dict keys (rule deduplication), and a
+    frozen dataclass rehashes its whole subtree each time; compute each node's hash once."""
+    cached = self.__dict__.get("_hash")
+    if cached is None:
+        cached = hash((type(self).__name__, *(getattr(self, f.name) for f in fields(self))))
+        object.__setattr__(self, "_hash", cached)
+    return cached
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,7 @@ class Ref:
 @dataclass(frozen=True)
 class Seq:
     items: tuple[Expr, ...]
+    __hash__ = _cached_hash
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,7 @@ class Alt:
     """Alternatives; `Alt(())` is the empty language (nothing matches)."""
 
     options: tuple[Expr, ...]
+    __hash__ = _cached_hash
 
 
 @dataclass(frozen=True)
@@ -58,6 +71,7 @@ class Repeat:
     body: Expr
     lo: int
     hi: int | None
+    __hash__ = _cached_hash
 
 
 Expr = Lit | Chars | Ref | Seq | Alt | Repeat
@@ -226,6 +240,7 @@ class RuleSet:
     def __init__(self) -> None:
         self._bodies: dict[str, Expr | None] = {}
         self._by_body: dict[Expr, str] = {}
+        self._text: dict[str, str] = {}  # rendered bodies of content-named rules
 
     def add(self, prefix: str, body: Expr) -> Expr:
         """A reference to a rule with this body (reusing an existing one); trivial bodies are inlined."""
@@ -234,7 +249,8 @@ class RuleSet:
         existing = self._by_body.get(body)
         if existing is not None:
             return Ref(existing)
-        digest = hashlib.blake2b(render(body).encode(), digest_size=16).hexdigest()
+        text = render(body)
+        digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
         for width in range(8, len(digest) + 1, 4):
             name = f"{prefix}_{digest[:width]}"
             if name not in self._bodies:
@@ -243,18 +259,18 @@ class RuleSet:
             raise GrammarError("internal: rule name collision")
         self._bodies[name] = body
         self._by_body[body] = name
+        self._text[name] = text
         return Ref(name)
 
-    def add_named(self, name: str, body: Expr) -> Ref:
-        """A rule with a fixed, readable name (shared building blocks like `json_string`)."""
-        if name in self._bodies and self._bodies[name] != body:
-            raise GrammarError(f"internal: rule {name!r} defined twice")
-        self._bodies[name] = body
-        self._by_body.setdefault(body, name)
+    def named(self, name: str, build: Callable[[], Expr]) -> Ref:
+        """A rule with a fixed, readable name (shared building blocks like `json_string`), built on
+        first use only."""
+        if name not in self._bodies:
+            self._bodies[name] = None  # reserved while building, so recursive builders see it
+            body = build()
+            self._bodies[name] = body
+            self._by_body.setdefault(body, name)
         return Ref(name)
-
-    def has(self, name: str) -> bool:
-        return name in self._bodies
 
     def declare(self, prefix: str) -> str:
         name = prefix
@@ -279,29 +295,55 @@ class RuleSet:
         if "root" in self._bodies:
             raise GrammarError("internal: 'root' is reserved for the start rule")
         bodies = {name: body for name, body in self._bodies.items() if body is not None}
+        reachable: list[str] = []
+        seen: set[str] = set()
+        queue = _refs(root)
+        while queue:
+            name = queue.pop()
+            if name not in seen:
+                seen.add(name)
+                reachable.append(name)
+                queue.extend(_refs(bodies[name]))
         productive: set[str] = set()
         changed = True
         while changed:
             changed = False
-            for name, body in bodies.items():
-                if name not in productive and _prune(body, productive) != NOTHING:
+            for name in reachable:
+                if name not in productive and _derives(bodies[name], productive):
                     productive.add(name)
                     changed = True
         root = _prune(root, productive)
         if root == NOTHING:
             raise GrammarError(f"{what} matches no value at all")
-        pruned = {name: _prune(bodies[name], productive) for name in productive}
         order = ["root"]
-        lines = {"root": root}
+        lines = {"root": render(root)}
         queue = _refs(root)
         while queue:
             name = queue.pop(0)
             if name in lines:
                 continue
-            lines[name] = pruned[name]
+            body = bodies[name]
+            if all(ref in productive for ref in _refs(body)):
+                lines[name] = self._text.get(name) or render(body)
+            else:
+                body = _prune(body, productive)
+                lines[name] = render(body)
             order.append(name)
-            queue.extend(_refs(pruned[name]))
-        return "".join(f"{name} ::= {render(lines[name])}\n" for name in order)
+            queue.extend(_refs(body))
+        return "".join(f"{name} ::= {lines[name]}\n" for name in order)
+
+
+def _derives(expr: Expr, productive: set[str]) -> bool:
+    """Whether `expr` derives some string, given which rules do."""
+    if isinstance(expr, Ref):
+        return expr.name in productive
+    if isinstance(expr, Seq):
+        return all(_derives(item, productive) for item in expr.items)
+    if isinstance(expr, Alt):
+        return any(_derives(option, productive) for option in expr.options)
+    if isinstance(expr, Repeat):
+        return expr.lo == 0 or _derives(expr.body, productive)
+    return True
 
 
 ANY = Chars(ANY_CHAR)

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -105,6 +107,54 @@ def _json_type(value: Any) -> str:
     if isinstance(value, list):
         return "array"
     return "object"
+
+
+@dataclass
+class _BranchFacts:
+    types: set[str] | None  # None: any type
+    values: set[str] | None  # enum/const value keys; None: not an enumeration
+    required_values: dict[str, set[str] | None]  # required property -> its enum/const values
+    forbids: Callable[[str], bool]
+
+
+def _values(schema: dict[str, Any]) -> set[str] | None:
+    if "const" in schema:
+        return {value_key(schema["const"])}
+    if "enum" in schema and isinstance(schema["enum"], list):
+        return {value_key(v) for v in schema["enum"]}
+    return None
+
+
+def _types(schema: dict[str, Any], path: str) -> set[str] | None:
+    types = type_set(schema, path)
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if isinstance(values, list):
+        from_values = {_json_type(v) for v in values}
+        if "integer" in from_values:
+            from_values.add("number")
+        types = from_values if types is None else types & from_values
+    return types
+
+
+def _disjoint(a: _BranchFacts | None, b: _BranchFacts | None) -> bool:
+    if a is None or b is None:
+        return False
+    if a.types is not None and b.types is not None:
+        overlap = a.types & b.types
+        if "integer" in a.types and "number" in b.types or "number" in a.types and "integer" in b.types:
+            overlap.add("integer")
+        if not overlap:
+            return True
+    if a.values is not None and b.values is not None and not a.values & b.values:
+        return True
+    if a.types == {"object"} and b.types == {"object"}:
+        if any(b.forbids(n) for n in a.required_values) or any(a.forbids(n) for n in b.required_values):
+            return True
+        for name in a.required_values.keys() & b.required_values.keys():
+            va, vb = a.required_values[name], b.required_values[name]
+            if va is not None and vb is not None and not va & vb:
+                return True
+    return False
 
 
 class _Converter:
@@ -210,73 +260,40 @@ class _Converter:
         """oneOf means exactly one branch matches; as a grammar it is an alternation, which is only the
         same thing when no value matches two branches. Prove that (by types, enum/const values, or a
         required property one branch forbids or fixes differently) or refuse."""
-        flat = [
-            self.merger.flatten(b if siblings is True else {"allOf": [siblings, b]}, _child(path, "oneOf", i))
+        facts = [
+            self.branch_facts(self.merger.flatten(b if siblings is True else {"allOf": [siblings, b]}, _child(path, "oneOf", i)), path)
             for i, b in enumerate(branches)
         ]
-        for i in range(len(flat)):
-            for j in range(i + 1, len(flat)):
-                if not self.disjoint(flat[i], flat[j], path):
+        for i in range(len(facts)):
+            for j in range(i + 1, len(facts)):
+                if not _disjoint(facts[i], facts[j]):
                     raise GrammarError(
                         f"oneOf at {path}: branches {i} and {j} may both match the same value, so "
                         "'exactly one' cannot be enforced; use anyOf if overlap is acceptable"
                     )
 
-    def _values(self, schema: dict[str, Any]) -> set[str] | None:
-        if "const" in schema:
-            return {value_key(schema["const"])}
-        if "enum" in schema and isinstance(schema["enum"], list):
-            return {value_key(v) for v in schema["enum"]}
-        return None
-
-    def _types(self, schema: dict[str, Any], path: str) -> set[str] | None:
-        types = type_set(schema, path)
-        values = schema.get("enum", [schema["const"]] if "const" in schema else None)
-        if isinstance(values, list):
-            from_values = {_json_type(v) for v in values}
-            if "integer" in from_values:
-                from_values.add("number")
-            types = from_values if types is None else types & from_values
-        return types
-
-    def _forbids(self, schema: dict[str, Any], name: str) -> bool:
+    def branch_facts(self, schema: Schema, path: str) -> _BranchFacts | None:
+        """What the disjointness proof needs from one flattened branch (None: the branch is `true`)."""
+        if schema is True:
+            return None
+        if schema is False:
+            return _BranchFacts(set(), set(), {}, lambda name: True)
+        types = _types(schema, path)
         props = schema.get("properties", {})
-        if name in props:
-            return props[name] is False
+        required = [r for r in schema.get("required", []) if isinstance(r, str)]
+        fixed = {}
+        for name in required:
+            sub = props.get(name)
+            flat = self.merger.flatten(sub, path) if isinstance(sub, dict) else None
+            fixed[name] = _values(flat) if isinstance(flat, dict) else None
         extra = schema.get("additionalProperties", schema.get("unevaluatedProperties"))
         if extra is None:
             extra = not (self.strict and "properties" in schema)
-        return extra is False
 
-    def disjoint(self, a: Schema, b: Schema, path: str) -> bool:
-        if a is False or b is False:
-            return True
-        if a is True or b is True:
-            return False
-        ta, tb = self._types(a, path), self._types(b, path)
-        if ta is not None and tb is not None:
-            overlap = ta & tb
-            if "integer" in ta and "number" in tb or "number" in ta and "integer" in tb:
-                overlap.add("integer")
-            if not overlap:
-                return True
-        va, vb = self._values(a), self._values(b)
-        if va is not None and vb is not None and not va & vb:
-            return True
-        if ta == {"object"} and tb == {"object"}:
-            req_a, req_b = set(a.get("required", [])), set(b.get("required", []))
-            if any(self._forbids(b, n) for n in req_a) or any(self._forbids(a, n) for n in req_b):
-                return True
-            for name in req_a & req_b:
-                pa, pb = a.get("properties", {}).get(name), b.get("properties", {}).get(name)
-                if isinstance(pa, dict) and isinstance(pb, dict):
-                    fa = self.merger.flatten(pa, path)
-                    fb = self.merger.flatten(pb, path)
-                    if isinstance(fa, dict) and isinstance(fb, dict):
-                        values_a, values_b = self._values(fa), self._values(fb)
-                        if values_a is not None and values_b is not None and not values_a & values_b:
-                            return True
-        return False
+        def forbids(name: str) -> bool:
+            return props[name] is False if name in props else extra is False
+
+        return _BranchFacts(types, _values(schema), fixed, forbids)
 
     # --- enum / const -----------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ Lone surrogates (`\\ud800` alone) are never accepted: they do not decode to a ch
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from .charset import ANY_CHAR, MAX_CODE_POINT, CharSet
 from .digit_ranges import fixed_width_ranges
 from .ebnf_writer import Expr, alt, chars, lit, seq
@@ -81,8 +83,10 @@ def _unicode_escapes(charset: CharSet) -> Expr:
     return alt(*options)
 
 
+@lru_cache(maxsize=4096)
 def json_chars(charset: CharSet, *, canonical: bool) -> Expr:
-    """One character of `charset`, as it may be spelled inside a JSON string."""
+    """One character of `charset`, as it may be spelled inside a JSON string (memoized: the same
+    classes recur across a schema, and every enum literal spells its characters through here)."""
     raw = charset & RAW_OK
     short = "".join(letter for c, letter in _SHORT_ESCAPES.items() if ord(c) in charset)
     if canonical:
@@ -100,4 +104,8 @@ def json_chars(charset: CharSet, *, canonical: bool) -> Expr:
 
 def json_literal(text: str) -> Expr:
     """The canonical spellings of a fixed string's characters (without the quotes)."""
-    return seq(*(json_chars(CharSet.of(c), canonical=True) for c in text))
+    return seq(*(lit(c) if c in _PLAIN else json_chars(CharSet.of(c), canonical=True) for c in text))
+
+
+# Characters whose only canonical spelling is themselves.
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - {'"', "\\"}

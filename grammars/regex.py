@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from functools import lru_cache
 
 from .charset import ANY_CHAR, CharSet
 from .ebnf_writer import EMPTY, Alt, Chars, Expr, Lit, Ref, Repeat, RuleSet, Seq, alt, chars, repeat, seq
@@ -139,6 +140,7 @@ def _is_anchor(item, names: tuple[str, ...]) -> bool:
     return op.name == "AT" and av.name in names
 
 
+@lru_cache(maxsize=1024)
 def parse_regex(pattern: str, *, search: bool = False) -> Expr:
     """The language of `pattern` over characters (code points), before any JSON spelling.
 
