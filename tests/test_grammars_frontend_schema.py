@@ -38,6 +38,7 @@ TARGETED = {
     "untyped_keywords": {"properties": {"a": {"minimum": 0}}, "required": ["a"]},
     "const_object": {"const": {"k": [1, "two", None], "z": {}}},
     "nested_unions": {"anyOf": [{"type": "array", "items": {"anyOf": [{"type": "integer"}, {"type": "string", "format": "date"}]}}, {"type": "boolean"}]},
+    "root_recursion": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4}, "child": {"$ref": "#"}}, "required": ["name"]},
     "allof_additional": {"allOf": [{"properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "integer"}}, {"properties": {"b": {"type": "integer", "maximum": 5}}}]},
 }
 CASES = {case["name"]: case["schema"] for case in load_suite() if case["kind"] == "json_schema"} | TARGETED
@@ -88,6 +89,20 @@ def test_generated_values_are_accepted_and_mutations_rejected(name):
             except ValueError:
                 pytest.fail(f"grammar accepted invalid JSON {mutated!r}")
             assert check.is_valid(decoded), f"grammar accepted {mutated!r}, invalid under the schema"
+
+    run()
+
+
+@pytest.mark.parametrize("name", ["flat_object", "tuple_prefix_items", "nested_order"])
+def test_non_strict_mode_accepts_generated_extras(name):
+    schema = CASES[name]
+    ebnf = ebnf_of(schema, strict_mode=False)
+
+    @PROPERTY
+    @given(st.data())
+    def run(data):
+        text = data.draw(spaced_json(data.draw(schema_values(schema, strict_mode=False)))).encode()
+        assert accepted_prefix(ebnf, text) == (len(text), True)
 
     run()
 
