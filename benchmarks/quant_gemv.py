@@ -1,13 +1,19 @@
 """Weight-only quantized matmul vs bf16 torch.matmul on Llama-3.1-8B projection shapes (issue 5).
 
-For every bit width and M (tokens per step) it times `quant_matmul` and bf16 `torch.matmul` in the same run
-(CUDA events via `triton.testing.do_bench`: warm-up, L2 flushed before every call, median), checks the output
-against the fp32 dequantize-then-matmul reference, and reports the round-to-nearest quantization error of the
-weights. Targets at M = 1 (summed over the four projections of a layer): >= 3.5x at 4 bits, >= 4.5x at 3 bits.
+For every bit width and M (tokens per step) it times `quant_matmul` and bf16 `torch.matmul` in the same run,
+checks the output against the fp32 dequantize-then-matmul reference, and reports the round-to-nearest
+quantization error of the weights. Targets at M = 1 (summed over the four projections of a layer): >= 3.5x at
+4 bits, >= 4.5x at 3 bits.
 
-`--sweep` times every candidate tiling per case instead of the default choice, to tune `default_config`.
-Compiling dozens of unrolled kernels one by one takes minutes, so `--jobs` compiles them first in parallel
-worker processes that fill Triton's on-disk cache.
+Timing: one CUDA graph holds back-to-back calls on R copies of the weight, R chosen so that the copies span
+at least 4x the L2 cache; every call therefore reads its weight from DRAM (the L2 flush of the FlashInfer and
+Triton protocols, without the flush kernel). The graph is warmed up, replayed --replays times between CUDA
+events, and the median replay divided by R is the time of one call. Graphs are how decode runs, and they keep
+Python's launch overhead (tens of microseconds, more than these kernels take) out of the numbers.
+
+Besides `default_config`, each case tries a few other tilings (`candidates`) and reports the best, which is
+what `default_config` is tuned from. Compiling the unrolled kernels one by one takes minutes, so `--jobs`
+worker processes compile them first into Triton's on-disk cache.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import itertools
 import json
 import os
 import platform
+import statistics
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -24,16 +32,22 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 from rich.console import Console
 from rich.table import Table
 
-from treadle.kernels.quant_matmul import QuantMatmulConfig, default_config, quant_matmul, quant_matmul_reference
+from treadle.kernels.quant_matmul import (
+    QuantMatmulConfig,
+    default_config,
+    quant_matmul,
+    quant_matmul_reference,
+    with_split_k,
+)
 from treadle.kernels.quantize import QuantizedWeight, quantization_error, quantize_rtn
 
 # (name, in_features K, out_features N): q/k/v and gate/up fused as the engine runs them.
 LLAMA_8B = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 TARGETS = {4: 3.5, 3: 4.5}
+SPAN_BYTES = 4 * 50 * 2**20  # what the rotating weight copies cover: 4x the H100's 50 MB L2
 
 
 @dataclass
@@ -43,37 +57,67 @@ class Result:
     n: int
     bits: int
     m: int
-    config: dict
-    ms: float
-    bf16_ms: float
-    speedup: float
-    gbps: float
-    out_rel_err: float
-    tried: list  # [config, ms] for every candidate of a --sweep
+    default_us: float
+    best_us: float
+    best_config: dict
+    bf16_us: float
+    speedup: float  # bf16 / best
+    gbps: float  # bytes of weight, scales, x and out over best time
+    out_rel_err: float  # best config vs the fp32 reference
+    tried: list  # [config, us] for every candidate
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int) -> list[QuantMatmulConfig]:
-    """Tilings --sweep tries: CUDA-core GEMV shapes for small M, tensor-core tiles for all M."""
-    base = default_config(m, n, qw, sms)
-    out = []
+    """default_config first, then GEMV tilings for small M and tensor-core tilings for all M."""
+    tiles = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
-        for (bn, warps), stages, waves in itertools.product(
-            ((512, 1), (512, 2), (1024, 2), (1024, 4), (2048, 4), (2048, 8)), (2, 3, 4), (1, 2, 4)
-        ):
-            out.append(_with_split(QuantMatmulConfig(False, bm, bn, 1, 1, warps, stages), m, n, qw, sms, waves))
+        tiles += [QuantMatmulConfig(False, bm, bn, 1, 1, w, st) for bn, w, st in
+                  ((256, 1, 3), (512, 1, 3), (512, 2, 3), (1024, 4, 3), (2048, 4, 3))]
     bm = max(16, min(64, triton.next_power_of_2(m)))
-    for bn, warps, stages, waves in itertools.product((64, 128, 256), (4, 8), (2, 3, 4), (1, 2)):
-        cfg = QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, warps, stages)
-        out.append(_with_split(cfg, m, n, qw, sms, waves))
+    tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
+              ((64, 4), (128, 4), (128, 8), (256, 8))]
+    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4)]
+    base = default_config(m, n, qw, sms)
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
 
-def _with_split(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, sms: int, waves: int) -> QuantMatmulConfig:
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    chunks = qw.padded_in_features // 32
-    split = max(1, min(triton.cdiv(waves * sms, tiles), chunks // (2 * cfg.chunks)))
-    return QuantMatmulConfig(cfg.dot, cfg.block_m, cfg.block_n, cfg.chunks, split, cfg.num_warps, cfg.num_stages)
+def graph_time_us(calls: list[Callable[[], object]], replays: int) -> float:
+    """Median time of one call, from replays of a CUDA graph holding all `calls` back to back."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def copies(nbytes: int) -> int:
+    return max(2, min(64, -(-SPAN_BYTES // nbytes)))
+
+
+def _clone(qw: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(qw.packed.clone(), qw.scales.clone(), qw.mins.clone(), qw.bits, qw.group_size,
+                           qw.in_features, qw.out_features)
+
+
+def _nbytes(qw: QuantizedWeight) -> int:
+    return sum(t.numel() * t.element_size() for t in (qw.packed, qw.scales, qw.mins))
 
 
 def _compile_job(job: tuple[int, int, int, int, int, list[QuantMatmulConfig]]) -> int:
@@ -93,10 +137,8 @@ def main() -> int:
     p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--shapes", nargs="+", default=[s[0] for s in LLAMA_8B], choices=[s[0] for s in LLAMA_8B])
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--sweep", action="store_true", help="time every candidate tiling, report the best")
-    p.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1), help="parallel compile workers")
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    p.add_argument("--rep", type=int, default=100, help="do_bench repetitions, ms")
+    p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
+    p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -105,73 +147,68 @@ def main() -> int:
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     shapes = [s for s in LLAMA_8B if s[0] in args.shapes]
-    weights = {name: torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for name, k, n in shapes}
-
-    quants, errors = {}, []
-    for (name, k, n), bits in itertools.product(shapes, args.bits):
-        qw = quantize_rtn(weights[name], bits, args.group_size)
-        quants[name, bits] = qw
-        errors.append({"shape": name, "bits": bits, **asdict(quantization_error(weights[name], qw))})
 
     plan = {}
     for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m):
-        qw = quants[name, bits]
-        plan[name, bits, m] = candidates(m, n, qw, sms) if args.sweep else [default_config(m, n, qw, sms)]
+        probe = QuantizedWeight(torch.empty(0), torch.empty(-(-k // args.group_size), 0), torch.empty(0), bits,
+                                args.group_size, k, n)
+        plan[name, bits, m] = candidates(m, n, probe, sms)
     if args.jobs > 1:
-        jobs = [(k, n, bits, args.group_size, m, plan[name, bits, m]) for (name, k, n), bits, m in
-                itertools.product(shapes, args.bits, args.m)]
+        jobs = [(k, n, bits, args.group_size, m, plan[name, bits, m])
+                for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m)]
         with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
-            compiled = sum(pool.map(_compile_job, jobs))
-        print(f"compiled {compiled} kernels in {args.jobs} workers")
+            print(f"compiled {sum(pool.map(_compile_job, jobs))} kernel variants in {args.jobs} workers", flush=True)
 
-    results = []
-    for (name, k, n), m in itertools.product(shapes, args.m):
-        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-        w_t = weights[name].t()
-        bf16_ms = triton.testing.do_bench(lambda: torch.matmul(x, w_t), args.warmup, args.rep, return_mode="median")
+    results, errors = [], []
+    for name, k, n in shapes:
+        weight = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        w_ts = [weight.t()] + [weight.clone().t() for _ in range(copies(weight.numel() * 2) - 1)]
         for bits in args.bits:
-            qw = quants[name, bits]
-            ref = quant_matmul_reference(x, qw).float()
-            best, tried = None, []
-            for cfg in plan[name, bits, m]:
-                out = quant_matmul(x, qw, config=cfg).float()
-                err = float((out - ref).norm() / ref.norm())
-                ms = triton.testing.do_bench(lambda: quant_matmul(x, qw, config=cfg), args.warmup, args.rep,
-                                             return_mode="median")
-                tried.append([asdict(cfg), ms])
-                if best is None or ms < best[0]:
-                    best = (ms, cfg, err)
-            ms, cfg, err = best
-            print(f"{name} bits={bits} m={m}: {ms * 1e3:.1f} us (bf16 {bf16_ms * 1e3:.1f} us) {cfg}", flush=True)
-            nbytes = sum(t.numel() * t.element_size() for t in (qw.packed, qw.scales, qw.mins, x)) + m * n * 2
-            results.append(
-                Result(name, k, n, bits, m, asdict(cfg), ms, bf16_ms, bf16_ms / ms, nbytes / ms / 1e6, err,
-                       tried if args.sweep else [])
-            )
+            qw = quantize_rtn(weight, bits, args.group_size)
+            errors.append({"shape": name, "bits": bits, **asdict(quantization_error(weight, qw))})
+            qws = [qw] + [_clone(qw) for _ in range(copies(_nbytes(qw)) - 1)]
+            for m in args.m:
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                bf16_us = graph_time_us([lambda w=w: torch.matmul(x, w) for w in w_ts], args.replays)
+                ref = quant_matmul_reference(x, qw).float()
+                tried = []
+                for cfg in plan[name, bits, m]:
+                    err = float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm())
+                    us = graph_time_us([lambda q=q, c=cfg: quant_matmul(x, q, config=c) for q in qws], args.replays)
+                    tried.append((cfg, us, err))
+                cfg, us, err = min(tried, key=lambda t: t[1])
+                nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
+                results.append(Result(name, k, n, bits, m, tried[0][1], us, asdict(cfg), bf16_us, bf16_us / us,
+                                      nbytes / us / 1e3, err, [[asdict(c), t] for c, t, _ in tried]))
+                print(f"{name} bits={bits} m={m}: default {tried[0][1]:.1f} us, best {us:.1f} us "
+                      f"(bf16 {bf16_us:.1f} us) {cfg}", flush=True)
+        del weight, w_ts
 
-    console = Console(width=160)
-    table = Table(title=f"quantized GEMV vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, group {args.group_size}")
-    for col in ("shape", "bits", "M", "ours us", "bf16 us", "speedup", "GB/s", "rel err", "config"):
+    console = Console(width=150)
+    table = Table(title=f"quantized matmul vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, "
+                        f"group {args.group_size}, us per call")
+    for col in ("shape", "bits", "M", "default", "best", "bf16", "speedup", "GB/s", "rel err", "best tiling"):
         table.add_column(col)
     for r in results:
-        c = r.config
-        tiling = f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} w{c['num_warps']}"
-        table.add_row(r.shape, str(r.bits), str(r.m), f"{r.ms * 1e3:.1f}", f"{r.bf16_ms * 1e3:.1f}",
+        c = r.best_config
+        tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} s{c['split_k']} "
+                  f"w{c['num_warps']} st{c['num_stages']}")
+        table.add_row(r.shape, str(r.bits), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
                       f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)
 
-    summary = Table(title="per layer (sum over shapes)")
+    summary = Table(title="per layer: sum over the shapes (best tiling per shape)")
     for col in ("bits", "M", "ours us", "bf16 us", "speedup", "target", "weight rel err"):
         summary.add_column(col)
     layer = []
     for bits, m in itertools.product(args.bits, args.m):
         rows = [r for r in results if r.bits == bits and r.m == m]
-        ours, base = sum(r.ms for r in rows), sum(r.bf16_ms for r in rows)
+        ours, base = sum(r.best_us for r in rows), sum(r.bf16_us for r in rows)
         err = max(e["relative"] for e in errors if e["bits"] == bits)
         target = TARGETS.get(bits) if m == 1 else None
-        layer.append({"bits": bits, "m": m, "ms": ours, "bf16_ms": base, "speedup": base / ours, "target": target,
+        layer.append({"bits": bits, "m": m, "us": ours, "bf16_us": base, "speedup": base / ours, "target": target,
                       "weight_rel_err": err})
-        summary.add_row(str(bits), str(m), f"{ours * 1e3:.1f}", f"{base * 1e3:.1f}", f"{base / ours:.2f}x",
+        summary.add_row(str(bits), str(m), f"{ours:.1f}", f"{base:.1f}", f"{base / ours:.2f}x",
                         f">= {target}x" if target else "", f"{err:.4f}")
     console.print(summary)
 
@@ -184,7 +221,6 @@ def main() -> int:
         "triton": triton.__version__,
         "python": platform.python_version(),
         "group_size": args.group_size,
-        "sweep": args.sweep,
         "results": [asdict(r) for r in results],
         "per_layer": layer,
         "weight_error": errors,

@@ -100,9 +100,12 @@ def _epilogue(
         splits = tl.num_programs(1)
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == splits - 1:
+            # Eight partials in flight at a time: the sum's latency is splits / 8 round trips to L2, not splits.
             total = tl.zeros_like(res)
-            for k in range(splits):
-                total += tl.load(ws_ptr + k * M * N + mn, mask=mask, other=0.0, cache_modifier=".cg")
+            for k0 in range(0, splits, 8):
+                for i in tl.static_range(8):
+                    live = mask & (k0 + i < splits)
+                    total += tl.load(ws_ptr + (k0 + i) * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
             _store_tile(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
@@ -253,8 +256,12 @@ def _dot_kernel(
             xt = tl.load(xt_rows)
         else:
             xt = tl.load(xt_rows, mask=c0 * 32 + offs_g[:, None] < K, other=0.0)
-        part = tl.dot(a, xt)
-        xsum = tl.dot(ones, xt)
+        if x_ptr.dtype.element_ty == tl.float32:
+            part = tl.dot(a, xt, input_precision="ieee")
+            xsum = tl.dot(ones, xt, input_precision="ieee")
+        else:
+            part = tl.dot(a, xt)
+            xsum = tl.dot(ones, xt)  # the columns' sums of x^T, already broadcast over the tile's rows
         group = c0 // T
         scale = tl.load(s_ptr + group * N + cols).to(tl.float32)
         zero = tl.load(z_ptr + group * N + cols).to(tl.float32)
@@ -278,22 +285,27 @@ class QuantMatmulConfig:
     num_stages: int = 2
 
 
-GEMV_MAX_M = 8  # above this the tensor-core kernel reads the weight once for more rows at lower ALU cost
+GEMV_MAX_M = 4  # above this the tensor-core kernel's decode, shared by 16+ rows, costs less than GEMV FMAs
 
 
 def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
     """Tiles sized so that the grid covers the GPU about twice over, splitting K when N alone cannot."""
-    n_chunks = qw.padded_in_features // 32
     if m <= GEMV_MAX_M:
-        block_m, block_n, chunks, warps = triton.next_power_of_2(m), 128, 4, 4
-        dot = False
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 512, 1, 1, 2, 3)
     else:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        block_n, chunks, warps = 64, qw.group_size // 32, 4
-        dot = True
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split = max(1, min(2 * num_sms // tiles, n_chunks // (4 * chunks), 32))
-    return QuantMatmulConfig(dot, block_m, block_n, chunks, split, warps)
+        cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
+    return with_split_k(cfg, m, n, qw, 2 * num_sms)
+
+
+MAX_SPLIT_K = 32  # the last program of a tile sums the partials: more splits lengthen that tail
+
+
+def with_split_k(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, programs: int) -> QuantMatmulConfig:
+    """`cfg` with K split so that the grid has about `programs` programs, each keeping two steps of K or more."""
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
+    steps = qw.padded_in_features // 32 // (2 * cfg.chunks)
+    split = max(1, min(triton.cdiv(programs, tiles), steps, MAX_SPLIT_K))
+    return QuantMatmulConfig(cfg.dot, cfg.block_m, cfg.block_n, cfg.chunks, split, cfg.num_warps, cfg.num_stages)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}

@@ -13,7 +13,13 @@ import torch
 
 from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err  # noqa: I001  (sets up the interpreter first)
 
-from treadle.kernels.quant_matmul import QuantMatmulConfig, default_config, quant_matmul, quant_matmul_reference
+from treadle.kernels.quant_matmul import (
+    GEMV_MAX_M,
+    QuantMatmulConfig,
+    default_config,
+    quant_matmul,
+    quant_matmul_reference,
+)
 from treadle.kernels.quant_pack import SUPPORTED_BITS, pack_bits, unpack_bits
 from treadle.kernels.quantize import dequantize, quantization_error, quantize_rtn
 
@@ -144,7 +150,7 @@ def test_default_config_fills_the_gpu():
     qw = _case(4, n=64, k=4096, group=128, dtype=torch.float32, seed=0)
     for m in (1, 4, 16, 64):
         cfg = default_config(m, 4096, qw, num_sms=132)
-        assert cfg.dot == (m > 8)
+        assert cfg.dot == (m > GEMV_MAX_M)
         tiles = -(-4096 // cfg.block_n) * -(-m // cfg.block_m)
         assert tiles * cfg.split_k >= 132
 
