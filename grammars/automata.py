@@ -13,6 +13,8 @@ import bisect
 import hashlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from .ebnf import Alt, Chars, Grammar, Lit, Ref, Rep, Seq, TagDispatch
 from .errors import GrammarError
 
@@ -364,6 +366,21 @@ class GrammarIR:
             self.final.extend(d.final)
             self.rule_of.extend([r] * len(d.final))
             self.rep_of.extend([b.rep[r]] * len(d.final))
+        # per counted rule, an unbounded twin over the same body: far from both bounds a counted item
+        # classifies exactly like it, and its walks do not multiply configurations by the count
+        self.free_rep: dict[int, int] = {}
+        for r in range(len(dfas)):
+            rep = b.rep[r]
+            if rep is not None and (rep[1], rep[2]) != (0, None):
+                twin = len(self.bnext)
+                self.rule_base.append(twin)
+                self.rule_names.append(f"free#{r}")
+                self.bnext.append({})
+                self.rnext.append({})
+                self.final.append(False)
+                self.rule_of.append(len(self.rule_names) - 1)
+                self.rep_of.append((rep[0], 0, None))
+                self.free_rep[self.rule_base[r]] = twin
         self.rule_base.append(len(self.bnext))
         self.n_states = len(self.bnext)
         self.nullable = self._nullable()
@@ -381,6 +398,30 @@ class GrammarIR:
         self._follow: list | None = None
         self._hash: list = [None] * len(self.rule_names)
         self._cyclic: list[bool] | None = None
+        self._groups: dict[int, list] = {}  # keyed by id() of a bnext dict, which lives as long as self
+        self._targets: dict[int, np.ndarray] = {}
+
+    def byte_groups(self, bnext: dict[int, int]) -> list[tuple[int, np.ndarray]]:
+        """A state's byte transitions grouped by target: [(target, bytes as an index array)]."""
+        key = id(bnext)
+        g = self._groups.get(key)
+        if g is None:
+            by_t: dict[int, list[int]] = {}
+            for byte, t in bnext.items():
+                by_t.setdefault(t, []).append(byte)
+            g = self._groups[key] = [(t, np.array(bs, dtype=np.intp)) for t, bs in by_t.items()]
+        return g
+
+    def byte_targets(self, bnext: dict[int, int]) -> np.ndarray:
+        """A state's byte transitions as a dense array (-1 where there is none)."""
+        key = id(bnext)
+        a = self._targets.get(key)
+        if a is None:
+            a = np.full(256, -1, dtype=np.int64)
+            if bnext:
+                a[np.fromiter(bnext.keys(), dtype=np.intp)] = np.fromiter(bnext.values(), dtype=np.int64)
+            self._targets[key] = a
+        return a
 
     def start(self, r: int) -> int:
         return self.rule_base[r]

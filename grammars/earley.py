@@ -79,25 +79,27 @@ class Space:
         return r
 
     def fill_row(self, cid: int) -> None:
-        """Computes all 256 byte transitions of a configuration into `table`, closing each distinct
-        scanned item set once (a string-body configuration has ~250 bytes but only a few outcomes)."""
+        """Computes all 256 byte transitions of a configuration into `table`, closing each distinct scanned
+        item set once (a string-body configuration has ~250 bytes but only a few distinct outcomes)."""
         cfg = self.configs[cid]
         if cfg.row_filled:
             return
-        per_byte: list[list] = [[] for _ in range(256)]
-        for bn, o, c in cfg.scan:
-            for byte, t in bn.items():
-                per_byte[byte].append((t, o, c))
-        outcomes: dict[tuple, int] = {}
         row = np.full(256, DEAD, dtype=np.int32)
-        for byte in range(256):
-            items = per_byte[byte]
-            if items:
-                key = tuple(items)
-                r = outcomes.get(key)
-                if r is None:
-                    r = outcomes[key] = self._close(items)
-                row[byte] = r
+        groups = self.ir.byte_groups
+        if len(cfg.scan) == 1:
+            (bn, o, c), = cfg.scan
+            for t, byts in groups(bn):
+                row[byts] = self._close([(t, o, c)])
+        elif cfg.scan:
+            per_byte: dict[int, list] = {}
+            for bn, o, c in cfg.scan:
+                for byte, t in bn.items():
+                    per_byte.setdefault(byte, []).append((t, o, c))
+            outcomes: dict[tuple, list[int]] = {}
+            for byte, items in per_byte.items():
+                outcomes.setdefault(tuple(items), []).append(byte)
+            for items, byts in outcomes.items():
+                row[byts] = self._close(list(items))
         self.table[cid] = row
         cfg.row_filled = True
 

@@ -7,8 +7,8 @@ For a kernel item at state s of rule R, the vocabulary is classified once, insid
 Classification keys on R's structural hash, so isomorphic sub-grammars share it across grammars, and on a
 clamped repetition count, so counted repetitions far from their bounds share one entry. A configuration's
 mask is the OR over its kernel items of accepted | (uncertain tokens that the full parser accepts from that
-item in its real context); that last check runs only over the few uncertain tokens, walking the sorted
-strings with shared prefixes through memoized configuration transitions.
+item in its real context); that last check walks only the trie branches holding uncertain tokens, through
+memoized configuration transitions.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from .earley import ROOT, UNKNOWN, Space
 from .vocab import VocabIndex
 
 
-def walk(space: Space, vocab: VocabIndex, start: int, follow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Classifies every vocabulary string from configuration `start` (whose bottom item has origin ROOT).
+def walk(
+    space: Space, vocab: VocabIndex, start: int, follow: np.ndarray | None, cand: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs every vocabulary string (or only those flagged in `cand`) from configuration `start`.
 
-    Returns boolean arrays over sorted strings: accepted, and uncertain (bottom rule ended before the
-    token did, followed by a byte in `follow`).
+    Returns boolean arrays over sorted strings: accepted (all bytes consumed), and uncertain (the bottom
+    item's rule ended before the token did, followed by a byte in `follow`; only when `follow` is given).
     """
     n = vocab.n
     acc = np.zeros(n + 1, dtype=bool)
@@ -31,12 +33,16 @@ def walk(space: Space, vocab: VocabIndex, start: int, follow: np.ndarray) -> tup
     levels = vocab.levels
     can_end = space.can_end_arr
     nodes = np.arange(len(levels[0].lo))
+    if cand is not None:
+        cum = np.concatenate([[0], np.cumsum(cand)])
+        lvl = levels[0]
+        nodes = nodes[cum[lvl.hi] > cum[lvl.lo]]
     pc = np.full(len(nodes), start, dtype=np.int64)
     depth = 0
     while True:
         lvl = levels[depth]
         byt = lvl.byte[nodes]
-        if depth:
+        if depth and follow is not None:
             exits = can_end[pc] & follow[byt]
             if exits.any():
                 ex = nodes[exits]
@@ -45,8 +51,11 @@ def walk(space: Space, vocab: VocabIndex, start: int, follow: np.ndarray) -> tup
         cfg = space.table[pc, byt]
         unk = cfg == UNKNOWN
         if unk.any():
-            cand = pc[unk]
-            for k in ([int(cand[0])] if (cand == cand[0]).all() else np.unique(cand).tolist()):
+            todo = pc[unk]
+            if not (todo == todo[0]).all():
+                todo = np.sort(todo)
+                todo = todo[np.concatenate([[True], todo[1:] != todo[:-1]])]
+            for k in (todo.tolist() if len(todo) > 1 else [int(todo[0])]):
                 space.fill_row(k)
             cfg = space.table[pc, byt]
             can_end = space.can_end_arr
@@ -66,34 +75,14 @@ def walk(space: Space, vocab: VocabIndex, start: int, follow: np.ndarray) -> tup
         offsets = np.cumsum(cnt) - cnt
         nodes = np.repeat(clo - offsets, cnt) + np.arange(total)
         depth += 1
+        if cand is not None:
+            nxt = levels[depth]
+            keep = cum[nxt.hi[nodes]] > cum[nxt.lo[nodes]]
+            nodes, pc = nodes[keep], pc[keep]
+    if follow is None:
+        return acc[:n], np.zeros(n, dtype=bool)
     uncertain = (np.cumsum(unc) > 0) & ~acc
     return acc[:n], uncertain[:n]
-
-
-def resolve(space: Space, vocab: VocabIndex, start: int, us: np.ndarray) -> list[int]:
-    """The string indices among sorted `us` that the parser accepts from `start`, sharing prefixes."""
-    strings = vocab.strings
-    configs = space.configs
-    ok = []
-    prev = b""
-    stack = [start]
-    for u in us.tolist():
-        s = strings[u]
-        k, m = 0, min(len(prev), len(s), len(stack) - 1)
-        while k < m and prev[k] == s[k]:
-            k += 1
-        del stack[k + 1 :]
-        c = stack[-1]
-        i = k
-        while i < len(s) and c >= 0:
-            r = configs[c].next.get(s[i])
-            c = space.step(c, s[i]) if r is None else r
-            stack.append(c)
-            i += 1
-        if c >= 0:
-            ok.append(u)
-        prev = s
-    return ok
 
 
 class Masker:
@@ -126,12 +115,14 @@ class Masker:
         r = ir.rule_of[s]
         follow = ir.follow_bytes(r)
         ckey = self._ckey(s, c)
-        key = (ir.rule_hash(r), s - ir.rule_base[r], ckey, follow)
+        if ckey and ckey[0] == 0 and (ckey[1] is None or ckey[1] >= self.horizon):
+            s, c, ckey = ir.free_rep.get(s, s), 0, "free"  # no bound is reachable within one token
+        key = (ir.rule_hash(ir.rule_of[s]), s - ir.rule_base[ir.rule_of[s]], ckey, follow)
         hit = self.cache.get(key)
         if hit is None:
             start = self.space.initial(s, c, ROOT)
             acc, unc = walk(self.space, self.vocab, start, np.frombuffer(follow, dtype=np.uint8).astype(bool))
-            hit = (self.vocab.token_words(acc), np.nonzero(unc)[0])
+            hit = (self.vocab.token_words(acc), np.nonzero(unc)[0].astype(np.int32))
             self.cache[key] = hit
         return hit
 
@@ -142,12 +133,11 @@ class Masker:
             acc_words, unc = self.classification(s, c)
             w = acc_words
             if len(unc):
-                ok = resolve(self.space, self.vocab, self.space.initial(s, c, o), unc)
-                if ok:
-                    ids = self.vocab.token_ids(ok)
-                    w = acc_words.view(np.uint32).copy()
-                    np.bitwise_or.at(w, ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
-                    w = w.view(np.int32)
+                cand = np.zeros(self.vocab.n, dtype=bool)
+                cand[unc] = True
+                ok, _ = walk(self.space, self.vocab, self.space.initial(s, c, o), None, cand)
+                if ok.any():
+                    w = acc_words | self.vocab.token_words(ok & cand)
             self.space.contrib[key] = w
         return w
 
