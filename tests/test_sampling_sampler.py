@@ -166,7 +166,8 @@ def test_grammar_allowing_only_eos_outranks_min_tokens(device):
     bm[:, 0] = 1 << EOS[0]  # row 0 and 1: only EOS
     bm[1, 0] |= 1 << 9  # row 1 also allows token 9
     bm[2] = -1
-    kw = dict(min_tokens=5)
+    logits[0, 7] = 50.0  # a banned stop token the grammar does not allow must stay banned
+    kw = dict(min_tokens=5, stop_token_ids=[7])
     states = [state(temperature=0.0, **kw), state(temperature=1.0, **kw), state(temperature=0.0, **kw)]
     out = Sampler(V, EOS, device).sample(logits, states, bm)
     assert out.token_ids[:2] == [EOS[0], 9]
