@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -155,6 +156,21 @@ def _disjoint(a: _BranchFacts | None, b: _BranchFacts | None) -> bool:
             if va is not None and vb is not None and not va & vb:
                 return True
     return False
+
+
+def _string_trie(strings: list[str]) -> Expr:
+    """Alternatives of string bodies, left-factored on shared prefixes (an enum of hundreds of values
+    becomes a trie, so a matcher never keeps hundreds of parallel items alive)."""
+    groups: dict[str, list[str]] = {}
+    for text in strings:
+        if text:
+            groups.setdefault(text[0], []).append(text[1:])
+    options = [EMPTY] if "" in strings else []
+    for first, rests in groups.items():
+        # Recurse only at branch points, so the depth is bounded by the number of strings.
+        shared = os.path.commonprefix(rests)
+        options.append(seq(json_literal(first + shared), _string_trie([r[len(shared) :] for r in rests])))
+    return alt(*options)
 
 
 class _Converter:
@@ -311,7 +327,11 @@ class _Converter:
             if key not in seen and self.satisfies(v, schema, types, path):
                 seen.add(key)
                 kept.append(v)
-        return alt(*(self.literal(v, path, depth) for v in kept))
+        strings = [v for v in kept if isinstance(v, str)]
+        others = [self.literal(v, path, depth) for v in kept if not isinstance(v, str)]
+        if len(strings) < 2:
+            return alt(*(self.literal(v, path, depth) for v in kept))
+        return alt(seq(lit('"'), _string_trie(strings), lit('"')), *others)
 
     def satisfies(self, v: Any, schema: dict[str, Any], types: set[str] | None, path: str) -> bool:
         """Whether an enum/const value also meets the sibling keywords that apply to its type."""
