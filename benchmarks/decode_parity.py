@@ -5,7 +5,10 @@
 One random-weight model (norm gains ~1, matrices at 0.02) is loaded into both transformers' LlamaForCausalLM and
 treadle's; each prompt is decoded greedily by `generate` and by the ModelRunner, alone and all prompts batched.
 For each run: how many tokens agree before the first difference and, at that step, transformers' top-1/top-2
-logit margin (a flip on a tiny margin is rounding; on a large one, a bug). Prints a table, writes JSON.
+logit margin (a flip on a tiny margin is rounding; on a large one, a bug). Since free-running sequences part
+for good at the first flip, the runner is also teacher-forced along transformers' tokens: per-step argmax
+agreement, and the logits' relative error against an fp32 transformers run of the same weights, for treadle and
+for transformers' own low-precision run. Prints tables, writes JSON.
 On a CPU (`--shape tiny`, TRITON_INTERPRET=1) the kernel decoder runs eagerly, to check the script itself.
 """
 
@@ -77,22 +80,38 @@ def hf_greedy(hf: HFLlama, prompt: list[int], n: int) -> tuple[list[int], list[t
     return out.sequences[0, len(prompt) :].tolist(), [lg[0].float() for lg in out.logits]
 
 
-def ours_greedy(runner: ModelRunner, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """Prefill every prompt in one step, then decode them as one batch; fresh pages per sequence."""
+def ours_greedy(
+    runner: ModelRunner, prompts: list[list[int]], n: int, forced: list[list[int]] | None = None
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Prefill every prompt in one step, then decode them as one batch (fresh pages per sequence). Feeds back the
+    argmax, or the `forced` tokens. Returns the argmax tokens and each step's logits [B, V]."""
     slots = []
     for i, p in enumerate(prompts):
         base = i * 4 * PAGE_SIZE * 8
         slots.append(list(range(base, base + len(p))))
     logits = runner.execute([SeqChunk(p, list(range(len(p))), list(s), True) for p, s in zip(prompts, slots)])
+    steps = [logits]
     out = [[int(t)] for t in logits.argmax(-1).tolist()]
-    for _ in range(n - 1):
+    for i in range(n - 1):
         chunks = []
-        for toks, s in zip(out, slots):
+        for b, (toks, s) in enumerate(zip(out, slots)):
             s.append(s[-1] + 1)
-            chunks.append(SeqChunk([toks[-1]], [len(s) - 1], list(s), True))
-        for toks, t in zip(out, runner.execute(chunks).argmax(-1).tolist()):
+            chunks.append(SeqChunk([forced[b][i] if forced else toks[-1]], [len(s) - 1], list(s), True))
+        logits = runner.execute(chunks)
+        steps.append(logits)
+        for toks, t in zip(out, logits.argmax(-1).tolist()):
             toks.append(int(t))
-    return out
+    return out, steps
+
+
+def hf_forced_logits(hf: HFLlama, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """Logits [n, V] that predict each of `tokens` after `prompt`, from one full forward pass."""
+    ids = torch.tensor([prompt + tokens[:-1]], device=hf.device)
+    return hf(ids).logits[0, len(prompt) - 1 :].float()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def compare(ref: list[int], ref_logits: list[torch.Tensor], ours: list[int]) -> dict:
@@ -115,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = SHAPES[args.shape]
     rng = random.Random(0)
     prompts = [[rng.randrange(cfg.vocab_size) for _ in range(n)] for n in PROMPT_LENS]
-    rows = []
+    rows, forced_rows = [], []
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
@@ -127,11 +146,26 @@ def main(argv: list[str] | None = None) -> int:
             runner.graph_decoder = CudaGraphDecoder(model, runner.kv_caches, len(prompts), 128)
         with torch.inference_mode():
             refs = [hf_greedy(hf, p, args.new_tokens) for p in prompts]
-        batched = ours_greedy(runner, prompts, args.new_tokens)
+        batched, _ = ours_greedy(runner, prompts, args.new_tokens)
         for i, p in enumerate(prompts):
-            alone = ours_greedy(runner, [p], args.new_tokens)[0]
+            alone = ours_greedy(runner, [p], args.new_tokens)[0][0]
             for mode, ours in (("alone", alone), ("batched", batched[i])):
                 rows.append({"dtype": dtype_name, "prompt_len": len(p), "mode": mode, **compare(*refs[i], ours)})
+        if dtype != torch.float32:
+            forced = [tokens for tokens, _ in refs]
+            _, steps = ours_greedy(runner, prompts, args.new_tokens, forced=forced)
+            hf32 = hf_twin(model, cfg, device, torch.float32)
+            with torch.inference_mode():
+                for i, p in enumerate(prompts):
+                    exact = hf_forced_logits(hf32, p, forced[i])
+                    ours_i = torch.stack([s[i] for s in steps])
+                    hf_i = torch.stack(refs[i][1])
+                    forced_rows.append({
+                        "dtype": dtype_name, "prompt_len": len(p),
+                        "argmax_agree": float((ours_i.argmax(-1) == hf_i.argmax(-1)).float().mean()),
+                        "ours_err_vs_fp32": rel(ours_i, exact), "hf_err_vs_fp32": rel(hf_i, exact),
+                    })  # fmt: skip
+            del hf32
         del runner, hf, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -139,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         margin = f"{r['hf_margin_at_flip']:.4f}" if "hf_margin_at_flip" in r else "-"
         print(f"{r['dtype']} | {r['prompt_len']} | {r['mode']} | {r['agree']}/{r['of']} | {margin}")
+    if forced_rows:
+        print("teacher-forced: dtype | prompt_len | argmax agreement | treadle err vs fp32 | transformers err vs fp32")
+        for r in forced_rows:
+            print(f"{r['dtype']} | {r['prompt_len']} | {100 * r['argmax_agree']:.0f}% | {r['ours_err_vs_fp32']:.2e} "
+                  f"| {r['hf_err_vs_fp32']:.2e}")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -147,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "teacher_forced": forced_rows}, f, indent=2)
     return 0
 
 

@@ -1,14 +1,17 @@
 """Each Triton kernel of kernels/ against its roofline on the GPU at Llama-3.1-8B shapes (bf16).
 
-    python benchmarks/kernels_roofline.py [--out bench_results/kernels_roofline.json]
+    python benchmarks/kernels_roofline.py [--out bench_results/kernels_roofline.json] [--sweep]
 
 The roofline of a memory-bound kernel is the fewest bytes it must move (every input read once, every output
 written once) over the copy bandwidth; of a compute-bound one (prefill attention), its FLOPs over the bf16 matrix
 rate. Both ceilings are measured in the same run (a 2 GiB device-to-device copy counting read + write bytes; an
 8192^3 bf16 matmul) and also quoted against the nominal 3.0 TB/s and 770 TFLOP/s of the H100 test machine.
-Times are medians of triton.testing.do_bench, which flushes L2 before every call. Decode-sized rows (batch 1-64)
-are latency-bound: their roofline fraction says how far launch and tail latency are from the bytes.
-Prints a table, writes JSON.
+Each time is device time from CUDA-graph replays (no Python launch overhead, which would swamp the decode-sized
+cases): a graph of [L2 flush, kernel] x 20 minus a graph of [L2 flush] x 20, median of 7. Decode-sized rows
+(batch 1-64) are latency-bound: their roofline fraction says how far launch and tail latency are from the bytes.
+The decode GEMVs (kernels/gemv.py) are compared with cuBLAS (F.linear) on the same shapes. `--sweep` also times
+the launch configurations of the plain GEMV on the Llama-3.2-1B and 3.1-8B projections at one row, and of
+prefill attention, and prints the best per shape. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -21,12 +24,12 @@ import sys
 
 import torch
 import triton
-from triton.testing import do_bench
 
 from treadle.kernels.activation import silu_and_mul
 from treadle.kernels.attention_decode import decode_num_splits, paged_decode_attention
 from treadle.kernels.attention_prefill import paged_prefill_attention
 from treadle.kernels.bitmask import apply_token_bitmask_
+from treadle.kernels.gemv import gemv
 from treadle.kernels.kv_append import kv_append
 from treadle.kernels.norm import rmsnorm
 from treadle.kernels.rope import rope_cos_sin_cache, rope_kv_append
@@ -39,18 +42,61 @@ ROWS = (1, 64, 4096)  # token rows for the elementwise kernels: decode batch 1 a
 SAMPLE_BATCHES = (1, 64)
 DECODE = ((1, 1024), (1, 8192), (1, 32768), (64, 1024), (64, 4096))  # (batch, context)
 PREFILL = ((4096, 4096), (512, 4096))  # (new tokens, KV length)
+GEMV_ROWS = (1, 8)
+# (name, N, K) of the decode projections; gate_up is the gated (SiLU*mul) form, N = 2 x intermediate.
+GEMV_SHAPES = {
+    "llama-3.1-8b": (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
+                     ("lm_head", 128256, 4096)),
+    "llama-3.2-1b": (("qkv", 3072, 2048), ("o", 2048, 2048), ("gate_up", 16384, 2048), ("down", 2048, 8192),
+                     ("lm_head", 128256, 2048)),
+}
+SWEEP = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (3, 4)]
+PREFILL_SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 128, 4, 3)]
 BF16 = torch.bfloat16
 DEV = "cuda"
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, trials: int = 7) -> float:
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def device_time_us(fn, reps: int = 20) -> float:
+    """Device time of one call of `fn` after an L2 flush, from graph replays, with the flush's own time removed."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEV)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    both, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(both):
+        for _ in range(reps):
+            flush.zero_()
+            fn()
+    with torch.cuda.graph(flush_only):
+        for _ in range(reps):
+            flush.zero_()
+    _replay_ms(both, 2)  # the first replays upload the graphs
+    _replay_ms(flush_only, 2)
+    return max(1e-3, _replay_ms(both) - _replay_ms(flush_only)) * 1e3 / reps
 
 
 def measured_peaks() -> tuple[float, float]:
     src = torch.randn(2**30 // 2, device=DEV, dtype=BF16)  # 1 GiB read + 1 GiB written
     dst = torch.empty_like(src)
-    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    copy_us = device_time_us(lambda: dst.copy_(src), reps=5)
     a = torch.randn(8192, 8192, device=DEV, dtype=BF16)
     b = torch.randn(8192, 8192, device=DEV, dtype=BF16)
-    mm_ms = do_bench(lambda: a @ b, return_mode="median")
-    return 2 * src.numel() * 2 / (copy_ms * 1e-3), 2 * 8192**3 / (mm_ms * 1e-3)
+    mm_us = device_time_us(lambda: a @ b, reps=5)
+    return 2 * src.numel() * 2 / (copy_us * 1e-6), 2 * 8192**3 / (mm_us * 1e-6)
 
 
 def paged_index(lengths: list[int], page_size: int = 16):
@@ -112,6 +158,20 @@ def cases():
         out.append(("decode attention", f"B={batch} ctx={ctx} splits={splits}",
                     lambda a=(q, kc, vc, indptr, indices), s=splits: paged_decode_attention(*a, num_splits=s),
                     batch * ctx * (2 * HKV * D * 2 + 4) + 2 * batch * HQ * D * 2, 4 * batch * ctx * HQ * D))
+    for rows in GEMV_ROWS:
+        for proj, n, k in GEMV_SHAPES["llama-3.1-8b"]:
+            x = torch.randn(rows, k, device=DEV, dtype=BF16)
+            w = torch.randn(n, k, device=DEV, dtype=BF16) * k**-0.5
+            res = torch.randn(rows, k, device=DEV, dtype=BF16)
+            g = torch.randn(k, device=DEV, dtype=BF16)
+            nbytes = n * k * 2 + rows * (k + n) * 2
+            if proj in ("qkv", "lm_head", "gate_up"):  # the fused forms the decode step uses
+                fused = lambda x=x, w=w, r=res, g=g, gated=proj == "gate_up": gemv(  # noqa: E731
+                    x, w, norm_weight=g, residual=r, gated=gated)
+                out.append((f"gemv+norm{'+silu' if proj == 'gate_up' else ''}", f"8B {proj} M={rows}", fused, nbytes, 0))
+            out.append(("gemv", f"8B {proj} M={rows}", lambda x=x, w=w: gemv(x, w), nbytes, 0))
+            out.append(("cuBLAS F.linear", f"8B {proj} M={rows}", lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                        nbytes, 0))
     for q_len, kv_len in PREFILL:
         indptr, indices, num_slots = paged_index([kv_len])
         kc = torch.randn(num_slots, HKV, D, device=DEV, dtype=BF16)
@@ -126,9 +186,60 @@ def cases():
     return out
 
 
+def gemv_sweep(peak_bw: float) -> list[dict]:
+    """Every SWEEP configuration of the plain GEMV at one row on each projection; prints the best per shape."""
+    results = []
+    print("gemv sweep (M=1): shape | best (BLOCK_N, BLOCK_K, warps, stages) | us | % of copy peak | cuBLAS us")
+    for model, shapes in GEMV_SHAPES.items():
+        for proj, n, k in shapes:
+            x = torch.randn(1, k, device=DEV, dtype=BF16)
+            w = torch.randn(n, k, device=DEV, dtype=BF16) * k**-0.5
+            nbytes = n * k * 2
+            timed = []
+            for cfg in SWEEP:
+                try:
+                    timed.append((device_time_us(lambda cfg=cfg: gemv(x, w, config=cfg)), cfg))
+                except triton.runtime.errors.OutOfResources:
+                    continue
+            cublas = device_time_us(lambda: torch.nn.functional.linear(x, w))
+            us, cfg = min(timed)
+            results.append({"model": model, "proj": proj, "n": n, "k": k, "best": cfg, "us": us, "cublas_us": cublas,
+                            "all": [{"config": c, "us": t} for t, c in timed]})
+            print(f"{model} {proj} {n}x{k} | {cfg} | {us:.1f} | {100 * nbytes / (us * 1e-6) / peak_bw:.0f}% "
+                  f"| {cublas:.1f}")
+    return results
+
+
+def prefill_sweep(peak_flops: float) -> list[dict]:
+    """PREFILL_SWEEP configurations (BLOCK_M, BLOCK_N, warps, stages) of prefill attention at 8B heads."""
+    results = []
+    print("prefill sweep: shape | best (BLOCK_M, BLOCK_N, warps, stages) | us | % of matmul peak")
+    for q_len, kv_len in PREFILL:
+        indptr, indices, num_slots = paged_index([kv_len])
+        kc = torch.randn(num_slots, HKV, D, device=DEV, dtype=BF16)
+        vc = torch.randn_like(kc)
+        q = torch.randn(q_len, HQ, D, device=DEV, dtype=BF16)
+        qo = torch.tensor([0, q_len], dtype=torch.int32, device=DEV)
+        flops = 4 * HQ * D * sum(kv_len - q_len + i + 1 for i in range(q_len))
+        timed = []
+        for bm, bn, warps, stages in PREFILL_SWEEP:
+            fn = lambda bm=bm, bn=bn, w=warps, s=stages: paged_prefill_attention(  # noqa: E731
+                q, kc, vc, qo, indptr, indices, q_len, block_m=bm, block_n=bn, num_warps=w, num_stages=s)
+            try:
+                timed.append((device_time_us(fn), (bm, bn, warps, stages)))
+            except triton.runtime.errors.OutOfResources:
+                continue
+        us, cfg = min(timed)
+        results.append({"op": "prefill", "q": q_len, "kv": kv_len, "best": cfg, "us": us,
+                        "all": [{"config": c, "us": t} for t, c in timed]})
+        print(f"q={q_len} kv={kv_len} | {cfg} | {us:.1f} | {100 * flops / (us * 1e-6) / peak_flops:.0f}%")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join("bench_results", "kernels_roofline.json"))
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernels_roofline needs a CUDA GPU", file=sys.stderr)
@@ -137,9 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     peak_bw, peak_flops = measured_peaks()
     rows = []
     for op, shape, fn, nbytes, flops in cases():
-        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-        row = {"op": op, "shape": shape, "us": ms * 1e3, "bytes": nbytes, "flops": flops,
-               "gb_per_s": nbytes / (ms * 1e-3) / 1e9, "tflop_per_s": flops / (ms * 1e-3) / 1e12}
+        us = device_time_us(fn)
+        row = {"op": op, "shape": shape, "us": us, "bytes": nbytes, "flops": flops,
+               "gb_per_s": nbytes / (us * 1e-6) / 1e9, "tflop_per_s": flops / (us * 1e-6) / 1e12}
         compute_bound = op == "prefill attention"
         row["bound"] = "flops" if compute_bound else "bytes"
         achieved = row["tflop_per_s"] * 1e12 if compute_bound else row["gb_per_s"] * 1e9
@@ -152,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         achieved = f"{r['tflop_per_s']:.0f} TFLOP/s" if r["bound"] == "flops" else f"{r['gb_per_s']:.0f} GB/s"
         print(f"{r['op']} | {r['shape']} | {r['us']:.1f} | {achieved} | {r['pct_of_measured_peak']:.0f}% "
               f"| {r['pct_of_nominal_peak']:.0f}%")
+    sweep = gemv_sweep(peak_bw) + prefill_sweep(peak_flops) if args.sweep else []
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(),
@@ -163,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "sweep": sweep}, f, indent=2)
     return 0
 
 

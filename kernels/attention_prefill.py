@@ -111,12 +111,15 @@ def paged_prefill_attention(
     sm_scale: float | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal-with-offset attention of each sequence's new tokens over its whole KV index.
 
     q [T, Hq, D] (sequences' new tokens back to back); qo_indptr [B+1] int32 offsets into q; kv_indptr [B+1]
     int32 and kv_indices [>= nnz] int32 slots; each sequence needs kv_len >= q_len. `max_q_len` (known to the
     caller without a device sync) sizes the grid. Returns (o [T, Hq, D] in q.dtype, lse [T, Hq] fp32, natural log).
+    The block sizes, warps and pipeline stages only change speed.
     """
     tokens, num_q_heads, head_dim = q.shape
     batch = qo_indptr.shape[0] - 1
@@ -154,7 +157,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PRECISION=dot_precision(q.dtype),
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return o, lse

@@ -7,9 +7,11 @@ slots, the KV index in CSR form) lives in one static int32 device buffer at fixe
 host copy, sends it with one async copy, and replays the graph of the smallest bucket that fits. Rows past the
 real batch are padding: empty KV index (attention gives 0) and slot -1 (no KV write), so they touch nothing.
 
-Per layer: RMSNorm fused with the residual add, fused QKV GEMM (cuBLAS), RoPE fused with the KV append, split-KV
-paged decode attention, O GEMM, RMSNorm+residual, fused gate/up GEMM, SiLU*mul, down GEMM. The weights are the
-model's own tensors (no copies). Prefill stays on the model's eager path; both write the same KV cache tensors.
+Per layer, for batches up to FUSED_MAX_BATCH: residual add + RMSNorm + QKV GEMV, RoPE + KV append, split-KV paged
+decode attention, O GEMV, residual add + RMSNorm + gate/up GEMV + SiLU*mul, down GEMV (six kernels; the GEMVs
+are kernels/gemv.py). Larger batches run the projections through cuBLAS with RMSNorm+residual and SiLU*mul as
+their own kernels. The weights are the model's own tensors (no copies). Prefill stays on the model's eager
+path; both write the same KV cache tensors.
 
 On a CPU (tests, under Triton's interpreter) the same step runs eagerly, without graphs.
 """
@@ -24,8 +26,12 @@ import torch.nn.functional as F
 
 from .activation import silu_and_mul
 from .attention_decode import decode_num_splits, paged_decode_attention
+from .gemv import gemv
 from .norm import rmsnorm
 from .rope import rope_cos_sin_cache, rope_kv_append
+
+
+FUSED_MAX_BATCH = 8  # up to here projections run as fused GEMV kernels (kernels/gemv.py); above, through cuBLAS
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -85,6 +91,24 @@ class CudaGraphDecoder:
         off = self._offsets[name]
         return self._meta[off : off + n]
 
+    def _norm_linear(self, x, residual, norm_weight, weight, bias=None, gated=False, fused=False, out_dtype=None):
+        """rmsnorm(x + residual) @ weight.T (+ bias, or SiLU-gated); returns (y, the residual stream after the add).
+
+        `fused`: one GEMV kernel does it all (decode-sized batches); otherwise RMSNorm, cuBLAS and SiLU*mul."""
+        if fused:
+            y, summed = gemv(x, weight, bias, norm_weight=norm_weight, residual=residual, eps=self.eps, gated=gated,
+                             out_dtype=out_dtype)
+        else:
+            h, summed = rmsnorm(x, norm_weight, self.eps, residual)
+            y = F.linear(h, weight, bias)
+            if gated:
+                y = silu_and_mul(y)
+        return y, (summed if residual is not None else x)
+
+    @staticmethod
+    def _linear(x, weight, bias, fused: bool) -> torch.Tensor:
+        return gemv(x, weight, bias)[0] if fused else F.linear(x, weight, bias)
+
     @torch.inference_mode()
     def _step(self, bucket: int) -> None:
         """The whole decode step for `bucket` rows, reading metadata from the static buffer, logits into _logits."""
@@ -94,15 +118,13 @@ class CudaGraphDecoder:
         indptr = self._field("indptr", bucket + 1)
         indices = self._meta[self._offsets["indices"] :]
         splits = self._splits[bucket]
+        fused = bucket <= FUSED_MAX_BATCH
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(tokens, self.model.embed_tokens.weight)
-        residual = None
+        residual = None  # first layer: the embedding itself is the residual stream
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv_caches):
-            if residual is None:  # first layer: the embedding is the residual stream
-                h, residual = rmsnorm(x, layer.input_norm.weight, self.eps)[0], x
-            else:
-                h, residual = rmsnorm(x, layer.input_norm.weight, self.eps, residual)
-            qkv = F.linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias)
+            qkv, residual = self._norm_linear(x, residual, layer.input_norm.weight, layer.qkv_proj.weight,
+                                              layer.qkv_proj.bias, fused=fused)
             q = qkv[:, : hq * d].view(bucket, hq, d)
             k = qkv[:, hq * d : (hq + hkv) * d].view(bucket, hkv, d)
             v = qkv[:, (hq + hkv) * d :].view(bucket, hkv, d)
@@ -111,11 +133,13 @@ class CudaGraphDecoder:
                 k = rmsnorm(k.reshape(bucket * hkv, d), layer.k_norm.weight, self.eps)[0].view(bucket, hkv, d)
             q = rope_kv_append(q, k, v, positions, self.cos_sin, slots, k_cache, v_cache)
             o, _ = paged_decode_attention(q, k_cache, v_cache, indptr, indices, layer.scale, num_splits=splits)
-            x = F.linear(o.view(bucket, hq * d), layer.o_proj.weight, layer.o_proj.bias)
-            h, residual = rmsnorm(x, layer.post_attention_norm.weight, self.eps, residual)
-            x = F.linear(silu_and_mul(F.linear(h, layer.gate_up_proj.weight)), layer.down_proj.weight)
-        h, _ = rmsnorm(x, self.model.norm.weight, self.eps, residual)
-        self._logits[:bucket].copy_(F.linear(h, self.lm_head))
+            x = self._linear(o.view(bucket, hq * d), layer.o_proj.weight, layer.o_proj.bias, fused)
+            act, residual = self._norm_linear(x, residual, layer.post_attention_norm.weight,
+                                              layer.gate_up_proj.weight, gated=True, fused=fused)
+            x = self._linear(act, layer.down_proj.weight, None, fused)
+        logits, _ = self._norm_linear(x, residual, self.model.norm.weight, self.lm_head, fused=fused,
+                                      out_dtype=torch.float32)
+        self._logits[:bucket].copy_(logits)
 
     def _capture(self) -> None:
         """Warm up (Triton compiles here) and capture every bucket, largest first so smaller ones reuse its pool."""

@@ -48,6 +48,27 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def gemv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    gated: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    summed = None
+    h = x
+    if norm_weight is not None:
+        h, summed = rmsnorm_reference(x, norm_weight, eps, residual)
+    y = torch.nn.functional.linear(h, weight, bias)
+    if gated:
+        y = silu_and_mul_reference(y)
+    return y.to(out_dtype or weight.dtype), summed
+
+
 def paged_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,

@@ -3,7 +3,7 @@
 cos/sin come from a precomputed fp32 table indexed by position rather than from in-kernel sin/cos: the table
 is computed once with torch exactly as transformers computes it, and a gather is cheaper than accurate
 transcendental functions at large positions. Products and sums are rounded to the activation dtype in the same
-places as transformers' `apply_rotary_pos_emb`, so the kernel is bit-compatible with it.
+places as transformers' `apply_rotary_pos_emb`, so the results agree bit for bit wherever the fp32 cos/sin do.
 
 The fused form writes rotated K and plain V straight into the paged cache at each token's slot, so K never makes
 a round trip through memory between the two ops. A slot < 0 means "do not write" (padding rows of a CUDA-graph

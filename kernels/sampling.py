@@ -44,6 +44,66 @@ def _load_scaled(row_ptr, cols, vocab, temp):
 
 
 @triton.jit
+def _first_max(v, idx, size):
+    """(max of v, lowest idx among the lanes holding it): ties go to the lower token id, as in torch.argmax."""
+    best = tl.max(v, axis=0)
+    return best, tl.min(tl.where(v == best, idx, size), axis=0)
+
+
+@triton.jit
+def _softmax_stats(row_ptr, vocab, temp, kth_key, BLOCK: tl.constexpr):
+    """Max m and sum of exp(y - m) over the top-k survivors; per-lane online accumulation, one final reduction."""
+    offs = tl.arange(0, BLOCK)
+    m_v = tl.full([BLOCK], float("-inf"), tl.float32)
+    z_v = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        y = _load_scaled(row_ptr, cols, vocab, temp)
+        y = tl.where((cols < vocab) & (_ordered_key(y) >= kth_key), y, float("-inf"))
+        m_new = tl.maximum(m_v, y)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z_v = z_v * tl.exp(m_v - safe) + tl.exp(y - safe)
+        m_v = m_new
+    m = tl.max(m_v, axis=0)
+    z = tl.sum(z_v * tl.exp(m_v - tl.where(m == float("-inf"), 0.0, m)), axis=0)
+    return m, z
+
+
+@triton.jit
+def _draw(row_ptr, vocab, temp, kth_key, pivot, seed, draw, BLOCK: tl.constexpr):
+    """Gumbel-max over the top-k survivors above `pivot`: returns (token, its scaled logit)."""
+    offs = tl.arange(0, BLOCK)
+    best = tl.full([BLOCK], float("-inf"), tl.float32)
+    pick = tl.zeros([BLOCK], tl.int32)
+    pick_y = tl.full([BLOCK], float("-inf"), tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        y = _load_scaled(row_ptr, cols, vocab, temp)
+        ok = (cols < vocab) & (_ordered_key(y) >= kth_key) & (y > pivot)
+        u = _uniform_open(seed, draw * vocab + cols)
+        score = tl.where(ok, y - tl.log(-tl.log(u)), float("-inf"))
+        take = score > best
+        best = tl.where(take, score, best)
+        pick = tl.where(take, cols, pick)
+        pick_y = tl.where(take, y, pick_y)
+    top, token = _first_max(best, pick, vocab)
+    return token, tl.max(tl.where((best == top) & (pick == token), pick_y, float("-inf")), axis=0)
+
+
+@triton.jit
+def _mass_above(row_ptr, vocab, temp, kth_key, pivot, m, BLOCK: tl.constexpr):
+    """Sum of exp(y - m) over the top-k survivors strictly above `pivot`."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        cols = start + offs
+        y = _load_scaled(row_ptr, cols, vocab, temp)
+        ok = (cols < vocab) & (_ordered_key(y) >= kth_key) & (y > pivot)
+        acc += tl.where(ok, tl.exp(y - m), 0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
 def _sample_kernel(
     logits_ptr,
     stride_row,
@@ -64,17 +124,16 @@ def _sample_kernel(
     offs = tl.arange(0, BLOCK)
 
     if temp == 0:
-        best = tl.full([], float("-inf"), tl.float32)
-        best_idx = tl.zeros([], tl.int32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        best_idx = tl.zeros([BLOCK], tl.int32)
         for start in range(0, vocab, BLOCK):
             cols = start + offs
             x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
-            bmax = tl.max(x, axis=0)
-            bidx = start + tl.argmax(x, axis=0, tie_break_left=True)
-            take = bmax > best
-            best_idx = tl.where(take, bidx, best_idx)
-            best = tl.where(take, bmax, best)
-        tl.store(out_ptr + row, best_idx.to(tl.int64))
+            take = x > best  # strict: a lane keeps its earliest (lowest-id) maximum
+            best = tl.where(take, x, best)
+            best_idx = tl.where(take, cols, best_idx)
+        _, token = _first_max(best, best_idx, vocab)
+        tl.store(out_ptr + row, token.to(tl.int64))
     else:
         # Top-k threshold: the ordered key of the k-th largest scaled logit (0 = keep everything).
         kth_key = tl.zeros([], tl.uint32)
@@ -97,58 +156,17 @@ def _sample_kernel(
                 k_rem -= tl.sum(tl.where(bins == digit, above, 0), axis=0)
                 kth_key = kth_key | (digit.to(tl.uint32) << shift)
 
-        # Softmax statistics over the top-k survivors (online max), fused with the first Gumbel-max draw.
-        m = tl.full([], float("-inf"), tl.float32)
-        z = tl.zeros([], tl.float32)
-        best = tl.full([], float("-inf"), tl.float32)
-        pick_y = tl.full([], float("-inf"), tl.float32)
-        pick = tl.zeros([], tl.int32)
-        for start in range(0, vocab, BLOCK):
-            cols = start + offs
-            y = _load_scaled(row_ptr, cols, vocab, temp)
-            ok = (cols < vocab) & (_ordered_key(y) >= kth_key)
-            y = tl.where(ok, y, float("-inf"))
-            m_new = tl.maximum(m, tl.max(y, axis=0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            z = z * tl.exp(m - m_safe) + tl.sum(tl.exp(y - m_safe), axis=0)
-            m = m_new
-            u = _uniform_open(seed, cols)
-            score = y - tl.log(-tl.log(u))
-            bmax = tl.max(score, axis=0)
-            barg = tl.argmax(score, axis=0, tie_break_left=True)
-            take = bmax > best
-            pick = tl.where(take, start + barg, pick)
-            pick_y = tl.where(take, tl.sum(tl.where(offs == barg, y, 0.0), axis=0), pick_y)
-            best = tl.where(take, bmax, best)
-
-        # Top-p by rejection with a rising pivot: accept once the mass strictly above the pick is < top_p * z.
+        m, z = _softmax_stats(row_ptr, vocab, temp, kth_key, BLOCK)
         draw = tl.zeros([], tl.int32)
-        done = (top_p >= 1.0).to(tl.int32)
+        pick, pick_y = _draw(row_ptr, vocab, temp, kth_key, float("-inf"), seed, draw, BLOCK)
+        # Top-p by rejection with a rising pivot: accept once the mass strictly above the pick is < top_p * z.
+        # (z == 0: nothing is allowed at all, e.g. a fully masked row; the draw stands.)
+        done = ((top_p >= 1.0) | (z == 0)).to(tl.int32)
         while done == 0:
-            mass_above = tl.zeros([], tl.float32)
-            for start in range(0, vocab, BLOCK):
-                cols = start + offs
-                y = _load_scaled(row_ptr, cols, vocab, temp)
-                ok = (cols < vocab) & (_ordered_key(y) >= kth_key) & (y > pick_y)
-                mass_above += tl.sum(tl.where(ok, tl.exp(y - m), 0.0), axis=0)
-            done = (mass_above < top_p * z).to(tl.int32)
+            done = (_mass_above(row_ptr, vocab, temp, kth_key, pick_y, m, BLOCK) < top_p * z).to(tl.int32)
             if done == 0:
                 draw += 1
-                pivot = pick_y
-                best = tl.full([], float("-inf"), tl.float32)
-                for start in range(0, vocab, BLOCK):
-                    cols = start + offs
-                    y = _load_scaled(row_ptr, cols, vocab, temp)
-                    ok = (cols < vocab) & (_ordered_key(y) >= kth_key) & (y > pivot)
-                    y = tl.where(ok, y, float("-inf"))
-                    u = _uniform_open(seed, draw * vocab + cols)
-                    score = y - tl.log(-tl.log(u))
-                    bmax = tl.max(score, axis=0)
-                    barg = tl.argmax(score, axis=0, tie_break_left=True)
-                    take = bmax > best
-                    pick = tl.where(take, start + barg, pick)
-                    pick_y = tl.where(take, tl.sum(tl.where(offs == barg, y, 0.0), axis=0), pick_y)
-                    best = tl.where(take, bmax, best)
+                pick, pick_y = _draw(row_ptr, vocab, temp, kth_key, pick_y, seed, draw, BLOCK)
         tl.store(out_ptr + row, pick.to(tl.int64))
 
 

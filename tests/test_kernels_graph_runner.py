@@ -15,6 +15,7 @@ from treadle.engine.batch import SeqChunk
 from treadle.engine.config import EngineConfig, ModelConfig
 from treadle.engine.model_runner import ModelRunner
 from treadle.engine.models.llama import LlamaForCausalLM
+from treadle.kernels import cuda_graph_runner
 from treadle.kernels.cuda_graph_runner import CudaGraphDecoder, batch_buckets
 
 ARCHS = {
@@ -47,8 +48,10 @@ def test_batch_buckets():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_decode_steps_match_the_torch_model(arch):
+@pytest.mark.parametrize("arch,fused", [("llama", True), ("llama", False), ("qwen2", True), ("qwen3", False)])
+def test_decode_steps_match_the_torch_model(arch, fused, monkeypatch):
+    """`fused`: projections through the fused GEMV kernels (small batches) or cuBLAS + separate norm/SiLU."""
+    monkeypatch.setattr(cuda_graph_runner, "FUSED_MAX_BATCH", 8 if fused else 0)
     model = _model(arch)
     page_size, num_pages = 4, 40
     engine_cfg = EngineConfig(device=DEVICE, dtype="float32", max_num_seqs=4)
