@@ -5,6 +5,9 @@ GGUF conversion (dequantizing, building the tokenizer from metadata) takes many 
 safetensors plus tokenizer files under `weights_cache_dir` (default ~/.cache/treadle), keyed by the source's path,
 size, mtime and the dtype; a second start only memory-loads that. HF directories are already safetensors and load
 directly, so they are not copied into the cache.
+
+Serving a GGUF in bfloat16 on CPU keeps its Q4_0/Q4_1 matrices 4-bit (models/int4_cpu.py): as exact as
+dequantizing them to bfloat16 and several times faster. float32 always dequantizes (the exact reference path).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tqdm import tqdm
 from .config import EngineConfig, ModelConfig
 from .models.gguf_weights import gguf_model_config, gguf_state_dict
 from .models.hf_weights import hf_model_config, hf_state_dict
+from .models.int4_cpu import adopt_int4_linears
 from .models.llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
 
@@ -71,7 +75,8 @@ def load_model(cfg: EngineConfig, progress: bool = True) -> LoadedModel:
         state = hf_state_dict(path, config, dtype, device, progress)
         name = os.path.basename(os.path.normpath(path))
     elif os.path.isfile(path):
-        config, tokenizer, state = _load_gguf_cached(path, cfg, progress)
+        int4 = device.type == "cpu" and dtype == torch.bfloat16
+        config, tokenizer, state = _load_gguf_cached(path, cfg, int4, progress)
         name = gguf_model_name(path)
     else:
         raise FileNotFoundError(f"model not found: {path}")
@@ -88,51 +93,67 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.de
     """Construct on the meta device (no init cost) and adopt the loaded tensors as parameters."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    adopt_int4_linears(model, state)
     model.load_state_dict(state, strict=True, assign=True)
     return model.requires_grad_(False).to(device).eval()
 
 
-def cache_dir(cfg: EngineConfig, path: str) -> str:
-    """Where the converted form of `path` at `cfg.dtype` lives; any change to the source file changes the key."""
+def cache_dirs(cfg: EngineConfig, path: str, int4: bool) -> tuple[str, str]:
+    """(tokenizer + model config, converted weights) cache directories for the GGUF at `path`.
+
+    The first is keyed by the source file (path, size, mtime), so every dtype shares one tokenizer conversion; the
+    second lives inside it, keyed by the dtype. Packed int4 weights are in torch's own CPU layout, so their key
+    also names the torch version."""
     st = os.stat(path)
-    key = f"{CACHE_FORMAT}|{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}|{cfg.dtype}"
+    source = f"{CACHE_FORMAT}|{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
     root = cfg.weights_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "treadle")
-    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest()[:24])
+    source_dir = os.path.join(root, hashlib.sha256(source.encode()).hexdigest()[:24])
+    variant = f"{cfg.dtype}-int4-torch{torch.__version__}" if int4 else cfg.dtype
+    return source_dir, os.path.join(source_dir, variant)
 
 
 def _load_gguf_cached(
-    path: str, cfg: EngineConfig, progress: bool
+    path: str, cfg: EngineConfig, int4: bool, progress: bool
 ) -> tuple[ModelConfig, Tokenizer, dict[str, torch.Tensor]]:
-    target = cache_dir(cfg, path)
-    if os.path.isdir(target):
-        with open(os.path.join(target, "model_config.json")) as f:
+    source_dir, weights_dir = cache_dirs(cfg, path, int4)
+    meta_dir = os.path.join(source_dir, "meta")
+    reader = None
+    if os.path.isdir(meta_dir):
+        with open(os.path.join(meta_dir, "model_config.json")) as f:
             config = ModelConfig(**json.load(f))
-        tokenizer = Tokenizer.from_pretrained(os.path.join(target, "tokenizer"), config.eos_token_ids)
+        tokenizer = Tokenizer.from_pretrained(meta_dir, config.eos_token_ids)
+    else:
+        reader = GGUFReader(path)
+        config = gguf_model_config(reader)
+        tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)
+        _write_atomically(meta_dir, lambda tmp: _save_meta(tmp, config, tokenizer))
+    if os.path.isdir(weights_dir):
         state = {}
-        with safe_open(os.path.join(target, "model.safetensors"), framework="pt") as st:
+        with safe_open(os.path.join(weights_dir, "model.safetensors"), framework="pt") as st:
             for key in tqdm(list(st.keys()), desc="Loading cached weights", unit="tensor", disable=not progress):
                 state[key] = st.get_tensor(key)
-        return config, tokenizer, state
-    reader = GGUFReader(path)
-    config = gguf_model_config(reader)
-    state = gguf_state_dict(reader, config, torch_dtype(cfg.dtype), progress)
-    tokenizer = Tokenizer.from_gguf(path, config.eos_token_ids)
-    _write_cache(target, config, tokenizer, state)
+    else:
+        state = gguf_state_dict(reader or GGUFReader(path), config, torch_dtype(cfg.dtype), progress, int4)
+        _write_atomically(weights_dir, lambda tmp: save_file(state, os.path.join(tmp, "model.safetensors")))
     return config, tokenizer, state
 
 
-def _write_cache(target: str, config: ModelConfig, tokenizer: Tokenizer, state: dict[str, torch.Tensor]) -> None:
-    """Write into a private temporary directory and rename it into place, so readers never see a partial cache."""
+def _save_meta(directory: str, config: ModelConfig, tokenizer: Tokenizer) -> None:
+    with open(os.path.join(directory, "model_config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f)
+    tokenizer.save(directory)
+
+
+def _write_atomically(target: str, write) -> None:
+    """Let `write` fill a private temporary directory, then rename it into place: readers never see a partial
+    cache. A failure only costs the next start a conversion, so it warns rather than raises."""
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         os.makedirs(tmp, exist_ok=True)
-        save_file(state, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f)
-        tokenizer.save(os.path.join(tmp, "tokenizer"))
+        write(tmp)
         os.rename(tmp, target)
     except OSError as e:
         if not os.path.isdir(target):  # a concurrent writer finishing first is fine; anything else is worth a word
-            warnings.warn(f"could not cache converted weights in {target}: {e}", stacklevel=2)
+            warnings.warn(f"could not write the model cache {target}: {e}", stacklevel=3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

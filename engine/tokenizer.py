@@ -78,5 +78,5 @@ class Tokenizer:
                 tokenize=False,
                 **kwargs,
             )
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError) as e:  # TypeError: e.g. the template adds a str to a content list
             raise ChatTemplateError(f"chat template error: {e}") from None

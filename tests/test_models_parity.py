@@ -11,8 +11,9 @@ import torch
 from treadle.engine import loader as loader_module
 from treadle.engine.batch import SeqChunk
 from treadle.engine.config import EngineConfig
-from treadle.engine.loader import cache_dir, default_model_path, load_model
+from treadle.engine.loader import cache_dirs, default_model_path, load_model
 from treadle.engine.model_runner import ModelRunner
+from treadle.engine.models.int4_cpu import Int4Linear
 
 NUM_SLOTS = 2048
 NEW_TOKENS = 32
@@ -20,7 +21,6 @@ MESSAGES = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "Explain in two sentences why the sky is blue, and mention Rayleigh scattering.",
-    "List three prime numbers.",
 ]
 
 
@@ -160,7 +160,7 @@ def test_logits_only_for_requested_rows(runner, prompts):
 
 
 def test_second_load_hits_cache(engine_config, loaded, monkeypatch):
-    assert os.path.isdir(cache_dir(engine_config, default_model_path()))
+    assert all(os.path.isdir(d) for d in cache_dirs(engine_config, default_model_path(), int4=False))
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("GGUF was converted again instead of read from the cache")
@@ -184,5 +184,21 @@ def test_second_load_hits_cache(engine_config, loaded, monkeypatch):
 
 
 def test_cache_key_follows_dtype(engine_config):
+    path = default_model_path()
     bf16 = EngineConfig(dtype="bfloat16", weights_cache_dir=engine_config.weights_cache_dir)
-    assert cache_dir(bf16, default_model_path()) != cache_dir(engine_config, default_model_path())
+    (meta32, weights32), (meta16, weights16) = cache_dirs(engine_config, path, False), cache_dirs(bf16, path, False)
+    assert meta32 == meta16 and weights32 != weights16 != cache_dirs(bf16, path, True)[1]
+
+
+def test_bfloat16_on_cpu_serves_q4_matrices_4bit(engine_config, runner, prompts):
+    """bfloat16 keeps the GGUF's Q4_1 projections 4-bit; its next-token distribution tracks the fp32 reference."""
+    bf16 = EngineConfig(dtype="bfloat16", weights_cache_dir=engine_config.weights_cache_dir)
+    loaded = load_model(bf16, progress=False)
+    projections = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert all(isinstance(getattr(layer, n), Int4Linear) for layer in loaded.model.layers for n in projections)
+    quantized = ModelRunner(loaded.model, loaded.config, bf16, NUM_SLOTS)
+    for p in prompts:
+        chunk = SeqChunk(p, list(range(len(p))), list(range(len(p))), True)
+        ref, got = runner.execute([chunk])[0], quantized.execute([chunk])[0]
+        assert int(ref.argmax()) in got.topk(3).indices.tolist()
+        assert torch.corrcoef(torch.stack([ref, got]))[0, 1] > 0.99

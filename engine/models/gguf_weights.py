@@ -15,6 +15,7 @@ from gguf.quants import dequantize
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from .int4_cpu import pack_int4, packable, q4_blocks
 from .llama import o_proj_has_bias
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -90,21 +91,43 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def gguf_state_dict(
-    reader: GGUFReader, cfg: ModelConfig, dtype: torch.dtype, progress: bool = True
+    reader: GGUFReader, cfg: ModelConfig, dtype: torch.dtype, progress: bool = True, int4: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor to `dtype` on CPU, fusing q/k/v and gate/up, in LlamaForCausalLM's names."""
+    """Dequantize every tensor to `dtype` on CPU, fusing q/k/v and gate/up, in LlamaForCausalLM's names.
+
+    With `int4`, projections stored as Q4_0/Q4_1 stay 4-bit (`<name>.qweight` and `.scales_zeros` for Int4Linear).
+    """
     tensors = {t.name: t for t in reader.tensors}
     permute = cfg.architecture == "llama"
 
-    def load(name: str, heads: int | None = None) -> np.ndarray:
+    def tensor(name: str):
         t = tensors.get(name)
         if t is None:
             raise GGUFFormatError(f"GGUF lacks tensor {name}")
+        return t
+
+    def load(name: str, heads: int | None = None) -> np.ndarray:
+        t = tensor(name)
         w = dequantize(t.data, t.tensor_type)
         return _unpermute(w, heads) if permute and heads else w
 
     def out(arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.require(arr, np.float32, ["C", "W"])).to(dtype)
+
+    def projection(prefix: str, parts: list[tuple[str, int | None]]) -> dict[str, torch.Tensor]:
+        """One (possibly fused) projection's weights: rows of `parts` stacked in order."""
+        ts = [tensor(name) for name, _ in parts]
+        if int4 and packable([t.tensor_type for t in ts], sum(int(t.shape[1]) for t in ts)):
+            blocks = []
+            for name, heads in parts:
+                t = tensor(name)
+                q, scale, zero = q4_blocks(t.data, t.tensor_type)
+                if permute and heads:
+                    q, scale, zero = (_unpermute(a, heads) for a in (q, scale, zero))
+                blocks.append((q, scale, zero))
+            packed = pack_int4(*(np.concatenate(arrays) for arrays in zip(*blocks)))
+            return {f"{prefix}.{key}": value for key, value in packed.items()}
+        return {f"{prefix}.weight": out(np.concatenate([load(name, heads) for name, heads in parts]))}
 
     sd = {"embed_tokens.weight": out(load("token_embd.weight")), "norm.weight": out(load("output_norm.weight"))}
     if not cfg.tie_word_embeddings:
@@ -113,22 +136,16 @@ def gguf_state_dict(
         b, p = f"blk.{i}.", f"layers.{i}."
         sd[p + "input_norm.weight"] = out(load(b + "attn_norm.weight"))
         sd[p + "post_attention_norm.weight"] = out(load(b + "ffn_norm.weight"))
-        for suffix in ("weight", "bias") if cfg.attention_bias else ("weight",):
-            sd[p + f"qkv_proj.{suffix}"] = out(
-                np.concatenate(
-                    [
-                        load(b + f"attn_q.{suffix}", cfg.num_heads),
-                        load(b + f"attn_k.{suffix}", cfg.num_kv_heads),
-                        load(b + f"attn_v.{suffix}"),
-                    ]
-                )
-            )
-        sd[p + "o_proj.weight"] = out(load(b + "attn_output.weight"))
+        qkv = [(b + "attn_q", cfg.num_heads), (b + "attn_k", cfg.num_kv_heads), (b + "attn_v", None)]
+        sd.update(projection(p + "qkv_proj", [(name + ".weight", heads) for name, heads in qkv]))
+        if cfg.attention_bias:
+            sd[p + "qkv_proj.bias"] = out(np.concatenate([load(name + ".bias", heads) for name, heads in qkv]))
+        sd.update(projection(p + "o_proj", [(b + "attn_output.weight", None)]))
         if o_proj_has_bias(cfg):
             sd[p + "o_proj.bias"] = out(load(b + "attn_output.bias"))
         if cfg.qk_norm:
             sd[p + "q_norm.weight"] = out(load(b + "attn_q_norm.weight"))
             sd[p + "k_norm.weight"] = out(load(b + "attn_k_norm.weight"))
-        sd[p + "gate_up_proj.weight"] = out(np.concatenate([load(b + "ffn_gate.weight"), load(b + "ffn_up.weight")]))
-        sd[p + "down_proj.weight"] = out(load(b + "ffn_down.weight"))
+        sd.update(projection(p + "gate_up_proj", [(b + "ffn_gate.weight", None), (b + "ffn_up.weight", None)]))
+        sd.update(projection(p + "down_proj", [(b + "ffn_down.weight", None)]))
     return sd

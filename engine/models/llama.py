@@ -57,14 +57,16 @@ class DecoderLayer(nn.Module):
         attn: AttentionMetadata,
         kv: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        t = x.shape[0]
+        t, h, qk_size = x.shape[0], self.num_heads, self.q_size + self.kv_size
         qkv = self.qkv_proj(self.input_norm(x))
-        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is None:  # q and k heads are adjacent: rotate them in one pass
+            qk = apply_rotary(qkv[:, :qk_size].view(t, h + self.num_kv_heads, self.head_dim), cos, sin)
+            q, k = qk[:, :h], qk[:, h:]
+        else:
+            q = self.q_norm(qkv[:, : self.q_size].view(t, h, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size : qk_size].view(t, self.num_kv_heads, self.head_dim))
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         x = x + self.o_proj(paged_attention(q, k, v, kv[0], kv[1], attn, self.scale))
         gate, up = self.gate_up_proj(self.post_attention_norm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,91 @@
+"""ModelRunner step times on the default model: decode at several batch sizes and a short prefill, per dtype.
+
+    python benchmarks/runner_step.py                      # float32 and bfloat16, batch 1/4/16, 128-token contexts
+    python benchmarks/runner_step.py --dtypes bfloat16 --batches 1,16 --context 512
+
+Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
+median step time gives ms/step and tokens/s (batch / step time). `prefill 40` is one fresh 40-token prompt (the
+runner's share of TTFT). Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from treadle.engine.batch import SeqChunk
+from treadle.engine.config import EngineConfig
+from treadle.engine.loader import load_model
+from treadle.engine.model_runner import ModelRunner
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_dtype(dtype: str, batches: list[int], context: int, steps: int, threads: int | None) -> list[dict]:
+    cfg = EngineConfig(dtype=dtype, num_threads=threads)
+    loaded = load_model(cfg, progress=False)
+    span = context + steps + 1
+    runner = ModelRunner(loaded.model, loaded.config, cfg, num_slots=max(batches) * span + 64)
+    gen = torch.Generator().manual_seed(0)
+    vocab = loaded.tokenizer.vocab_size
+    rows = []
+
+    prompt = torch.randint(3, vocab, (40,), generator=gen).tolist()
+    warm = SeqChunk(prompt, list(range(40)), list(range(40)), True)
+    for _ in range(2):
+        runner.execute([warm])
+    times = [timed(lambda: runner.execute([warm])) for _ in range(5)]
+    rows.append({"dtype": dtype, "kind": "prefill 40", "batch": 1, "ms": 1000 * statistics.median(times)})
+
+    for batch in batches:
+        seqs = [torch.randint(3, vocab, (context,), generator=gen).tolist() for _ in range(batch)]
+        slots = [list(range(i * span, (i + 1) * span)) for i in range(batch)]
+        for ids, s in zip(seqs, slots):
+            runner.execute([SeqChunk(ids, list(range(context)), s[:context], True)])
+        step_times = []
+        for step in range(steps):
+            n = context + step
+            chunks = [SeqChunk([ids[step % context]], [n], s[: n + 1], True) for ids, s in zip(seqs, slots)]
+            step_times.append(timed(lambda: runner.execute(chunks)))
+        ms = 1000 * statistics.median(step_times[2:])  # the first steps pay one-time allocation and page faults
+        rows.append(
+            {"dtype": dtype, "kind": f"decode @{context}", "batch": batch, "ms": ms, "tok_s": batch * 1000 / ms}
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    ap.add_argument("--out", default="bench_results/runner_step.json")
+    args = ap.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    rows = []
+    for dtype in args.dtypes.split(","):
+        rows += bench_dtype(dtype, batches, args.context, args.steps, args.threads)
+
+    print(f"{'dtype':<10} {'kind':<12} {'batch':>5} {'ms/step':>9} {'tok/s':>8}")
+    for r in rows:
+        tok_s = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
+        print(f"{r['dtype']:<10} {r['kind']:<12} {r['batch']:>5} {r['ms']:>9.1f} {tok_s:>8}")
+    meta = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "context": args.context, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""4-bit GGUF weights kept 4-bit on CPU, multiplied by torch's int4 weight-only CPU kernel.
+
+GGUF Q4_0 / Q4_1 blocks are 32 consecutive input weights sharing a scale (and a minimum for Q4_1). That is exactly
+torch's int4 group format with group size 32, where a weight is (q - 8) * scale + zero, so these matrices are
+served from their stored 4-bit values: the only rounding is the scale and zero going to bfloat16, the same
+relative error as dequantizing the weights to bfloat16, while the matmul reads a quarter of the bytes and runs
+about three times faster at decode batch sizes on this class of CPU (benchmarks/runner_step.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import nn
+
+GROUP = 32
+Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
+
+
+def packable(qtypes: list[GGMLQuantizationType], out_features: int) -> bool:
+    """Whether a matrix stored as `qtypes` (its fused parts) can be served by Int4Linear: torch's packing wants
+    the output dimension in tiles of 16."""
+    return all(t in Q4_TYPES for t in qtypes) and out_features % 16 == 0
+
+
+def q4_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw GGUF rows [N, bytes] -> (q uint8 [N, K] in 0..15, scale float32 [N, K/32], zero float32 [N, K/32]),
+    such that weight = (q - 8) * scale + zero."""
+    n = data.shape[0]
+    blocks = np.asarray(data).reshape(n, -1, 20 if qtype == GGMLQuantizationType.Q4_1 else 18)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if qtype == GGMLQuantizationType.Q4_1:  # weight = d * q + m
+        zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * scale
+        qs = blocks[..., 4:]
+    else:  # Q4_0: weight = d * (q - 8)
+        zero = np.zeros_like(scale)
+        qs = blocks[..., 2:]
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # low nibbles are elements 0..15, high ones 16..31
+    return q.reshape(n, -1), scale, zero
+
+
+def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> dict[str, torch.Tensor]:
+    """The Int4Linear buffers for [N, K] q values and their [N, K/32] scales and zeros."""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
+    scales_zeros = torch.from_numpy(np.stack([scale, zero], axis=-1).transpose(1, 0, 2).copy())
+    return {"qweight": packed, "scales_zeros": scales_zeros.to(torch.bfloat16)}
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T (+ b) for bfloat16 x with W in torch's packed int4 CPU layout (group size 32)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.bfloat16)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, GROUP, self.scales_zeros)
+        return y if self.bias is None else y + self.bias
+
+
+def adopt_int4_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Swap each nn.Linear whose weights arrive as `<name>.qweight` for an Int4Linear of the same shape."""
+    for key in state:
+        if key.endswith(".qweight"):
+            parent_name, _, child = key[: -len(".qweight")].rpartition(".")
+            parent = model.get_submodule(parent_name)
+            dense = getattr(parent, child)
+            with torch.device("meta"):
+                setattr(parent, child, Int4Linear(dense.in_features, dense.out_features, dense.bias is not None))

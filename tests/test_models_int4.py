@@ -1,0 +1,49 @@
+"""GGUF Q4_0 / Q4_1 matrices served 4-bit on CPU agree with the gguf package's own dequantization."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from treadle.engine.models.int4_cpu import Int4Linear, pack_int4, packable, q4_blocks
+
+
+@pytest.fixture(params=[GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1], ids=["Q4_0", "Q4_1"])
+def stored(request):
+    rng = np.random.default_rng(0)
+    # Per-row offsets make the Q4_1 minimums matter.
+    w = (0.05 * rng.standard_normal((96, 128)) + rng.uniform(-0.03, 0.03, (96, 1))).astype(np.float32)
+    raw = quantize(w, request.param)
+    return raw, request.param, dequantize(raw, request.param)
+
+
+def test_block_parsing_reproduces_dequantization(stored):
+    raw, qtype, reference = stored
+    q, scale, zero = q4_blocks(raw, qtype)
+    assert q.min() >= 0 and q.max() <= 15
+    ours = (q.reshape(96, -1, 32) - 8.0) * scale[..., None] + zero[..., None]
+    np.testing.assert_allclose(ours.reshape(96, 128), reference, rtol=0, atol=1e-6)
+
+
+def test_int4_linear_matches_dequantized_matmul(stored):
+    raw, qtype, reference = stored
+    layer = Int4Linear(128, 96, bias=True)
+    for name, value in pack_int4(*q4_blocks(raw, qtype)).items():
+        setattr(layer, name, value)
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(1))
+    layer.bias = torch.nn.Parameter(bias.bfloat16(), requires_grad=False)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expected = x.float() @ torch.from_numpy(reference).T + bias.bfloat16().float()
+    got = layer(x).float()
+    # bfloat16 activations, scales and output: about 3 significant digits.
+    assert (got - expected).abs().max() <= 1e-2 * expected.abs().max()
+
+
+def test_only_tileable_q4_matrices_are_packed():
+    q4, q8 = GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0
+    assert packable([q4, q4, GGMLQuantizationType.Q4_0], 960)
+    assert not packable([q4, q8], 960)
+    assert not packable([q4], 968)
