@@ -432,7 +432,7 @@ class GrammarIR:
         changed = True
         while changed:
             changed = False
-            for r in range(n_rules):
+            for r in reversed(range(n_rules)):  # children are mostly discovered after parents
                 if nullable[r]:
                     continue
                 s0 = self.rule_base[r]
@@ -461,7 +461,7 @@ class GrammarIR:
         changed = True
         while changed:
             changed = False
-            for r in range(n_rules):
+            for r in reversed(range(n_rules)):
                 if productive[r]:
                     continue
                 s0 = self.rule_base[r]
@@ -635,7 +635,11 @@ class GrammarIR:
     def _find_cyclic(self) -> list[bool]:
         """Marks rules that can reach themselves through references (Tarjan's SCC, iteratively)."""
         n = len(self.rule_names)
-        kids = [self._children(self._own(r)) for r in range(n)]
+        kids = []
+        for r in range(n):
+            base, end = self.rule_base[r], self.rule_base[r + 1]
+            rep = self.rep_of[base]
+            kids.append([rep[0]] if rep is not None else sorted({r2 for s in range(base, end) for r2 in self.rnext[s]}))
         index = [-1] * n
         low = [0] * n
         on = [False] * n

@@ -52,11 +52,17 @@ def walk(
         unk = cfg == UNKNOWN
         if unk.any():
             todo = pc[unk]
-            if not (todo == todo[0]).all():
-                todo = np.sort(todo)
-                todo = todo[np.concatenate([[True], todo[1:] != todo[:-1]])]
-            for k in (todo.tolist() if len(todo) > 1 else [int(todo[0])]):
-                space.fill_row(k)
+            if len(todo) <= 64:  # few missing transitions: compute just those
+                for k, b in set(zip(todo.tolist(), byt[unk].tolist())):
+                    space.step(k, b)
+            else:  # many: fill whole rows, each distinct outcome closed once
+                if (todo == todo[0]).all():
+                    todo = todo[:1]
+                else:
+                    todo = np.sort(todo)
+                    todo = todo[np.concatenate([[True], todo[1:] != todo[:-1]])]
+                for k in todo.tolist():
+                    space.fill_row(k)
             cfg = space.table[pc, byt]
             can_end = space.can_end_arr
         alive = cfg >= 0

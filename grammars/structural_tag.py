@@ -62,19 +62,36 @@ class _Lowering:
         self.spliced: dict[tuple, str] = {}
 
     def new_rule(self, expr, hint: str) -> str:
-        name = f"st{len(self.rules)}_{hint}"
+        k = len(self.rules)
+        while f"st{k}_{hint}" in self.rules:
+            k += 1
+        name = f"st{k}_{hint}"
         self.rules[name] = expr
         return name
 
     def splice(self, kind: str, key: str, ebnf_fn) -> Ref:
-        """Adds a sub-grammar's rules under a fresh prefix (once per distinct input); returns its root."""
+        """Adds a sub-grammar's rules (once per distinct input); returns a reference to its root.
+
+        A rule keeps its name when the grammar already has that name with an identical definition (after
+        renaming references), so helpers shared by many tool schemas (whitespace, strings, numbers) exist
+        once; a clashing name gets a fresh prefix. Names only ever move to fresh ones, so this settles.
+        """
         hit = self.spliced.get((kind, key))
         if hit is None:
             g = parse_ebnf(ebnf_fn())
             prefix = f"g{len(self.spliced)}_"
-            for name, expr in g.rules.items():
-                self.rules[prefix + name] = _rename(expr, prefix)
-            hit = self.spliced[(kind, key)] = prefix + g.root
+            names = {n: n for n in g.rules}
+            changed = True
+            while changed:
+                changed = False
+                for n, expr in g.rules.items():
+                    if names[n] == n and n in self.rules and self.rules[n] != _rename(expr, names):
+                        names[n] = prefix + n
+                        changed = True
+            for n, expr in g.rules.items():
+                if names[n] not in self.rules:
+                    self.rules[names[n]] = _rename(expr, names)
+            hit = self.spliced[(kind, key)] = names[g.root]
         return Ref(hit)
 
     def lower(self, f, end_excludes: tuple[bytes, ...] = ()):
@@ -210,25 +227,23 @@ def _list(f: dict, key: str) -> list:
     return v
 
 
-def _rename(e, prefix: str):
+def _rename(e, names: dict[str, str]):
     if isinstance(e, Ref):
-        return Ref(prefix + e.name)
+        return Ref(names[e.name])
     if isinstance(e, (Seq, Alt)):
-        return type(e)(tuple(_rename(i, prefix) for i in e.items))
+        return type(e)(tuple(_rename(i, names) for i in e.items))
     if isinstance(e, Rep):
-        return Rep(_rename(e.item, prefix), e.lo, e.hi)
+        return Rep(_rename(e.item, names), e.lo, e.hi)
     if isinstance(e, TagDispatch):
-        return TagDispatch(tuple((t, prefix + r) for t, r in e.pairs), e.loop, e.excludes)
+        return TagDispatch(tuple((t, names[r]) for t, r in e.pairs), e.loop, e.excludes)
     return e
 
 
 def structural_tag_to_grammar(text: str) -> Grammar:
-    """Lowers canonical structural-tag JSON (see structural_tag_args_to_json) to a grammar rooted at 'root'."""
+    """Lowers canonical structural-tag JSON (see structural_tag_args_to_json) to a grammar."""
     tag = json.loads(text)
     if tag.get("type", "structural_tag") != "structural_tag" or "format" not in tag:
         raise GrammarError("a structural tag needs type 'structural_tag' and a 'format'")
     low = _Lowering()
-    root = low.lower(tag["format"])
-    rules = {"root": root}
-    rules.update(low.rules)
-    return Grammar(rules, "root", {})
+    root = low.new_rule(low.lower(tag["format"]), "root")
+    return Grammar(low.rules, root, {})
