@@ -94,9 +94,6 @@ class CharSet:
             out.append((start, MAX_CODE_POINT))
         return CharSet.from_ranges(out)
 
-    def size(self) -> int:
-        return sum(hi - lo + 1 for lo, hi in self.ranges)
-
     def single(self) -> int | None:
         """The only member, if there is exactly one."""
         if len(self.ranges) == 1 and self.ranges[0][0] == self.ranges[0][1]:

@@ -15,7 +15,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from .charset import ANY_CHAR, CharSet
+from .charset import CharSet
 from .errors import GrammarError
 
 
@@ -344,6 +344,3 @@ def _derives(expr: Expr, productive: set[str]) -> bool:
     if isinstance(expr, Repeat):
         return expr.lo == 0 or _derives(expr.body, productive)
     return True
-
-
-ANY = Chars(ANY_CHAR)
