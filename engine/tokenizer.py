@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import jinja2
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 class ChatTemplateError(ValueError):
@@ -42,13 +42,13 @@ class Tokenizer:
         """
         if os.path.isfile(os.path.join(path, "tokenizer.json")):
             return cls(PreTrainedTokenizerFast.from_pretrained(path), eos_token_ids)
-        return cls(AutoTokenizer.from_pretrained(path), eos_token_ids)
+        return cls(_auto_tokenizer().from_pretrained(path), eos_token_ids)
 
     @classmethod
     def from_gguf(cls, path: str, eos_token_ids: list[int] | None = None) -> "Tokenizer":
         """Build from GGUF metadata (vocab, merges, special ids, chat template); slow, so the loader caches it."""
         directory, name = os.path.split(os.path.abspath(path))
-        return cls(AutoTokenizer.from_pretrained(directory, gguf_file=name), eos_token_ids)
+        return cls(_auto_tokenizer().from_pretrained(directory, gguf_file=name), eos_token_ids)
 
     def save(self, directory: str) -> None:
         """Write tokenizer.json and friends so `from_pretrained(directory)` restores this tokenizer quickly."""
@@ -80,3 +80,11 @@ class Tokenizer:
             )
         except (jinja2.TemplateError, TypeError) as e:  # TypeError: e.g. the template adds a str to a content list
             raise ChatTemplateError(f"chat template error: {e}") from None
+
+
+def _auto_tokenizer():
+    """AutoTokenizer, imported on first use: its model registry costs seconds of start-up that a cached model
+    (loaded through PreTrainedTokenizerFast) never needs."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
