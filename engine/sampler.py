@@ -169,46 +169,50 @@ class Sampler:
         ban_rows, ban_cols = self._min_tokens_bans(states)
         if not (rep_rows or count_rows or ban_rows or bitmask is not None):
             return logits
-        x = logits.clone()
+        # Flat views: gather/scatter on them never sync the host on CUDA, unlike index_put with accumulate.
+        x = logits.clone(memory_format=torch.contiguous_format)
+        flat_x = x.view(-1)
         if rep_rows:
             sub = [states[i] for i in rep_rows]
-            group, rows, cols = self._flat_index(rep_rows, [s.seen_tokens() for s in sub])
-            penalty = torch.tensor([s.params.repetition_penalty for s in sub], device=self.device)[group]
-            seen = x[rows, cols]
+            group, idx = self._flat_index(rep_rows, [s.seen_tokens() for s in sub])
+            penalty = self._values([s.params.repetition_penalty for s in sub])[group]
+            seen = flat_x.gather(0, idx)
             # HF semantics: a seen token's logit moves towards less likely (divided if positive, else multiplied).
             # Repeated ids write the same value, so each token is penalised once.
-            x[rows, cols] = torch.where(seen < 0, seen * penalty, seen / penalty)
+            flat_x.scatter_(0, idx, torch.where(seen < 0, seen * penalty, seen / penalty))
         if count_rows:
             sub = [states[i] for i in count_rows]
-            group, rows, cols = self._flat_index(count_rows, [s.output_tokens() for s in sub])
-            freq = torch.tensor([s.params.frequency_penalty for s in sub], device=self.device)[group]
-            pres = torch.tensor([s.params.presence_penalty for s in sub], device=self.device)[group]
-            x[rows, cols] = x[rows, cols] - pres  # once per distinct token: repeats write the same value
-            x.index_put_((rows, cols), -freq, accumulate=True)  # once per occurrence
+            group, idx = self._flat_index(count_rows, [s.output_tokens() for s in sub])
+            presence = self._values([s.params.presence_penalty for s in sub])[group]
+            frequency = self._values([s.params.frequency_penalty for s in sub])[group]
+            flat_x.scatter_(0, idx, flat_x.gather(0, idx) - presence)  # once per distinct token
+            flat_x.scatter_add_(0, idx, -frequency)  # once per occurrence
         if ban_rows:
             r = torch.tensor(ban_rows, device=self.device)
             c = torch.tensor(ban_cols, device=self.device)
-            before_ban = x[r, c]
-            x[r, c] = -math.inf
+            ban = r * self.vocab_size + c
+            before_ban = flat_x.gather(0, ban)
+            flat_x.scatter_(0, ban, -math.inf)
         if bitmask is not None:
             bias = self._bitmask_bias(bitmask, len(states))
             x.add_(bias)  # an add is several times faster than masked_fill on CPU
             if ban_rows:
                 # A grammar that allows nothing but stop tokens outranks min_tokens: a row left with no token
                 # gets back the stop tokens its grammar allows.
-                dead = x.amax(dim=-1) == -math.inf
-                x[r, c] = torch.where(dead[r], before_ban + bias[r, c], -math.inf)
+                dead = (x.amax(dim=-1) == -math.inf)[r]
+                flat_x.scatter_(0, ban, torch.where(dead, before_ban + bias[r, c], -math.inf))
         return x
 
-    def _flat_index(
-        self, batch_rows: list[int], ids: list[np.ndarray]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Flatten per-row token ids: (index into the group, row in the batch, token id) per entry, in one upload."""
+    def _flat_index(self, batch_rows: list[int], ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every id of every row: its index in the group and its position in the flattened [B, V] logits.
+
+        Built on the host and uploaded in one copy.
+        """
         sizes = [len(a) for a in ids]
         group = np.repeat(np.arange(len(ids)), sizes)
-        flat = np.stack([group, np.asarray(batch_rows)[group], np.concatenate(ids)])
-        group_t, rows_t, cols_t = torch.from_numpy(flat).to(self.device).unbind(0)
-        return group_t, rows_t, cols_t
+        flat = np.asarray(batch_rows, dtype=np.int64)[group] * self.vocab_size + np.concatenate(ids)
+        both = torch.from_numpy(np.stack([group, flat])).to(self.device)
+        return both[0], both[1]
 
     def _min_tokens_bans(self, states: list[SeqSamplingState]) -> tuple[list[int], list[int]]:
         """(row, token) pairs to ban: stop tokens (and EOS unless ignored) while output < min_tokens."""
@@ -384,5 +388,8 @@ class Sampler:
             out[i] = TokenLogprobIds(chosen_ids[j], chosen[j], top)
         return out
 
+    def _values(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
     def _column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device).unsqueeze(1)
+        return self._values(values).unsqueeze(1)
