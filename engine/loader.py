@@ -80,7 +80,7 @@ def load_model(cfg: EngineConfig, progress: bool = True) -> LoadedModel:
         name = gguf_model_name(path)
     else:
         raise FileNotFoundError(f"model not found: {path}")
-    return LoadedModel(_build(config, state, device), config, tokenizer, cfg.served_model_name or name)
+    return LoadedModel(build_model(config, state, device), config, tokenizer, cfg.served_model_name or name)
 
 
 def gguf_model_name(path: str) -> str:
@@ -89,7 +89,7 @@ def gguf_model_name(path: str) -> str:
     return re.sub(r"[.-](?:i?q\d\w*|f\d+|bf16)$", "", stem, flags=re.IGNORECASE)
 
 
-def _build(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> LlamaForCausalLM:
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device) -> LlamaForCausalLM:
     """Construct on the meta device (no init cost) and adopt the loaded tensors as parameters."""
     with torch.device("meta"):
         model = LlamaForCausalLM(config)

@@ -27,7 +27,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None) -> to
     if rope_type == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
     if rope_type == "freq_factors":  # GGUF's rope_freqs tensor: per-frequency divisors (Llama 3.x in llama.cpp)
-        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32)
+        return inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
     raise ValueError(f"unsupported rope scaling type {rope_type!r} (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
 
 
