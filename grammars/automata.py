@@ -547,7 +547,7 @@ class GrammarIR:
         changed = True
         while changed:
             changed = False
-            for r in range(n_rules):
+            for r in reversed(range(n_rules)):
                 f = first_of_state(self.rule_base[r], first_rule)
                 if not f <= first_rule[r]:
                     first_rule[r] |= f
@@ -599,6 +599,24 @@ class GrammarIR:
         if own[0] == "rep":
             return [own[1][0]]
         return sorted({r2 for _, _, refs in own[1] for r2, _ in refs})
+
+    def reach_exceeds(self, r: int, limit: int) -> bool:
+        """Whether the rules reachable from r have more than `limit` states (hashing them would cost more
+        than the cross-grammar sharing of their classifications is likely to save)."""
+        seen, stack, total = {r}, [r], 0
+        while stack:
+            x = stack.pop()
+            base, end = self.rule_base[x], self.rule_base[x + 1]
+            total += end - base
+            if total > limit:
+                return True
+            rep = self.rep_of[base]
+            kids = (rep[0],) if rep is not None else {r2 for s in range(base, end) for r2 in self.rnext[s]}
+            for k in kids:
+                if k not in seen:
+                    seen.add(k)
+                    stack.append(k)
+        return False
 
     def rule_hash(self, r: int) -> bytes:
         """Digest of the sub-grammar reachable from r, independent of rule names and numbering.

@@ -139,5 +139,5 @@ class GrammarCompiler:
 
     def get_cache_size_bytes(self) -> int:
         grammars = sum(g.memory_size_bytes for g in self._grammars.values())
-        classes = sum(w.nbytes + u.nbytes for w, u in self._classes.values())
+        classes = sum(sum(a.nbytes for a in v) for v in self._classes.values())
         return grammars + classes + sys.getsizeof(self._classes)

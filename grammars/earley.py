@@ -24,13 +24,14 @@ class Config:
     """One interned Earley set. `scan` lists (byte->state table, origin, count) of every item that can scan."""
 
     __slots__ = ("id", "kernel", "roots", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply",
-                 "tok", "row_filled")
+                 "tok", "row_filled", "allowed")
 
     def __init__(self, cid: int, kernel: tuple, roots: tuple, selfs: frozenset, scan: list, can_end: bool):
         self.id = cid
         self.kernel = kernel
         self.roots = roots  # kernel items not merely reached by skipping a nullable rule: they cover the rest
         self.row_filled = False
+        self.allowed: frozenset | None = None
         self.selfs = selfs
         self.scan = scan
         self.can_end = can_end
@@ -203,8 +204,10 @@ class Space:
         self.can_end_arr[cid] = can_end
         return cid
 
-    def allowed_bytes(self, cid: int) -> set[int]:
-        out: set[int] = set()
-        for bn, _, _ in self.configs[cid].scan:
-            out.update(bn)
-        return out
+    def allowed(self, cid: int) -> frozenset:
+        """The bytes that can come next from a configuration."""
+        cfg = self.configs[cid]
+        if cfg.allowed is None:
+            scan = cfg.scan
+            cfg.allowed = frozenset(scan[0][0]) if len(scan) == 1 else frozenset().union(*(bn for bn, _, _ in scan))
+        return cfg.allowed

@@ -116,6 +116,7 @@ def _fmt(e) -> str:
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _RULE_START = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*[ \t]*::=")
 _INT = re.compile(r"[0-9]+")
+_STRING = re.compile(r'"((?:[^"\\\n]|\\[^\n])*)"')
 _SPACE = re.compile(r"(?:\s|#[^\n]*)*")
 _SIMPLE_ESCAPES = {
     "n": 0x0A, "r": 0x0D, "t": 0x09, "f": 0x0C, "v": 0x0B, "0": 0x00, "b": 0x08, "a": 0x07, "e": 0x1B,
@@ -291,15 +292,21 @@ class _Parser:
 
     def string(self) -> Lit:
         start = self.pos
-        self.pos += 1
-        out = []
-        while self.peek() != '"':
-            if self.peek() in ("", "\n"):
-                raise self.error("unterminated string literal", start)
-            out.append(chr(self.char('"')))
-        self.pos += 1
+        m = _STRING.match(self.text, self.pos)
+        if m is None:
+            end = self.text.find("\n", start)
+            self.pos = len(self.text) if end < 0 else end
+            raise self.error("unterminated string literal", start)
+        body = m.group(1)
+        if "\\" in body:
+            self.pos = start + 1
+            out = []
+            while self.pos < m.end() - 1:
+                out.append(chr(self.char('"')))
+            body = "".join(out)
+        self.pos = m.end()
         try:
-            return Lit("".join(out).encode("utf-8"))
+            return Lit(body.encode("utf-8"))
         except UnicodeEncodeError:
             raise self.error("string literal contains a surrogate code point", start) from None
 

@@ -13,41 +13,96 @@ memoized configuration transitions.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .earley import ROOT, UNKNOWN, Space
 from .vocab import VocabIndex
 
+HASH_LIMIT_STATES = 4000  # rules reaching more states are keyed per grammar instead of hashed
+_GRAMMAR_IDS = itertools.count()
 
-def walk(
-    space: Space, vocab: VocabIndex, start: int, follow: np.ndarray | None, cand: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+
+SMALL_FRONTIER = 12  # below this many trie nodes a level is stepped in Python, above with numpy
+
+
+def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndarray | None = None):
     """Runs every vocabulary string (or only those flagged in `cand`) from configuration `start`.
 
-    Returns boolean arrays over sorted strings: accepted (all bytes consumed), and uncertain (the bottom
-    item's rule ended before the token did, followed by a byte in `follow`; only when `follow` is given).
+    Returns a boolean array over sorted strings (accepted: all bytes consumed) and, when `exits`, the
+    exits as arrays (lo, hi, byte): the strings in [lo, hi) pass a point where the bottom item's rule has
+    ended and `byte` comes next.
+    The trie is walked level by level; wide levels (string bodies) go through numpy gathers, narrow ones
+    (literals, keys) through Python, which only visits children whose byte the configuration allows.
     """
     n = vocab.n
     acc = np.zeros(n + 1, dtype=bool)
-    unc = np.zeros(n + 1, dtype=np.int32)
+    ex_lo: list = []
+    ex_hi: list = []
+    ex_b: list = []
     levels = vocab.levels
-    can_end = space.can_end_arr
-    nodes = np.arange(len(levels[0].lo))
-    if cand is not None:
-        cum = np.concatenate([[0], np.cumsum(cand)])
+    configs = space.configs
+    cum = None if cand is None else np.concatenate([[0], np.cumsum(cand)])
+    all_bytes = frozenset(range(256))
+    first = space.allowed(start)
+    if len(first) <= SMALL_FRONTIER:
+        nodes = vocab.first_node[sorted(first)]
+        nodes = nodes[nodes >= 0]
+    else:
+        nodes = np.arange(len(levels[0].lo))
+    if cum is not None:
         lvl = levels[0]
-        nodes = nodes[cum[lvl.hi] > cum[lvl.lo]]
+        nodes = nodes[cum[lvl.hi[nodes]] > cum[lvl.lo[nodes]]]
     pc = np.full(len(nodes), start, dtype=np.int64)
     depth = 0
-    while True:
+    while len(nodes):
         lvl = levels[depth]
+        last = depth + 1 >= len(levels)
+        if len(nodes) <= SMALL_FRONTIER:
+            nxt_nodes: list[int] = []
+            nxt_pc: list[int] = []
+            nxt = None if last else levels[depth + 1]
+            for node, p in zip(nodes.tolist(), pc.tolist()):
+                b = int(lvl.byte[node])
+                if depth and exits and configs[p].can_end:
+                    ex_lo.append(lvl.lo[node : node + 1])
+                    ex_hi.append(lvl.hi[node : node + 1])
+                    ex_b.append(lvl.byte[node : node + 1])
+                r = configs[p].next.get(b)
+                c = space.step(p, b) if r is None else r
+                if c < 0:
+                    continue
+                t = lvl.term[node]
+                if t >= 0:
+                    acc[t] = True
+                if last:
+                    continue
+                clo, chi = int(lvl.child_lo[node]), int(lvl.child_hi[node])
+                if clo == chi:
+                    continue
+                need = all_bytes if exits and configs[c].can_end else space.allowed(c)
+                if len(need) * 4 < chi - clo:
+                    kids = nxt.byte[clo:chi].tobytes()
+                    picked = [clo + i for i in (kids.find(bytes((x,))) for x in need) if i >= 0]
+                else:
+                    picked = range(clo, chi)
+                for k in picked:
+                    if cum is None or cum[nxt.hi[k]] > cum[nxt.lo[k]]:
+                        nxt_nodes.append(k)
+                        nxt_pc.append(c)
+            nodes = np.asarray(nxt_nodes, dtype=np.int64)
+            pc = np.asarray(nxt_pc, dtype=np.int64)
+            depth += 1
+            continue
         byt = lvl.byte[nodes]
-        if depth and follow is not None:
-            exits = can_end[pc] & follow[byt]
-            if exits.any():
-                ex = nodes[exits]
-                np.add.at(unc, lvl.lo[ex], 1)
-                np.add.at(unc, lvl.hi[ex], -1)
+        if depth and exits:
+            ended = space.can_end_arr[pc]
+            if ended.any():
+                ex = nodes[ended]
+                ex_lo.append(lvl.lo[ex])
+                ex_hi.append(lvl.hi[ex])
+                ex_b.append(lvl.byte[ex])
         cfg = space.table[pc, byt]
         unk = cfg == UNKNOWN
         if unk.any():
@@ -64,31 +119,28 @@ def walk(
                 for k in todo.tolist():
                     space.fill_row(k)
             cfg = space.table[pc, byt]
-            can_end = space.can_end_arr
         alive = cfg >= 0
         nodes = nodes[alive]
         cfg = cfg[alive]
         term = lvl.term[nodes]
         acc[term[term >= 0]] = True
-        if depth + 1 >= len(levels) or not len(nodes):
+        if last or not len(nodes):
             break
         clo, chi = lvl.child_lo[nodes], lvl.child_hi[nodes]
         cnt = chi - clo
         total = int(cnt.sum())
-        if not total:
-            break
         pc = np.repeat(cfg.astype(np.int64), cnt)
         offsets = np.cumsum(cnt) - cnt
         nodes = np.repeat(clo - offsets, cnt) + np.arange(total)
         depth += 1
-        if cand is not None:
+        if cum is not None:
             nxt = levels[depth]
             keep = cum[nxt.hi[nodes]] > cum[nxt.lo[nodes]]
             nodes, pc = nodes[keep], pc[keep]
-    if follow is None:
-        return acc[:n], np.zeros(n, dtype=bool)
-    uncertain = (np.cumsum(unc) > 0) & ~acc
-    return acc[:n], uncertain[:n]
+    if not exits:
+        return acc[:n], None
+    cat = (lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t))
+    return acc[:n], (cat(ex_lo, np.int64), cat(ex_hi, np.int64), cat(ex_b, np.uint8))
 
 
 class Masker:
@@ -104,6 +156,7 @@ class Masker:
         self.cache = cache
         self.stop_words = stop_words
         self.horizon = vocab.max_len + 1
+        self.rule_keys: dict[int, object] = {}
         full = np.zeros(vocab.words * 32, dtype=bool)
         full[: vocab.vocab_size] = True
         self.full = np.packbits(full, bitorder="little").view(np.int32)
@@ -117,18 +170,41 @@ class Masker:
         return (min(max(rep[1] - c, 0), h), None if rep[2] is None else min(rep[2] - c, h))
 
     def classification(self, s: int, c: int):
+        """(accepted token words, sorted string indices of uncertain tokens) for an item at s, count c.
+
+        The walk is cached without lookahead (exits recorded with the byte that follows them), so rules
+        that differ only in what may follow them in their grammar share it; FOLLOW1 then picks the exits
+        that stay uncertain, per grammar.
+        """
         ir = self.ir
-        r = ir.rule_of[s]
-        follow = ir.follow_bytes(r)
+        follow = ir.follow_bytes(ir.rule_of[s])
         ckey = self._ckey(s, c)
         if ckey and ckey[0] == 0 and (ckey[1] is None or ckey[1] >= self.horizon):
             s, c, ckey = ir.free_rep.get(s, s), 0, "free"  # no bound is reachable within one token
-        key = (ir.rule_hash(ir.rule_of[s]), s - ir.rule_base[ir.rule_of[s]], ckey, follow)
+        r = ir.rule_of[s]
+        if r not in self.rule_keys:
+            big = ir.reach_exceeds(r, HASH_LIMIT_STATES)
+            self.rule_keys[r] = (next(_GRAMMAR_IDS), r) if big else ir.rule_hash(r)
+        base_key = (self.rule_keys[r], s - ir.rule_base[r], ckey)
+        key = (base_key, follow)
         hit = self.cache.get(key)
         if hit is None:
-            start = self.space.initial(s, c, ROOT)
-            acc, unc = walk(self.space, self.vocab, start, np.frombuffer(follow, dtype=np.uint8).astype(bool))
-            hit = (self.vocab.token_words(acc), np.nonzero(unc)[0].astype(np.int32))
+            base = self.cache.get(base_key)
+            if base is None:
+                acc, (lo, hi, byt) = walk(self.space, self.vocab, self.space.initial(s, c, ROOT), True)
+                base = (self.vocab.token_words(acc), np.packbits(acc), lo, hi, byt)
+                self.cache[base_key] = base
+            words, acc_bits, lo, hi, byt = base
+            sel = np.frombuffer(follow, dtype=np.uint8).astype(bool)[byt]
+            if sel.any():
+                n = self.vocab.n
+                diff = np.zeros(n + 1, dtype=np.int32)
+                np.add.at(diff, lo[sel], 1)
+                np.add.at(diff, hi[sel], -1)
+                unc = (np.cumsum(diff[:n]) > 0) & ~np.unpackbits(acc_bits, count=n).astype(bool)
+                hit = (words, np.nonzero(unc)[0].astype(np.int32))
+            else:
+                hit = (words, np.zeros(0, dtype=np.int32))
             self.cache[key] = hit
         return hit
 
@@ -141,7 +217,7 @@ class Masker:
             if len(unc):
                 cand = np.zeros(self.vocab.n, dtype=bool)
                 cand[unc] = True
-                ok, _ = walk(self.space, self.vocab, self.space.initial(s, c, o), None, cand)
+                ok, _ = walk(self.space, self.vocab, self.space.initial(s, c, o), False, cand)
                 if ok.any():
                     w = acc_words | self.vocab.token_words(ok & cand)
             self.space.contrib[key] = w

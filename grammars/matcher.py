@@ -135,14 +135,10 @@ class GrammarMatcher:
         cid = self._hist[-1]
         out = bytearray()
         while not space.configs[cid].can_end:
-            allowed = set()
-            for bn, _, _ in space.configs[cid].scan:
-                allowed.update(bn)
-                if len(allowed) > 1:
-                    break
+            allowed = space.allowed(cid)
             if len(allowed) != 1:
                 break
-            b = allowed.pop()
+            (b,) = allowed
             out.append(b)
             cid = space.step(cid, b)
         try:

@@ -77,7 +77,9 @@ class VocabIndex:
                 prev.child_hi = np.searchsorted(parent, np.arange(len(prev_lo)), side="right")
             self.levels.append(lvl)
             prev_lo = lo
+        self.first_node = np.full(256, -1, dtype=np.int64)  # level-0 node of each first byte
         if self.levels:
+            self.first_node[self.levels[0].byte] = np.arange(len(self.levels[0].lo))
             last = self.levels[-1]
             last.child_lo = last.child_hi = np.zeros(len(last.lo), dtype=np.int64)
 
