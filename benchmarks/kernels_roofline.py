@@ -42,8 +42,8 @@ ROWS = (1, 64, 4096)  # token rows for the elementwise kernels: decode batch 1 a
 SAMPLE_BATCHES = (1, 64)
 DECODE = ((1, 1024), (1, 8192), (1, 32768), (64, 1024), (64, 4096))  # (batch, context)
 PREFILL = ((4096, 4096), (512, 4096))  # (new tokens, KV length)
-GEMV_ROWS = (1, 8)
-# (name, N, K) of the decode projections; gate_up is the gated (SiLU*mul) form, N = 2 x intermediate.
+GEMV_ROWS = (1, 16)
+# (name, N, K) of the decode projections (gate_up: N = 2 x intermediate).
 GEMV_SHAPES = {
     "llama-3.1-8b": (("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336),
                      ("lm_head", 128256, 4096)),
@@ -162,13 +162,7 @@ def cases():
         for proj, n, k in GEMV_SHAPES["llama-3.1-8b"]:
             x = torch.randn(rows, k, device=DEV, dtype=BF16)
             w = torch.randn(n, k, device=DEV, dtype=BF16) * k**-0.5
-            res = torch.randn(rows, k, device=DEV, dtype=BF16)
-            g = torch.randn(k, device=DEV, dtype=BF16)
             nbytes = n * k * 2 + rows * (k + n) * 2
-            if proj in ("qkv", "lm_head", "gate_up"):  # the fused forms the decode step uses
-                fused = lambda x=x, w=w, r=res, g=g, gated=proj == "gate_up": gemv(  # noqa: E731
-                    x, w, norm_weight=g, residual=r, gated=gated)
-                out.append((f"gemv+norm{'+silu' if proj == 'gate_up' else ''}", f"8B {proj} M={rows}", fused, nbytes, 0))
             out.append(("gemv", f"8B {proj} M={rows}", lambda x=x, w=w: gemv(x, w), nbytes, 0))
             out.append(("cuBLAS F.linear", f"8B {proj} M={rows}", lambda x=x, w=w: torch.nn.functional.linear(x, w),
                         nbytes, 0))

@@ -7,11 +7,11 @@ slots, the KV index in CSR form) lives in one static int32 device buffer at fixe
 host copy, sends it with one async copy, and replays the graph of the smallest bucket that fits. Rows past the
 real batch are padding: empty KV index (attention gives 0) and slot -1 (no KV write), so they touch nothing.
 
-Per layer, for batches up to FUSED_MAX_BATCH: residual add + RMSNorm + QKV GEMV, RoPE + KV append, split-KV paged
-decode attention, O GEMV, residual add + RMSNorm + gate/up GEMV + SiLU*mul, down GEMV (six kernels; the GEMVs
-are kernels/gemv.py). Larger batches run the projections through cuBLAS with RMSNorm+residual and SiLU*mul as
-their own kernels. The weights are the model's own tensors (no copies). Prefill stays on the model's eager
-path; both write the same KV cache tensors.
+Per layer: RMSNorm fused with the residual add, QKV projection, RoPE fused with the KV append, split-KV paged
+decode attention (+ merge), O projection, RMSNorm+residual, gate/up projection, SiLU*mul, down projection. Up to
+GEMV_MAX_BATCH rows the projections and the LM head are Triton GEMVs (kernels/gemv.py, a little faster than
+cuBLAS there); above, cuBLAS. The weights are the model's own tensors (no copies). Prefill stays on the model's
+eager path; both write the same KV cache tensors.
 
 On a CPU (tests, under Triton's interpreter) the same step runs eagerly, without graphs.
 """
@@ -31,7 +31,7 @@ from .norm import rmsnorm
 from .rope import rope_cos_sin_cache, rope_kv_append
 
 
-FUSED_MAX_BATCH = 8  # up to here projections run as fused GEMV kernels (kernels/gemv.py); above, through cuBLAS
+GEMV_MAX_BATCH = 16  # up to here projections run as Triton GEMVs (kernels/gemv.py); above, through cuBLAS
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -91,23 +91,9 @@ class CudaGraphDecoder:
         off = self._offsets[name]
         return self._meta[off : off + n]
 
-    def _norm_linear(self, x, residual, norm_weight, weight, bias=None, gated=False, fused=False, out_dtype=None):
-        """rmsnorm(x + residual) @ weight.T (+ bias, or SiLU-gated); returns (y, the residual stream after the add).
-
-        `fused`: one GEMV kernel does it all (decode-sized batches); otherwise RMSNorm, cuBLAS and SiLU*mul."""
-        if fused:
-            y, summed = gemv(x, weight, bias, norm_weight=norm_weight, residual=residual, eps=self.eps, gated=gated,
-                             out_dtype=out_dtype)
-        else:
-            h, summed = rmsnorm(x, norm_weight, self.eps, residual)
-            y = F.linear(h, weight, bias)
-            if gated:
-                y = silu_and_mul(y)
-        return y, (summed if residual is not None else x)
-
     @staticmethod
-    def _linear(x, weight, bias, fused: bool) -> torch.Tensor:
-        return gemv(x, weight, bias)[0] if fused else F.linear(x, weight, bias)
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small: bool) -> torch.Tensor:
+        return gemv(x, weight, bias) if small else F.linear(x, weight, bias)
 
     @torch.inference_mode()
     def _step(self, bucket: int) -> None:
@@ -118,13 +104,16 @@ class CudaGraphDecoder:
         indptr = self._field("indptr", bucket + 1)
         indices = self._meta[self._offsets["indices"] :]
         splits = self._splits[bucket]
-        fused = bucket <= FUSED_MAX_BATCH
+        small = bucket <= GEMV_MAX_BATCH
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         x = F.embedding(tokens, self.model.embed_tokens.weight)
-        residual = None  # first layer: the embedding itself is the residual stream
+        residual = None
         for layer, (k_cache, v_cache) in zip(self.model.layers, self.kv_caches):
-            qkv, residual = self._norm_linear(x, residual, layer.input_norm.weight, layer.qkv_proj.weight,
-                                              layer.qkv_proj.bias, fused=fused)
+            if residual is None:  # first layer: the embedding is the residual stream
+                h, residual = rmsnorm(x, layer.input_norm.weight, self.eps)[0], x
+            else:
+                h, residual = rmsnorm(x, layer.input_norm.weight, self.eps, residual)
+            qkv = self._linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias, small)
             q = qkv[:, : hq * d].view(bucket, hq, d)
             k = qkv[:, hq * d : (hq + hkv) * d].view(bucket, hkv, d)
             v = qkv[:, (hq + hkv) * d :].view(bucket, hkv, d)
@@ -133,13 +122,15 @@ class CudaGraphDecoder:
                 k = rmsnorm(k.reshape(bucket * hkv, d), layer.k_norm.weight, self.eps)[0].view(bucket, hkv, d)
             q = rope_kv_append(q, k, v, positions, self.cos_sin, slots, k_cache, v_cache)
             o, _ = paged_decode_attention(q, k_cache, v_cache, indptr, indices, layer.scale, num_splits=splits)
-            x = self._linear(o.view(bucket, hq * d), layer.o_proj.weight, layer.o_proj.bias, fused)
-            act, residual = self._norm_linear(x, residual, layer.post_attention_norm.weight,
-                                              layer.gate_up_proj.weight, gated=True, fused=fused)
-            x = self._linear(act, layer.down_proj.weight, None, fused)
-        logits, _ = self._norm_linear(x, residual, self.model.norm.weight, self.lm_head, fused=fused,
-                                      out_dtype=torch.float32)
-        self._logits[:bucket].copy_(logits)
+            x = self._linear(o.view(bucket, hq * d), layer.o_proj.weight, layer.o_proj.bias, small)
+            h, residual = rmsnorm(x, layer.post_attention_norm.weight, self.eps, residual)
+            x = self._linear(silu_and_mul(self._linear(h, layer.gate_up_proj.weight, None, small)),
+                             layer.down_proj.weight, None, small)
+        h, _ = rmsnorm(x, self.model.norm.weight, self.eps, residual)
+        if small:
+            self._logits[:bucket].copy_(gemv(h, self.lm_head, out_dtype=torch.float32))
+        else:
+            self._logits[:bucket].copy_(F.linear(h, self.lm_head))
 
     def _capture(self) -> None:
         """Warm up (Triton compiles here) and capture every bucket, largest first so smaller ones reuse its pool."""

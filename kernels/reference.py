@@ -49,24 +49,11 @@ def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_reference(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    *,
-    norm_weight: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    eps: float = 1e-6,
-    gated: bool = False,
-    out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    summed = None
-    h = x
-    if norm_weight is not None:
-        h, summed = rmsnorm_reference(x, norm_weight, eps, residual)
-    y = torch.nn.functional.linear(h, weight, bias)
-    if gated:
-        y = silu_and_mul_reference(y)
-    return y.to(out_dtype or weight.dtype), summed
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    return torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(
+        out_dtype or weight.dtype
+    )
 
 
 def paged_attention_reference(
