@@ -57,33 +57,29 @@ class ModelRunner:
             len(c.token_ids) == 1 and c.need_logits for c in chunks
         ):
             return g.decode([c.token_ids[0] for c in chunks], [c.positions[0] for c in chunks], [c.kv_slots for c in chunks])
-        decode = [c for c in chunks if len(c.token_ids) == 1]
-        prefill = [c for c in chunks if len(c.token_ids) != 1]
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) != 1]
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        row_of: dict[int, int] = {}  # id(chunk) -> batch row of its last new token
-        for c in decode:
-            row_of[id(c)] = len(ids)
-            ids += c.token_ids
-            positions += c.positions
-            slot_mapping.append(c.kv_slots[-1])
-        for c in prefill:
+        last_row = [0] * len(chunks)  # batch row of each chunk's last new token
+        for i in decode + prefill:
+            c = chunks[i]
             n = len(c.token_ids)
             if n == 0:
                 raise ValueError("a chunk needs at least one new token")
             ids += c.token_ids
             positions += c.positions
             slot_mapping += c.kv_slots[-n:]
-            row_of[id(c)] = len(ids) - 1
+            last_row[i] = len(ids) - 1
         if not len(ids) == len(positions) == len(slot_mapping):
             raise ValueError("every new token needs one position id and one KV slot")
         attn = AttentionMetadata.build(
-            decode_slots=[c.kv_slots for c in decode],
-            prefill_slots=[c.kv_slots for c in prefill],
-            prefill_num_new=[len(c.token_ids) for c in prefill],
+            decode_slots=[chunks[i].kv_slots for i in decode],
+            prefill_slots=[chunks[i].kv_slots for i in prefill],
+            prefill_num_new=[len(chunks[i].token_ids) for i in prefill],
             slot_mapping=slot_mapping,
-            logits_indices=[row_of[id(c)] for c in chunks if c.need_logits],
+            logits_indices=[last_row[i] for i, c in enumerate(chunks) if c.need_logits],
             device=self.device,
         )
         hidden = self.model(
