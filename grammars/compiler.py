@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from collections import OrderedDict
 
 import numpy as np
@@ -21,6 +22,8 @@ from .errors import GrammarError
 from .mask import Masker
 from .tokenizer_info import TokenizerInfo
 
+MAX_CONFIGS = 50_000  # ~1.5 KB each (transition row, items, masks shared by reference)
+
 
 class CompiledGrammar:
     """A grammar ready for matching against one tokenizer; holds the shared, lazily grown mask memo."""
@@ -29,12 +32,29 @@ class CompiledGrammar:
         self.grammar = grammar
         self.tokenizer_info = tokenizer_info
         self.ir = GrammarIR(grammar)
-        self.space = Space(self.ir)
+        self._class_cache = class_cache
         vocab = tokenizer_info.index
         stop = np.zeros(vocab.words * 32, dtype=bool)
         stop[[i for i in tokenizer_info.stop_token_ids if i < vocab.vocab_size]] = True
-        self.masker = Masker(self.space, vocab, class_cache, np.packbits(stop, bitorder="little").view(np.int32))
+        self._stop_words = np.packbits(stop, bitorder="little").view(np.int32)
+        self._lock = threading.Lock()
+        self._new_space()
+
+    def _new_space(self) -> None:
+        self.space = Space(self.ir)
+        self.masker = Masker(self.space, self.tokenizer_info.index, self._class_cache, self._stop_words)
         self.initial = self.space.initial(self.ir.start(self.ir.root), 0, ROOT)
+
+    def current(self) -> tuple[Space, Masker, int]:
+        """The memo new matchers should use: (space, masker, initial configuration).
+
+        The memo grows with every configuration any matcher reaches; past MAX_CONFIGS new matchers get a
+        fresh one, while matchers already running keep theirs until they are dropped.
+        """
+        with self._lock:
+            if len(self.space.configs) > MAX_CONFIGS:
+                self._new_space()
+            return self.space, self.masker, self.initial
 
     @property
     def memory_size_bytes(self) -> int:

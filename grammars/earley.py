@@ -11,6 +11,8 @@ completing sets `can_end`.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .automata import GrammarIR
@@ -56,6 +58,7 @@ class Space:
         self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
         self.can_end_arr = np.zeros(64, dtype=bool)
         self.contrib: dict = {}
+        self.lock = threading.RLock()  # held by callers while they extend the memo
 
     def initial(self, state: int, count: int = 0, origin: int = ROOT) -> int:
         """The configuration whose only kernel item is (state, origin, count), closed."""

@@ -2,6 +2,7 @@
 
 The state is a stack of interned configuration ids, one per accepted token, so rollback pops and accepting a
 token whose transition was seen before (by this or any other matcher of the grammar) is a dict lookup.
+Growing the shared memo (a miss) happens under the memo's lock, so matchers may run on several threads.
 Every call is defined after termination: accepts return False, the mask allows only stop tokens.
 """
 
@@ -26,9 +27,8 @@ class GrammarMatcher:
         if not isinstance(compiled_grammar, CompiledGrammar):
             raise TypeError(f"expected a CompiledGrammar, got {type(compiled_grammar).__name__}")
         self._cg = compiled_grammar
-        self._space = compiled_grammar.space
-        self._masker = compiled_grammar.masker
-        self._vocab = compiled_grammar.masker.vocab
+        self._space, self._masker, initial = compiled_grammar.current()
+        self._vocab = self._masker.vocab
         self._vocab_size = compiled_grammar.tokenizer_info.vocab_size
         if isinstance(override_stop_tokens, int):
             override_stop_tokens = [override_stop_tokens]
@@ -42,7 +42,7 @@ class GrammarMatcher:
         self._own_masks: dict[int, np.ndarray] | None = None if self._stop == frozenset(default_stop) else {}
         self._terminate_without_stop = terminate_without_stop_token
         self.max_rollback_tokens = max_rollback_tokens
-        self._hist = [compiled_grammar.initial]
+        self._hist = [initial]
         self._stopped_at: int | None = None
         self._bm: tuple | None = None
 
@@ -63,7 +63,8 @@ class GrammarMatcher:
                 self._stopped_at = len(self._hist) - 1
                 return True
             u = int(self._vocab.tok_u[token_id])
-            nid = DEAD if u < 0 else self._space.run(cid, self._vocab.strings[u])
+            with self._space.lock:
+                nid = DEAD if u < 0 else self._space.run(cid, self._vocab.strings[u])
             cfg.tok[token_id] = nid
         if nid < 0:
             return False
@@ -83,7 +84,8 @@ class GrammarMatcher:
         if self._stopped_at is not None:
             return False
         data = input_str.encode("utf-8") if isinstance(input_str, str) else bytes(input_str)
-        nid = self._space.run(self._hist[-1], data)
+        with self._space.lock:
+            nid = self._space.run(self._hist[-1], data)
         if nid < 0:
             return False
         self._push(nid)
@@ -109,7 +111,8 @@ class GrammarMatcher:
         cfg = self._space.configs[cid]
         mask = cfg.mask
         if mask is None:
-            mask = self._masker.config_mask(cid)
+            with self._space.lock:
+                mask = self._masker.config_mask(cid)
         if self._own_masks is not None:
             own = self._own_masks.get(cid)
             if own is None:
@@ -134,13 +137,14 @@ class GrammarMatcher:
         space = self._space
         cid = self._hist[-1]
         out = bytearray()
-        while not space.configs[cid].can_end:
-            allowed = space.allowed(cid)
-            if len(allowed) != 1:
-                break
-            (b,) = allowed
-            out.append(b)
-            cid = space.step(cid, b)
+        with space.lock:
+            while not space.configs[cid].can_end:
+                allowed = space.allowed(cid)
+                if len(allowed) != 1:
+                    break
+                (b,) = allowed
+                out.append(b)
+                cid = space.step(cid, b)
         try:
             return out.decode("utf-8")
         except UnicodeDecodeError as e:  # a partial character at either end is not a string
@@ -166,5 +170,7 @@ class GrammarMatcher:
         return self._terminate_without_stop and self._space.configs[self._hist[-1]].can_end
 
     def reset(self) -> None:
-        self._hist = [self._cg.initial]
+        self._space, self._masker, initial = self._cg.current()
+        self._own_masks = None if self._own_masks is None else {}
+        self._hist = [initial]
         self._stopped_at = None

@@ -212,3 +212,51 @@ def test_tag_dispatch_free_text_trigger_and_loop():
     m = GrammarMatcher(once)
     assert m.accept_string("hi <t>1") and m.is_completed()
     assert not m.accept_string("more")
+
+
+def test_memo_is_replaced_past_its_limit_without_disturbing_running_matchers(monkeypatch):
+    import treadle.grammars.compiler as compiler_mod
+
+    cg = GrammarCompiler(_OURS.tokenizer_info).compile_grammar(GRAMMARS["json_like"][0])
+    running = GrammarMatcher(cg)
+    assert running.accept_string('{"a": [1')
+    monkeypatch.setattr(compiler_mod, "MAX_CONFIGS", 3)
+    fresh = GrammarMatcher(cg)
+    assert fresh._space is not running._space
+    assert running.accept_string(', 2]}') and running.is_completed()
+    assert fresh.accept_string('{"a": [1, 2]}') and fresh.is_completed()
+
+
+def test_matchers_on_threads_agree_with_a_single_thread():
+    import threading
+
+    import torch
+
+    from treadle.grammars import allocate_token_bitmask
+
+    texts = ['{"ab": [1, 22, {"c": true}], "d": 7}', '[{"x": []}, 5, true]', '{"q": {"r": {"s": [9]}}}']
+    info = _OURS.tokenizer_info
+
+    def masks(cg, text):
+        m, bm, out = GrammarMatcher(cg), allocate_token_bitmask(1, info.vocab_size), []
+        for ch in text.encode():
+            m.fill_next_token_bitmask(bm)
+            out.append(bm.clone())
+            assert m.accept_token(ch)
+        return out
+
+    expected = {t: masks(GrammarCompiler(info).compile_grammar(GRAMMARS["json_like"][0]), t) for t in texts}
+    shared = GrammarCompiler(info).compile_grammar(GRAMMARS["json_like"][0])
+    results: dict = {}
+
+    def work(i):
+        results[i] = [(t, masks(shared, t)) for t in texts[i % 3 :] + texts[: i % 3]]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for runs in results.values():
+        for t, got in runs:
+            assert all(torch.equal(a, b) for a, b in zip(got, expected[t]))
