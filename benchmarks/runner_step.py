@@ -1,9 +1,10 @@
 """ModelRunner step times on the default model: decode at several batch sizes and a short prefill, per dtype.
 
     python benchmarks/runner_step.py                      # float32 and bfloat16, batch 1/4/16, 128-token contexts
-    python benchmarks/runner_step.py --dtypes bfloat16 --batches 1,16 --context 512
+    python benchmarks/runner_step.py --dtypes bfloat16,bfloat16-dense --batches 1,16 --context 512
 
-Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
+`bfloat16` is what the loader serves on CPU (the GGUF's Q4 matrices kept 4-bit); `bfloat16-dense` dequantizes
+every matrix to bfloat16 instead, to show what that choice is worth. Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
 median step time gives ms/step and tokens/s (batch / step time). `prefill 40` is one fresh 40-token prompt (the
 runner's share of TTFT). Prints a table and writes JSON.
 """
@@ -17,10 +18,12 @@ import statistics
 import time
 
 import torch
+from gguf import GGUFReader
 
 from treadle.engine.batch import SeqChunk
 from treadle.engine.config import EngineConfig
-from treadle.engine.loader import load_model
+from treadle.engine.loader import build_model, default_model_path, load_model
+from treadle.engine.models.gguf_weights import gguf_model_config, gguf_state_dict
 from treadle.engine.model_runner import ModelRunner
 
 
@@ -30,13 +33,24 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def dense_bfloat16_model():
+    """The default model with every matrix dequantized to bfloat16 (what the loader does off CPU)."""
+    reader = GGUFReader(default_model_path())
+    config = gguf_model_config(reader)
+    return build_model(config, gguf_state_dict(reader, config, torch.bfloat16, False), torch.device("cpu")), config
+
+
 def bench_dtype(dtype: str, batches: list[int], context: int, steps: int, threads: int | None) -> list[dict]:
-    cfg = EngineConfig(dtype=dtype, num_threads=threads)
-    loaded = load_model(cfg, progress=False)
+    cfg = EngineConfig(dtype=dtype.removesuffix("-dense"), num_threads=threads)
+    if dtype == "bfloat16-dense":
+        model, config = dense_bfloat16_model()
+    else:
+        loaded = load_model(cfg, progress=False)
+        model, config = loaded.model, loaded.config
     span = context + steps + 1
-    runner = ModelRunner(loaded.model, loaded.config, cfg, num_slots=max(batches) * span + 64)
+    runner = ModelRunner(model, config, cfg, num_slots=max(batches) * span + 64)
     gen = torch.Generator().manual_seed(0)
-    vocab = loaded.tokenizer.vocab_size
+    vocab = config.vocab_size
     rows = []
 
     prompt = torch.randint(3, vocab, (40,), generator=gen).tolist()
@@ -77,10 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in args.dtypes.split(","):
         rows += bench_dtype(dtype, batches, args.context, args.steps, args.threads)
 
-    print(f"{'dtype':<10} {'kind':<12} {'batch':>5} {'ms/step':>9} {'tok/s':>8}")
+    print(f"{'dtype':<15} {'kind':<12} {'batch':>5} {'ms/step':>9} {'tok/s':>8}")
     for r in rows:
         tok_s = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
-        print(f"{r['dtype']:<10} {r['kind']:<12} {r['batch']:>5} {r['ms']:>9.1f} {tok_s:>8}")
+        print(f"{r['dtype']:<15} {r['kind']:<12} {r['batch']:>5} {r['ms']:>9.1f} {tok_s:>8}")
     meta = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
