@@ -398,6 +398,8 @@ class GrammarIR:
         self._follow: list | None = None
         self._hash: list = [None] * len(self.rule_names)
         self._cyclic: list[bool] | None = None
+        self._info: list = [None] * self.n_states
+        self._scanning: dict[frozenset, tuple] = {}
         self._groups: dict[int, list] = {}  # keyed by id() of a bnext dict, which lives as long as self
         self._targets: dict[int, np.ndarray] = {}
 
@@ -422,6 +424,22 @@ class GrammarIR:
                 a[np.fromiter(bnext.keys(), dtype=np.intp)] = np.fromiter(bnext.values(), dtype=np.int64)
             self._targets[key] = a
         return a
+
+    def item_info(self, s: int) -> tuple:
+        """(other states reached by skipping nullable rules, final, kept in a kernel, rule, rep bounds)."""
+        i = self._info[s]
+        if i is None:
+            rep = self.rep_of[s]
+            others = () if rep is not None else tuple(x for x in self.expand(s) if x != s)
+            i = self._info[s] = (others, self.final[s], not self.dead_end[s], self.rule_of[s], rep)
+        return i
+
+    def scanning(self, states: frozenset) -> tuple[int, ...]:
+        """The states among a prediction set that can scan a byte (memoized per set)."""
+        t = self._scanning.get(states)
+        if t is None:
+            t = self._scanning[states] = tuple(x for x in states if self.bnext[x])
+        return t
 
     def start(self, r: int) -> int:
         return self.rule_base[r]

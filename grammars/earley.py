@@ -143,42 +143,36 @@ class Space:
         return w
 
     def _close(self, items: list) -> int:
-        ir = self.ir
-        rep_of, final, rule_of = ir.rep_of, ir.final, ir.rule_of
+        """Completes and expands scanned items into a kernel, interns it, and returns its id."""
+        info = self.ir.item_info
         configs = self.configs
         seen: set = set()
         kernel: set = set()
         can_end = False
         direct = list(items)
         stack = list(items)
-        dead_end = ir.dead_end
         while stack:
             it = stack.pop()
             if it in seen:
                 continue
             seen.add(it)
             s, o, c = it
-            rep = rep_of[s]
+            others, fin, keep, rule, rep = info(s)
             if rep is None:
-                ex = ir._expand[s] or ir.expand(s)
-                if len(ex) > 1:
-                    for s2 in ex:
-                        if s2 != s:
-                            stack.append((s2, o, c))
-                fin = final[s]
-                if not dead_end[s]:
-                    kernel.add(it)
+                for s2 in others:
+                    stack.append((s2, o, c))
             else:
                 fin = c >= rep[1]
-                if rep[2] is None or c < rep[2]:
-                    kernel.add(it)
+                keep = rep[2] is None or c < rep[2]
+            if keep:
+                kernel.add(it)
             if fin:
                 if o < 0:
                     can_end = True
                 else:
                     oc = configs[o]
                     w = oc.waiters if oc.waiters is not None else self._waiters(oc)
-                    nxt = w.get(rule_of[s])
+                    nxt = w.get(rule)
                     if nxt:
                         stack.extend(nxt)
                         direct.extend(nxt)
@@ -188,18 +182,20 @@ class Space:
             return cid
         cid = len(configs)
         self.index[key] = cid
+        ir = self.ir
         selfs: frozenset = frozenset()
-        bnext = ir.bnext
         for s, o, c in kernel:
-            rep = rep_of[s]
+            rep = ir.rep_of[s]
             if rep is None or rep[2] is None or c < rep[2]:
-                p = ir._pred[s] or ir.pred(s)
+                p = ir._pred[s]
+                if p is None:
+                    p = ir.pred(s)
                 if p:
                     selfs = selfs | p if selfs else p
-        ordered = tuple(sorted(kernel))
-        scan = [(bnext[s], o, c) for s, o, c in ordered if bnext[s]]
-        scan.extend((bnext[s], cid, 0) for s in sorted(selfs) if bnext[s])
-        configs.append(Config(cid, ordered, tuple(sorted(set(direct) & kernel)), selfs, scan, can_end))
+        bnext = ir.bnext
+        scan = [(bnext[s], o, c) for s, o, c in kernel if bnext[s]]
+        scan.extend((bnext[s], cid, 0) for s in ir.scanning(selfs))
+        configs.append(Config(cid, tuple(kernel), tuple(set(direct) & kernel), selfs, scan, can_end))
         if cid >= len(self.can_end_arr):
             grow = np.full((len(self.table), 256), UNKNOWN, dtype=np.int32)
             self.table = np.concatenate([self.table, grow])

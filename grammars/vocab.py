@@ -85,13 +85,15 @@ class VocabIndex:
 
     def token_words(self, u_mask: np.ndarray) -> np.ndarray:
         """Bitmask words (int32, xgrammar bit order) of all tokens whose string index is set in u_mask."""
-        ext = np.append(u_mask, False)
         bits = np.zeros(self.words * 32, dtype=bool)
-        bits[: self.vocab_size] = ext[self.tok_u]
+        bits[self.token_ids(np.flatnonzero(u_mask))] = True
         return np.packbits(bits, bitorder="little").view(np.int32)
 
-    def token_ids(self, us) -> np.ndarray:
-        """Token ids of the given string indices."""
-        if len(us) == 0:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate([self.ids[self.ids_start[u] : self.ids_start[u + 1]] for u in us])
+    def token_ids(self, us: np.ndarray) -> np.ndarray:
+        """Token ids of the given string indices (a string may be spelled by several ids)."""
+        starts = self.ids_start[us]
+        counts = self.ids_start[us + 1] - starts
+        if len(us) and counts.max() == 1:
+            return self.ids[starts]
+        offsets = np.cumsum(counts) - counts
+        return self.ids[np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))]
