@@ -92,6 +92,8 @@ def gemv(
         raise ValueError("bias must be [N]")
     out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
     block_n, block_k, warps, stages = config or _config(n, k)
+    if config is None and weight.element_size() > 2:
+        block_k //= weight.element_size() // 2  # same bytes per stage: fp32 tiles would overflow shared memory
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x,
         weight,
