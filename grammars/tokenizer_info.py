@@ -16,6 +16,7 @@ from functools import cached_property
 from .vocab import VocabIndex
 
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_STOP_SPELLINGS = {b"</s>", b"<|endoftext|>", b"<|eot_id|>", b"<|im_end|>", b"<|end|>", b"<eos>", b"<|end_of_text|>"}
 
 
 class VocabType(enum.IntEnum):
@@ -90,8 +91,8 @@ class TokenizerInfo:
         self.add_prefix_space = add_prefix_space
         self.decoded_vocab: list[bytes] = decoded
         self.special_token_ids: list[int] = sorted(i for i in (special_token_ids or []) if 0 <= i < vocab_size)
-        if stop_token_ids is None:
-            stop_token_ids = [i for i in self.special_token_ids if b"end" in decoded[i].lower()][:1]
+        if stop_token_ids is None:  # no tokenizer config to ask: look for the usual end-of-sequence spellings
+            stop_token_ids = [i for i, b in enumerate(decoded) if b in _STOP_SPELLINGS]
         for i in stop_token_ids:
             if not 0 <= i < vocab_size:
                 raise ValueError(f"stop token id {i} is outside the vocabulary (size {vocab_size})")

@@ -293,3 +293,23 @@ def test_structural_tag_many_tools_share_work(env):
     assert m.is_completed()
     # the 100 copies of each schema are one sub-grammar each, not 100
     assert sum(1 for n in cg.ir.rule_names if n.endswith("_root")) <= 2
+
+
+def test_decoding_of_sentencepiece_and_byte_level_vocabularies():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581hello", "wor", "ld"]
+    sp = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], byte_fallback=True))
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    hf = PreTrainedTokenizerFast(tokenizer_object=sp, eos_token="</s>", unk_token="<unk>", bos_token="<s>")
+    info = TokenizerInfo.from_huggingface(hf)
+    assert info.vocab_type == 1 and info.stop_token_ids == [2]
+    assert info.decoded_vocab[3 + 0xE2] == b"\xe2" and info.decoded_vocab[259] == b" hello"
+    m = GrammarMatcher(GrammarCompiler(info).compile_grammar('root ::= " hello" "world"'))
+    assert all(m.accept_token(t) for t in (259, 260, 261)) and m.accept_token(2)
+
+    raw = TokenizerInfo(["a", "</s>", "\u0120b"], vocab_size=4)
+    assert raw.decoded_vocab == [b"a", b"</s>", "\u0120b".encode(), b""] and raw.stop_token_ids == [1]
+    level = TokenizerInfo(["\u0120b", "\u010a"], 2)
+    assert level.decoded_vocab == [b" b", b"\n"]
