@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     defaults = BenchConfig()
     p.add_argument("--dataset", type=Path, help="dataset root (default: $TREADLE_KERNEL_DATASET or "
                    "~/.cache/treadle/kernels)")
-    p.add_argument("--definitions", nargs="+", metavar="NAME", help="definition names or op types to run (default: all)")
+    p.add_argument("--definitions", nargs="+", metavar="NAME",
+                   help="definition names or op types to run (default: all)")
     p.add_argument("--no-examples", action="store_true", help="run only the dataset's recorded workloads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--atol", type=float, default=defaults.atol)

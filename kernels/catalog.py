@@ -178,7 +178,9 @@ def gemm_wna16_definition(bits: int, group_size: int, n: int, k: int, dtype: str
     )
 
 
-def gqa_paged_decode_definition(num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16") -> Definition:
+def gqa_paged_decode_definition(
+    num_qo_heads: int, num_kv_heads: int, head_dim: int, dtype: str = "bfloat16"
+) -> Definition:
     return Definition(
         f"gqa_paged_decode_h{num_qo_heads}_kv{num_kv_heads}_d{head_dim}_ps1{_suffix(dtype)}",
         "gqa_paged",

@@ -80,7 +80,7 @@ def check(d: Definition, out: Any, ref: Any, cfg: BenchConfig) -> tuple[str, Cor
         return "INCORRECT_SHAPE", None, f"expected {len(refs)} outputs, got {len(outs)}"
     max_abs = max_rel = 0.0
     failed = []
-    for name, o, r in zip(d.outputs, outs, refs):
+    for name, o, r in zip(d.outputs, outs, refs, strict=True):
         if not isinstance(o, torch.Tensor) or o.shape != r.shape:
             return "INCORRECT_SHAPE", None, f"{name}: expected {tuple(r.shape)}, got {getattr(o, 'shape', o)}"
         if o.dtype != r.dtype:

@@ -86,7 +86,18 @@ def _store_tile(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_B
 
 @triton.jit
 def _epilogue(
-    res, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr
+    res,
+    out_ptr,
+    ws_ptr,
+    cnt_ptr,
+    bias_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
 ):
     """Write the [BM, BN] fp32 tile `res`; with split-K, only the last program of the tile sums the partials."""
     if not SPLIT_K:
@@ -347,7 +358,8 @@ def quant_matmul(
         n_chunks, step = qw.padded_in_features // 32, qw.group_size // 32
         extra = {"EVEN_K": qw.in_features % qw.group_size == 0, "EVEN_N": n % cfg.block_n == 0}
     else:  # only chunks holding real input features
-        n_chunks, step, extra = triton.cdiv(qw.in_features, 32), cfg.chunks, {"EVEN_K": qw.in_features % 32 == 0, "EVEN_N": n % cfg.block_n == 0}
+        n_chunks, step = triton.cdiv(qw.in_features, 32), cfg.chunks
+        extra = {"EVEN_K": qw.in_features % 32 == 0, "EVEN_N": n % cfg.block_n == 0}
     per_split = triton.cdiv(triton.cdiv(n_chunks, cfg.split_k), step) * step
     split = triton.cdiv(n_chunks, per_split)
     grid = (triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))

@@ -82,14 +82,14 @@ def bind_inputs(d: Definition, args: tuple, kwargs: dict) -> list[Any]:
 def bind_axes(d: Definition, values: list[Any]) -> dict[str, int]:
     """Every axis value, read off the input tensors' shapes (var axes) or the definition (const axes)."""
     axes = {name: axis.value for name, axis in d.axes.items() if axis.type == "const"}
-    for (name, spec), value in zip(d.inputs.items(), values):
+    for (name, spec), value in zip(d.inputs.items(), values, strict=True):
         if spec.shape is None:
             continue
         if not isinstance(value, torch.Tensor) or value.dim() != len(spec.shape):
             raise ValueError(f"{d.name}: input {name} must be a {len(spec.shape)}-d tensor")
         if value.dtype != TORCH_DTYPES[spec.dtype]:
             raise ValueError(f"{d.name}: input {name} must be {spec.dtype}, got {value.dtype}")
-        for axis, size in zip(spec.shape, value.shape):
+        for axis, size in zip(spec.shape, value.shape, strict=True):
             if axes.setdefault(axis, size) != size:
                 raise ValueError(f"{d.name}: axis {axis} is {axes[axis]} but {name} has {size}")
     return axes
@@ -100,7 +100,7 @@ def shape_key(d: Definition, axes: dict[str, int]) -> tuple[int, ...]:
 
 
 def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    return sum(abs(math.log2(max(x, 1)) - math.log2(max(y, 1))) for x, y in zip(a, b))
+    return sum(abs(math.log2(max(x, 1)) - math.log2(max(y, 1))) for x, y in zip(a, b, strict=True))
 
 
 class Registry:
@@ -158,7 +158,8 @@ class Registry:
             if t.definition not in self.definitions or t.solution not in self.solutions:
                 continue
             # Within either bound, every element passes the benchmark's elementwise test at these tolerances.
-            if e.correctness.max_absolute_error > config.max_atol and e.correctness.max_relative_error > config.max_rtol:
+            c = e.correctness
+            if c.max_absolute_error > config.max_atol and c.max_relative_error > config.max_rtol:
                 continue
             key = shape_key(self.definitions[t.definition], t.workload.axes)
             table = self._table.setdefault(t.definition, {})
@@ -231,7 +232,7 @@ class _Recorder:
         wid = str(uuid.uuid4())
         blob_path = f"blob/workloads/{d.name}/{wid}.safetensors"
         inputs, dumped = {}, {}
-        for (name, spec), value in zip(d.inputs.items(), values):
+        for (name, spec), value in zip(d.inputs.items(), values, strict=True):
             if spec.shape is None:
                 inputs[name] = InputSpec("scalar", value=value)
             elif RANDOM_INPUTS_TAG in d.tags or value.is_floating_point():

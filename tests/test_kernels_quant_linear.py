@@ -70,7 +70,8 @@ def test_quantize_model_replaces_every_projection_but_the_lm_head():
     for bits in (8, 4, 2):
         quantized = copy.deepcopy(model)
         names = quantize_model_(quantized, bits, group_size=32)
-        assert names == [f"layers.{i}.{p}" for i in range(2) for p in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")]
+        projections = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        assert names == [f"layers.{i}.{p}" for i in range(2) for p in projections]
         assert isinstance(quantized.lm_head, nn.Linear) and not isinstance(quantized.lm_head, QuantLinear)
         errors[bits] = rel_err(_logits(quantized, tokens), full)
     assert errors[8] < 1e-2 < errors[2]

@@ -76,7 +76,8 @@ def source_solution(name, content, dps=False, definition="twice_h8") -> Solution
 
 
 def evaluated(solution, batch, speedup, hardware="cpu", abs_err=1e-6, status="PASSED") -> Trace:
-    workload = Workload(f"w{batch}", {"batch": batch}, {"x": InputSpec("random"), "bias": InputSpec("scalar", value=0.5)})
+    inputs = {"x": InputSpec("random"), "bias": InputSpec("scalar", value=0.5)}
+    workload = Workload(f"w{batch}", {"batch": batch}, inputs)
     perf = Performance(1.0 / speedup, 1.0, speedup) if status == "PASSED" else None
     corr = Correctness(abs_err, abs_err) if status == "PASSED" else None
     ev = Evaluation(status, Environment(hardware, {"torch": "x"}), "2026-01-01T00:00:00+00:00", "", corr, perf)
