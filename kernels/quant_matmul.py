@@ -6,9 +6,10 @@ Two Triton kernels read the packed weight of `quant_pack` once and never materia
   compile-time masks into an exact fp32 integer (OR-ing the code into the mantissa of a power of two and
   subtracting it, cheaper than an int-to-float conversion), then multiplied by the activation. Per group,
   scale * sum(x*q) + min * sum(x) applies the scale once instead of once per weight.
-- `_dot_kernel` (larger M, prefill): tensor cores. One group's codes are assembled into a [group, BLOCK_N] tile
-  of exact integers in the activation dtype and multiplied with `tl.dot`; the scale and minimum are applied to
-  the group's partial product, so the result is the same sum as the GEMV's.
+- `_dot_kernel` (larger M, prefill): tensor cores. One group's codes are decoded into a [BLOCK_N, group] tile
+  of exact integers in the activation dtype and multiplied as W^T x^T, so the weight tile is the MMA's
+  M side (64+ rows, wgmma on Hopper) and the few tokens its N side; the scale and minimum are applied to the
+  group's partial product, so the result is the same sum as the GEMV's.
 
 Both accumulate in fp32 and round once at the end, the math of `quant_matmul_reference`. Split-K programs write
 fp32 partials; the last program of each output tile (found with an atomic counter) sums them in a fixed order,
@@ -323,7 +324,8 @@ _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _counters(device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed per-tile arrival counters, reset by the kernel itself after use (one stream per device)."""
+    """Zeroed per-tile arrival counters, reset by the kernel itself after use. One buffer per device, so calls
+    must not overlap on two streams; it is allocated on first use, so run once before capturing a CUDA graph."""
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < size:
         buf = torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device)
