@@ -97,7 +97,7 @@ class GrammarCompiler:
         self.cache_limit_bytes = cache_limit_bytes
         self._grammars: OrderedDict = OrderedDict()
         self._classes: dict = {}
-        tokenizer_info.index  # built once per tokenizer, before any timed compile
+        self._vocab = tokenizer_info.index  # built once per tokenizer, before any timed compile
 
     def _cached(self, key, build) -> CompiledGrammar:
         if self.cache_enabled:

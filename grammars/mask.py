@@ -139,8 +139,10 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
             nodes, pc = nodes[keep], pc[keep]
     if not exits:
         return acc[:n], None
-    cat = (lambda xs, t: np.concatenate(xs).astype(t) if xs else np.zeros(0, t))
-    return acc[:n], (cat(ex_lo, np.int64), cat(ex_hi, np.int64), cat(ex_b, np.uint8))
+    return acc[:n], tuple(
+        np.concatenate(xs).astype(t) if xs else np.zeros(0, t)
+        for xs, t in ((ex_lo, np.int64), (ex_hi, np.int64), (ex_b, np.uint8))
+    )
 
 
 class Masker:

@@ -58,7 +58,8 @@ def test_tokenizer_info_matches_xgrammar(env):
 
 GRAMMARS = {
     "json_object": (
-        'root ::= "{" ws "\\"name\\"" ws ":" ws str ws "," ws "\\"tags\\"" ws ":" ws "[" ws (str ws ("," ws str ws)*)? "]" ws "}"\n'
+        'root ::= "{" ws "\\"name\\"" ws ":" ws str ws "," ws "\\"tags\\"" ws ":" ws\n'
+        '  "[" ws (str ws ("," ws str ws)*)? "]" ws "}"\n'
         'str ::= "\\"" ([^"\\\\\\x00-\\x1f] | "\\\\" ["\\\\/nt])* "\\""\nws ::= [ \\n\\t]{0,8}',
         ['{"name": "Ada Lovelace", "tags": ["math", "poetry \\"x\\""]}', '{ "name":"é€😀","tags":[ ] }'],
     ),
@@ -67,7 +68,10 @@ GRAMMARS = {
         'factor ::= [0-9]+ | "(" expr ")"',
         ["1+2*(30-4)/5", "((7))"],
     ),
-    "counted": ('root ::= "id-" [a-f0-9]{20,32} " " [A-Z]{2,40}', ["id-0123456789abcdef0123 ABCDEFGHIJKLMNOPQRSTUVWXYZ"]),
+    "counted": (
+        'root ::= "id-" [a-f0-9]{20,32} " " [A-Z]{2,40}',
+        ["id-0123456789abcdef0123 ABCDEFGHIJKLMNOPQRSTUVWXYZ"],
+    ),
     "free_text_lines": ('root ::= line+\nline ::= [^\\n]* "\\n"', ["hello world\nsecond line, with punctuation!\n"]),
 }
 
