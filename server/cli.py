@@ -108,10 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_arguments(bench.add_parser("serve", help="load-test an OpenAI-compatible server",
                                                description="Load-test an OpenAI-compatible server with streaming "
                                                "requests; metrics as vLLM's bench serve defines them."))
+    kernels = commands.add_parser("kernels", help="GPU kernel registry").add_subparsers(dest="kernels_command",
+                                                                                      required=True)
+    kernels.add_parser("bench", help="evaluate every kernel solution on every workload (treadle kernels bench "
+                                     "--help lists its options)", add_help=False)
     return parser
 
 
+def kernels_bench(argv: list[str]) -> int:
+    """Imported only when asked for: the kernel registry needs torch and triton, which serving on CPU does not."""
+    from treadle.kernels import bench_cli
+
+    parser = argparse.ArgumentParser(prog="treadle kernels bench", description=bench_cli.__doc__.splitlines()[0])
+    bench_cli.add_arguments(parser)
+    return bench_cli.main(parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["kernels", "bench"]:
+        return kernels_bench(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bench":
