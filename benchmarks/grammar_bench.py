@@ -67,17 +67,19 @@ def load_tokenizer():
     return tokenizer
 
 
-def strict_schema(schema: Any) -> Any:
-    """xgrammar's strict mode spelled out for llguidance, which follows the spec (extras allowed)."""
+def strict_schema(schema: Any, in_all_of: bool = False) -> Any:
+    """xgrammar's strict mode spelled out for llguidance, which follows the spec (extras allowed).
+    allOf branches are left open: closing each one would forbid the other branches' properties."""
     if isinstance(schema, list):
-        return [strict_schema(s) for s in schema]
+        return [strict_schema(s, in_all_of) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (v if k in ("enum", "const") else strict_schema(v)) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out and "allOf" not in out:
-        out["additionalProperties"] = False
-    if "prefixItems" in out and "items" not in out:
-        out["items"] = False
+    out = {k: (v if k in ("enum", "const") else strict_schema(v, k == "allOf")) for k, v in schema.items()}
+    if not in_all_of and "allOf" not in out:
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        if "prefixItems" in out and "items" not in out:
+            out["items"] = False
     return out
 
 

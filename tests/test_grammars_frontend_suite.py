@@ -112,7 +112,7 @@ LLGUIDANCE_DIFFERENCES = {
 LLGUIDANCE_GAPS = {
     "numeric_bounds": "llguidance rejects some in-range decimals (e.g. -273.1 under minimum -273.15)",
     "string_formats": "llguidance's ipv6 format lacks IPv4-suffixed addresses such as ::ffff:10.0.0.1",
-    "allof_merge": "llguidance applies each allOf branch's additionalProperties separately",
+    "allof_merge": "strict mode closes the merged allOf object; in llguidance only each branch could be closed",
 }
 
 
@@ -128,18 +128,19 @@ class _ByteTokenizer:
         return list(data)
 
 
-def _strict(schema):
+def _strict(schema, in_all_of: bool = False):
     """xgrammar-style strict mode spelled out for llguidance: declared properties (prefix items) close
-    the object (array)."""
+    the object (array). allOf branches stay open: closing each would forbid the others' properties."""
     if isinstance(schema, list):
-        return [_strict(s) for s in schema]
+        return [_strict(s, in_all_of) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: (v if k in ("enum", "const") else _strict(v)) for k, v in schema.items()}
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    if "prefixItems" in out and "items" not in out:
-        out["items"] = False
+    out = {k: (v if k in ("enum", "const") else _strict(v, k == "allOf")) for k, v in schema.items()}
+    if not in_all_of and "allOf" not in out:
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        if "prefixItems" in out and "items" not in out:
+            out["items"] = False
     return out
 
 
