@@ -68,12 +68,19 @@ def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def write_checkpoint(
-    shape: str, out: str, device: str = "cpu", dtype: str = "bfloat16", seed: int = 0, shard_gb: float = 2.0
+    shape: str,
+    out: str,
+    device: str = "cpu",
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    shard_gb: float = 2.0,
+    tokenizer_dir: str | None = None,
 ) -> None:
     from treadle.engine.loader import default_model_path
     from treadle.engine.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_gguf(default_model_path())
+    # A saved copy of the tokenizer serves machines without the embedded model's package (the GPU machine).
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else Tokenizer.from_gguf(default_model_path())
     config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -130,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shard-gb", type=float, default=2.0)
+    ap.add_argument("--tokenizer", help="directory of a saved tokenizer to use (default: the embedded SmolLM2's)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    write_checkpoint(args.shape, args.out, args.device, args.dtype, args.seed, args.shard_gb)
+    write_checkpoint(args.shape, args.out, args.device, args.dtype, args.seed, args.shard_gb, args.tokenizer)
     print(f"wrote {args.shape} to {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 
