@@ -3,8 +3,8 @@
     python benchmarks/runner_step.py                      # float32 and bfloat16, batch 1/4/16, 128-token contexts
     python benchmarks/runner_step.py --dtypes bfloat16,bfloat16-dense --batches 1,16 --context 512
 
-`bfloat16` is what the loader serves on CPU (the GGUF's Q4 matrices kept 4-bit); `bfloat16-dense` dequantizes
-every matrix to bfloat16 instead, to show what that choice is worth. Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
+`bfloat16` is what the loader serves on CPU (the GGUF's Q4 matrices also kept 4-bit, for small batches);
+`bfloat16-dense` dequantizes every matrix to bfloat16 only, to show what that choice is worth. Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
 median step time gives ms/step and tokens/s (batch / step time). `prefill 40` is one fresh 40-token prompt (the
 runner's share of TTFT). The minimum step time is printed too: on a shared box it is the best estimate of the
 uncontended cost. Prints a table and writes JSON.

@@ -6,8 +6,9 @@ safetensors plus tokenizer files under `weights_cache_dir` (default ~/.cache/tre
 size, mtime and the dtype; a second start only memory-loads that. HF directories are already safetensors and load
 directly, so they are not copied into the cache.
 
-Serving a GGUF in bfloat16 on CPU keeps its Q4_0/Q4_1 matrices 4-bit (models/int4_cpu.py): as exact as
-dequantizing them to bfloat16 and several times faster. float32 always dequantizes (the exact reference path).
+Serving a GGUF in bfloat16 on CPU also keeps its Q4_0/Q4_1 matrices 4-bit (models/int4_cpu.py) for small-batch
+decode steps: as exact as dequantizing them to bfloat16 and 2-3x faster. float32 always dequantizes (the exact
+reference path).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .models.llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CACHE_FORMAT = 1  # bump when the cached layout or the conversion changes
+CACHE_FORMAT = 2  # bump when the cached layout or the conversion changes
 
 
 @dataclass

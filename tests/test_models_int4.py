@@ -28,14 +28,16 @@ def test_block_parsing_reproduces_dequantization(stored):
     np.testing.assert_allclose(ours.reshape(96, 128), reference, rtol=0, atol=1e-6)
 
 
-def test_int4_linear_matches_dequantized_matmul(stored):
+@pytest.mark.parametrize("rows", [5, 40], ids=["int4-kernel", "dense-copy"])
+def test_int4_linear_matches_dequantized_matmul(stored, rows):
     raw, qtype, reference = stored
     layer = Int4Linear(128, 96, bias=True)
     for name, value in pack_int4(*q4_blocks(raw, qtype)).items():
         setattr(layer, name, value)
+    layer.weight = torch.nn.Parameter(torch.from_numpy(reference).bfloat16(), requires_grad=False)
     bias = torch.randn(96, generator=torch.Generator().manual_seed(1))
     layer.bias = torch.nn.Parameter(bias.bfloat16(), requires_grad=False)
-    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(2)).bfloat16()
     expected = x.float() @ torch.from_numpy(reference).T + bias.bfloat16().float()
     got = layer(x).float()
     # bfloat16 activations, scales and output: about 3 significant digits.

@@ -95,7 +95,8 @@ def gguf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Dequantize every tensor to `dtype` on CPU, fusing q/k/v and gate/up, in LlamaForCausalLM's names.
 
-    With `int4`, projections stored as Q4_0/Q4_1 stay 4-bit (`<name>.qweight` and `.scales_zeros` for Int4Linear).
+    With `int4`, projections stored as Q4_0/Q4_1 also keep their 4-bit form (`<name>.qweight` and `.scales_zeros`,
+    for Int4Linear) next to the dense weight.
     """
     tensors = {t.name: t for t in reader.tensors}
     permute = cfg.architecture == "llama"
@@ -126,7 +127,8 @@ def gguf_state_dict(
                     q, scale, zero = (_unpermute(a, heads) for a in (q, scale, zero))
                 blocks.append((q, scale, zero))
             packed = pack_int4(*(np.concatenate(arrays) for arrays in zip(*blocks)))
-            return {f"{prefix}.{key}": value for key, value in packed.items()}
+            dense = out(np.concatenate([load(name, heads) for name, heads in parts]))
+            return {f"{prefix}.weight": dense, **{f"{prefix}.{key}": value for key, value in packed.items()}}
         return {f"{prefix}.weight": out(np.concatenate([load(name, heads) for name, heads in parts]))}
 
     sd = {"embed_tokens.weight": out(load("token_embd.weight")), "norm.weight": out(load("output_norm.weight"))}

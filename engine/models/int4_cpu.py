@@ -1,4 +1,4 @@
-"""4-bit GGUF weights kept 4-bit on CPU, multiplied by torch's int4 weight-only CPU kernel.
+"""4-bit GGUF weights kept 4-bit on CPU for decode, multiplied by torch's int4 weight-only CPU kernel.
 
 GGUF Q4_0 / Q4_1 blocks are 32 consecutive input weights sharing a scale (and a minimum for Q4_1). That is exactly
 torch's int4 group format with group size 32, where a weight is (q - 8) * scale + zero, so these matrices are
@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from gguf import GGMLQuantizationType
 from torch import nn
 
+from .llama import Linear
+
 GROUP = 32
+INT4_MAX_ROWS = 12  # up to this many rows of x the 4-bit kernel beats a dense bfloat16 matmul (see Int4Linear)
 Q4_TYPES = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1)
 
 
@@ -47,23 +51,27 @@ def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> dict[str, t
     return {"qweight": packed, "scales_zeros": scales_zeros.to(torch.bfloat16)}
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T (+ b) for bfloat16 x with W in torch's packed int4 CPU layout (group size 32)."""
+class Int4Linear(Linear):
+    """A bfloat16 Linear that also holds its weight in torch's packed int4 CPU layout (group size 32).
+
+    The int4 kernel is a matrix-vector kernel: its cost grows linearly with the rows of x, and on the default model
+    dense bfloat16 matmuls overtake it between 8 and 16 rows. So decode steps of small batches use the 4-bit copy
+    and prefill chunks or large batches the dense one; the two copies hold the same GGUF values."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias=bias)
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_zeros", torch.empty(in_features // GROUP, out_features, 2, dtype=torch.bfloat16))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=torch.bfloat16)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > INT4_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, GROUP, self.scales_zeros)
         return y if self.bias is None else y + self.bias
 
 
 def adopt_int4_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Swap each nn.Linear whose weights arrive as `<name>.qweight` for an Int4Linear of the same shape."""
+    """Swap each Linear whose weights arrive with a `<name>.qweight` for an Int4Linear of the same shape."""
     for key in state:
         if key.endswith(".qweight"):
             parent_name, _, child = key[: -len(".qweight")].rpartition(".")
