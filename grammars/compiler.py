@@ -78,6 +78,7 @@ class GrammarCompiler:
     """Compiles grammars for one tokenizer; mirrors xgrammar.GrammarCompiler.
 
     `max_threads` is accepted for API compatibility: compilation is lazy and single-threaded.
+    `cache_enabled=False` shares nothing between compiles (no grammar cache, no shared classifications);
     `cache_limit_bytes` bounds the compiled-grammar cache (-1: unbounded).
     """
 
@@ -105,7 +106,7 @@ class GrammarCompiler:
             if hit is not None:
                 self._grammars.move_to_end(key)
                 return hit
-        compiled = CompiledGrammar(build(), self.tokenizer_info, self._classes)
+        compiled = CompiledGrammar(build(), self.tokenizer_info, self._classes if self.cache_enabled else {})
         if self.cache_enabled:
             self._grammars[key] = compiled
             if self.cache_limit_bytes >= 0:
