@@ -45,7 +45,9 @@ def hf_greedy(model, prompt: list[int], steps: int, device: str) -> list[tuple[i
             logits = res.logits[0, -1].float()
             tok = int(logits.argmax())
             out.append((tok, logits.topk(TOP_K).indices.tolist()))
-            res = model(torch.tensor([[tok]], device=device), cache=res.cache, use_cache=True)
+            # transformers 5.24 renamed past_key_values to cache; the GPU machine has an older 5.x.
+            field = "cache" if hasattr(res, "cache") else "past_key_values"
+            res = model(torch.tensor([[tok]], device=device), **{field: getattr(res, field)}, use_cache=True)
     return out
 
 
