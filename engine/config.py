@@ -52,3 +52,6 @@ class EngineConfig:
     seed: int = 0
     weights_cache_dir: str | None = None  # None: ~/.cache/treadle
     num_threads: int | None = None  # torch intra-op threads on CPU; None: all cores
+    quantization: str | None = None  # "wNa16": weight-only N-bit linear layers, quantized at load time
+    quant_bits: int = 4  # N of wNa16: 2, 3, 4, 5, 6 or 8
+    quant_group_size: int = 128  # weights sharing one scale and zero point

@@ -76,12 +76,24 @@ def load_model(cfg: EngineConfig, progress: bool = True) -> LoadedModel:
         state = hf_state_dict(path, config, dtype, device, progress)
         name = os.path.basename(os.path.normpath(path))
     elif os.path.isfile(path):
-        int4 = device.type == "cpu" and dtype == torch.bfloat16
+        int4 = device.type == "cpu" and dtype == torch.bfloat16 and not cfg.quantization
         config, tokenizer, state = _load_gguf_cached(path, cfg, int4, progress)
         name = gguf_model_name(path)
     else:
         raise FileNotFoundError(f"model not found: {path}")
-    return LoadedModel(build_model(config, state, device), config, tokenizer, cfg.served_model_name or name)
+    model = build_model(config, state, device)
+    if cfg.quantization:
+        quantize_linears(model, cfg)
+    return LoadedModel(model, config, tokenizer, cfg.served_model_name or name)
+
+
+def quantize_linears(model: LlamaForCausalLM, cfg: EngineConfig) -> None:
+    """`--quantization wNa16`: every linear layer but the LM head becomes an N-bit weight-only QuantLinear."""
+    if cfg.quantization != "wNa16":
+        raise ValueError(f"unsupported quantization {cfg.quantization!r} (supported: wNa16)")
+    from treadle.kernels.quant_linear import quantize_model_
+
+    quantize_model_(model, cfg.quant_bits, cfg.quant_group_size)
 
 
 def gguf_model_name(path: str) -> str:

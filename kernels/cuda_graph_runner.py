@@ -28,6 +28,7 @@ from .activation import silu_and_mul
 from .attention_decode import decode_num_splits, paged_decode_attention
 from .gemv import gemv
 from .norm import rmsnorm
+from .quant_linear import QuantLinear
 from .rope import rope_cos_sin_cache, rope_kv_append
 
 
@@ -92,8 +93,10 @@ class CudaGraphDecoder:
         return self._meta[off : off + n]
 
     @staticmethod
-    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, small: bool) -> torch.Tensor:
-        return gemv(x, weight, bias) if small else F.linear(x, weight, bias)
+    def _linear(x: torch.Tensor, proj: torch.nn.Module, small: bool) -> torch.Tensor:
+        if isinstance(proj, QuantLinear):  # weight-only quantized (--quantization): its own fused kernel
+            return proj(x)
+        return gemv(x, proj.weight, proj.bias) if small else F.linear(x, proj.weight, proj.bias)
 
     @torch.inference_mode()
     def _step(self, bucket: int) -> None:
@@ -113,7 +116,7 @@ class CudaGraphDecoder:
                 h, residual = rmsnorm(x, layer.input_norm.weight, self.eps)[0], x
             else:
                 h, residual = rmsnorm(x, layer.input_norm.weight, self.eps, residual)
-            qkv = self._linear(h, layer.qkv_proj.weight, layer.qkv_proj.bias, small)
+            qkv = self._linear(h, layer.qkv_proj, small)
             q = qkv[:, : hq * d].view(bucket, hq, d)
             k = qkv[:, hq * d : (hq + hkv) * d].view(bucket, hkv, d)
             v = qkv[:, (hq + hkv) * d :].view(bucket, hkv, d)
@@ -122,10 +125,9 @@ class CudaGraphDecoder:
                 k = rmsnorm(k.reshape(bucket * hkv, d), layer.k_norm.weight, self.eps)[0].view(bucket, hkv, d)
             q = rope_kv_append(q, k, v, positions, self.cos_sin, slots, k_cache, v_cache)
             o, _ = paged_decode_attention(q, k_cache, v_cache, indptr, indices, layer.scale, num_splits=splits)
-            x = self._linear(o.view(bucket, hq * d), layer.o_proj.weight, layer.o_proj.bias, small)
+            x = self._linear(o.view(bucket, hq * d), layer.o_proj, small)
             h, residual = rmsnorm(x, layer.post_attention_norm.weight, self.eps, residual)
-            x = self._linear(silu_and_mul(self._linear(h, layer.gate_up_proj.weight, None, small)),
-                             layer.down_proj.weight, None, small)
+            x = self._linear(silu_and_mul(self._linear(h, layer.gate_up_proj, small)), layer.down_proj, small)
         h, _ = rmsnorm(x, self.model.norm.weight, self.eps, residual)
         if small:
             self._logits[:bucket].copy_(gemv(h, self.lm_head, out_dtype=torch.float32))

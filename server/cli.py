@@ -38,6 +38,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
                    help="do not reuse the KV of shared prompt prefixes")
     p.add_argument("--seed", type=int, help="seed of the sampler for requests that send none")
+    p.add_argument("--quantization", choices=["wNa16"],
+                   help="quantize the linear layers' weights to --bits bits at load time (activations stay 16-bit)")
+    p.add_argument("--bits", dest="quant_bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="N of wNa16 (default 4)")
+    p.add_argument("--quant-group-size", type=int, help="weights sharing one scale and zero point (default 128)")
     p.add_argument("--num-threads", type=int, help="torch threads on CPU (default: all cores)")
     p.add_argument("--weights-cache-dir", help="where converted weights are cached (default ~/.cache/treadle)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
