@@ -1,0 +1,313 @@
+"""Grammar-constrained decoding in the engine: compiles off the event loop, one matcher per sequence, token
+masks built on a worker thread while the model runs.
+
+Everything that touches grammar-engine state other than `accept_token` (compiling, warming a new grammar's first
+mask, filling masks) runs on one worker thread. The grammar engine grows shared state lazily (per-grammar
+configuration tables, the compiler's cross-grammar caches), so those calls must not interleave; one thread
+serializes them without locks. Masks for step t+1 depend only on the token sampled at step t, so the engine
+submits them before the forward of step t+1 and collects them after: torch releases the GIL in its kernels, and
+the fill overlaps the forward. `accept_token` stays on the engine thread: it only touches the state of grammars
+whose masks are not being filled at that moment (fills and accepts of one step never overlap).
+
+A compile has a time budget. Python threads cannot be killed, so an over-budget compile is interrupted by raising
+an exception inside the worker thread (`PyThreadState_SetAsyncExc`), which frees the worker for the masks of
+running requests; the grammar is remembered so that retries fail at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import json
+import logging
+import queue
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from treadle.grammars import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarMatcher,
+    TokenizerInfo,
+    allocate_token_bitmask,
+)
+
+from .sequence import Sequence
+from .tokenizer import Tokenizer
+
+log = logging.getLogger("treadle.engine")
+
+GRAMMAR_CACHE_BYTES = 512 * 2**20  # compiled grammars kept across requests (LRU beyond this)
+_MEMORY = 4096  # distinct grammars remembered as validated, and as over budget
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What a request's output must match; the server builds it from the request body.
+
+    kind: "json_schema" (value: a schema dict), "regex" (a pattern), "grammar" (EBNF text with a `root` rule) or
+    "structural_tag" (xgrammar's structural-tag dict: {"type": "structural_tag", "format": {...}}).
+    """
+
+    kind: str
+    value: Any
+
+    def key(self) -> str:
+        return f"{self.kind}\0{self.value if isinstance(self.value, str) else json.dumps(self.value)}"
+
+
+class GrammarCompileTimeout(Exception):
+    """Compiling a grammar took longer than its budget (the server answers 400)."""
+
+
+class _Interrupted(BaseException):
+    """Raised inside the worker thread to stop an over-budget compile; a BaseException so that no
+    `except Exception` in the grammar engine swallows it."""
+
+
+def _set_async_exc(thread_id: int, exc_type: type[BaseException] | None) -> None:
+    """Raise `exc_type` in the thread at its next bytecode (None withdraws a pending one)."""
+    exc = None if exc_type is None else ctypes.py_object(exc_type)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), exc)
+
+
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+    interruptible: bool
+    on_start: Callable[[], None] | None
+    interrupt_sent: bool = False
+
+
+class GrammarWorker:
+    """One daemon thread running grammar jobs in submission order; compile jobs can be interrupted."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._running: _Job | None = None
+        self._thread: threading.Thread | None = None
+
+    def submit(
+        self, fn: Callable[[], Any], interruptible: bool = False, on_start: Callable[[], None] | None = None
+    ) -> concurrent.futures.Future:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="treadle-grammar", daemon=True)
+                self._thread.start()
+        job = _Job(fn, concurrent.futures.Future(), interruptible, on_start)
+        self._queue.put(job)
+        return job.future
+
+    def interrupt(self, future: concurrent.futures.Future) -> None:
+        """Stop the job of `future`: dropped if still queued, interrupted if it is an interruptible running job."""
+        if future.cancel():
+            return
+        with self._lock:
+            job = self._running
+            if job is None or job.future is not future or not job.interruptible or job.interrupt_sent:
+                return
+            job.interrupt_sent = True
+            _set_async_exc(self._thread.ident, _Interrupted)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if not job.future.set_running_or_notify_cancel():
+                continue
+            try:
+                with self._lock:
+                    self._running = job
+                if job.on_start is not None:
+                    job.on_start()
+                result = job.fn()
+                with self._lock:
+                    self._running = None
+                    if job.interrupt_sent:  # too late to land: drop it before it hits the next job
+                        _set_async_exc(self._thread.ident, None)
+            except _Interrupted:
+                with self._lock:
+                    self._running = None
+                job.future.set_exception(GrammarCompileTimeout())
+                continue
+            except BaseException as exc:
+                with self._lock:
+                    self._running = None
+                job.future.set_exception(exc)
+                continue
+            job.future.set_result(result)
+
+
+@dataclass
+class MaskJob:
+    """Masks being filled for one step: one row per sequence that gets logits, in logits-row order."""
+
+    future: concurrent.futures.Future  # -> (bitmask [rows, words] or None when no row restricts anything, failed rows)
+    matchers: list[GrammarMatcher | None]
+
+
+class GuidedDecoder:
+    """The engine's grammar side: compiles GrammarSpecs, tracks a matcher per constrained sequence, builds the
+    batched bitmask for the sampler and advances matchers on sampled tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
+        self._worker = GrammarWorker()
+        self._compiler_future: concurrent.futures.Future | None = None
+        self._matchers: weakref.WeakKeyDictionary[Sequence, GrammarMatcher] = weakref.WeakKeyDictionary()
+        self._failed: weakref.WeakSet[GrammarMatcher] = weakref.WeakSet()
+        self._warmed: weakref.WeakSet[CompiledGrammar] = weakref.WeakSet()
+        self._over_budget: OrderedDict[str, float] = OrderedDict()  # event loop side
+        self._validated: OrderedDict[str, None] = OrderedDict()  # worker side: specs that compiled
+        self._buffer = allocate_token_bitmask(1, vocab_size)  # reused every step; grown on demand
+
+    # ---- compiling (event loop side) -------------------------------------------------------------------------
+    async def compile(
+        self, spec: GrammarSpec, budget_s: float, validate: Callable[[], None] | None = None
+    ) -> CompiledGrammar:
+        """Compile (or fetch from the cache) and warm the first mask, within `budget_s` seconds of worker time.
+
+        `validate` (checks of the request's input, such as JSON schemas against their metaschema, which can take
+        seconds on huge schemas) runs first on the worker, inside the budget, the first time a spec is seen;
+        what it raises is raised here. Raises the grammar engine's GrammarError (a ValueError) for input it
+        rejects, GrammarCompileTimeout when over budget. The one-time tokenizer setup is not charged.
+        """
+        key = spec.key()
+        if key in self._over_budget:
+            raise GrammarCompileTimeout(
+                f"this grammar already exceeded the {self._over_budget[key]:g} s compile budget")
+        compiler = await asyncio.wrap_future(self._compiler())
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        def on_start() -> None:  # on the worker: the budget runs from here, not from the submission
+            loop.call_soon_threadsafe(lambda: started.done() or started.set_result(None))
+
+        future = self._worker.submit(lambda: self._compile_now(compiler, spec, key, validate), True, on_start)
+        done = asyncio.wrap_future(future)
+        try:
+            await asyncio.wait((started, done), return_when=asyncio.FIRST_COMPLETED)
+            return await asyncio.wait_for(asyncio.shield(done), budget_s)
+        except (TimeoutError, GrammarCompileTimeout):
+            self._worker.interrupt(future)
+            # An interrupted compile may have left a half-grown grammar in the compiler's cache: drop the cache
+            # (grammars in use keep working; new requests recompile).
+            self._worker.submit(compiler.clear_cache)
+            self._over_budget[key] = budget_s
+            while len(self._over_budget) > _MEMORY:
+                self._over_budget.popitem(last=False)
+            raise GrammarCompileTimeout(f"compiling the grammar took longer than the {budget_s:g} s budget") from None
+        except asyncio.CancelledError:  # the client went away
+            self._worker.interrupt(future)
+            raise
+
+    def _compiler(self) -> concurrent.futures.Future:
+        """The GrammarCompiler, built once on the worker (the vocabulary tables take about a second)."""
+        if self._compiler_future is None:
+            def build() -> GrammarCompiler:
+                info = TokenizerInfo.from_huggingface(
+                    self._tokenizer.hf, vocab_size=self.vocab_size, stop_token_ids=self._tokenizer.eos_token_ids)
+                return GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
+
+            self._compiler_future = self._worker.submit(build)
+        return self._compiler_future
+
+    def _compile_now(
+        self, compiler: GrammarCompiler, spec: GrammarSpec, key: str, validate: Callable[[], None] | None
+    ) -> CompiledGrammar:
+        if validate is not None and key not in self._validated:
+            validate()
+        kind, value = spec.kind, spec.value
+        if kind == "json_schema":
+            compiled = compiler.compile_json_schema(value)
+        elif kind == "regex":
+            compiled = compiler.compile_regex(value)
+        elif kind == "grammar":
+            compiled = compiler.compile_grammar(value)
+        elif kind == "structural_tag":
+            compiled = compiler.compile_structural_tag(value)
+        else:
+            raise ValueError(f"unknown grammar kind {kind!r}")
+        if compiled not in self._warmed:
+            # The first mask is the costliest one of a new grammar: pay it here, inside the budget, rather than
+            # in a step. A grammar seen before may have live matchers, so it is not touched again.
+            GrammarMatcher(compiled).fill_next_token_bitmask(allocate_token_bitmask(1, self.vocab_size))
+            self._warmed.add(compiled)
+        self._validated[key] = None
+        while len(self._validated) > _MEMORY:
+            self._validated.popitem(last=False)
+        return compiled
+
+    # ---- decoding (engine thread side) -----------------------------------------------------------------------
+    def add(self, seq: Sequence, grammar: CompiledGrammar | None) -> None:
+        """Start a matcher for a new sequence (each choice of an n > 1 request gets its own)."""
+        if grammar is not None:
+            self._matchers[seq] = GrammarMatcher(grammar)
+
+    def start_masks(self, seqs: list[Sequence]) -> MaskJob | None:
+        """Submit the mask fill for the sequences about to get logits (None when none is constrained)."""
+        matchers = [self._matchers.get(s) for s in seqs]
+        if not any(m is not None for m in matchers):
+            return None
+        return MaskJob(self._worker.submit(lambda: self._fill(matchers)), matchers)
+
+    def _fill(self, matchers: list[GrammarMatcher | None]) -> tuple[torch.Tensor | None, list[int]]:
+        n = len(matchers)
+        if self._buffer.shape[0] < n:
+            self._buffer = allocate_token_bitmask(max(n, 2 * self._buffer.shape[0]), self.vocab_size)
+        buf = self._buffer
+        restricts = False
+        failed = []
+        for i, m in enumerate(matchers):
+            if m is None:
+                buf[i] = -1
+                continue
+            try:
+                restricts |= m.fill_next_token_bitmask(buf, i)
+            except Exception:
+                log.exception("filling a token mask failed; the sequence is aborted")
+                failed.append(i)
+                buf[i] = -1
+        return (buf[:n] if restricts else None), failed
+
+    def finish_masks(self, job: MaskJob | None, rows: list[int]) -> torch.Tensor | None:
+        """The bitmask for the sampler, one row per sampled sequence; `rows[i]` is its row in the job (forked
+        choices of one prompt share their parent's row: their matchers all start at the same state)."""
+        if job is None:
+            return None
+        bitmask, failed = job.future.result()
+        for i in failed:
+            self._failed.add(job.matchers[i])
+        if bitmask is None:
+            return None
+        if rows != list(range(bitmask.shape[0])):
+            bitmask = bitmask[torch.tensor(rows)]
+        return bitmask
+
+    def accept(self, seq: Sequence, token_id: int) -> str | None:
+        """Advance the sequence's matcher; a finish reason when the grammar ends the sequence, else None.
+
+        "stop" once a stop token completed the grammar; "abort" if the matcher failed or the token breaks the
+        grammar (only possible when another rule, such as min_tokens, banned every token the grammar allowed).
+        """
+        m = self._matchers.get(seq)
+        if m is None:
+            return None
+        if m in self._failed:
+            return "abort"
+        if not m.accept_token(token_id):
+            log.warning("sampled token %d violates the request's grammar; the sequence is aborted", token_id)
+            return "abort"
+        return "stop" if m.is_terminated() else None
