@@ -7,7 +7,8 @@
 `bfloat16-dense` dequantizes every matrix to bfloat16 only, to show what that choice is worth. Each sequence is prefilled with `--context` tokens, then all of them decode together for `--steps` steps; the
 median step time gives ms/step and tokens/s (batch / step time). `prefill 40` is one fresh 40-token prompt (the
 runner's share of TTFT). The minimum step time is printed too: on a shared box it is the best estimate of the
-uncontended cost. Prints a table and writes JSON.
+uncontended cost; `--threads 1 --clock thread` measures CPU time instead of wall time, which other processes on
+the box disturb far less. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,10 +29,13 @@ from treadle.engine.models.gguf_weights import gguf_model_config, gguf_state_dic
 from treadle.engine.model_runner import ModelRunner
 
 
+CLOCK = time.perf_counter
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def dense_bfloat16_model():
@@ -90,8 +94,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--context", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "thread"],
+        default="wall",
+        help="thread: CPU time of the calling thread (needs --threads 1); steadier than wall time on a shared box",
+    )
     ap.add_argument("--out", default="bench_results/runner_step.json")
     args = ap.parse_args(argv)
+    if args.clock == "thread":
+        if args.threads != 1:
+            ap.error("--clock thread measures one thread's CPU time: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.thread_time
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     for dtype in args.dtypes.split(","):
@@ -101,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         tok_s = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
         print(f"{r['dtype']:<15} {r['kind']:<12} {r['batch']:>5} {r['ms']:>9.1f} {r['ms_min']:>8.1f} {tok_s:>8}")
-    meta = {"threads": torch.get_num_threads(), "load_average": os.getloadavg(), "torch": torch.__version__}
+    meta = {
+        "threads": torch.get_num_threads(),
+        "clock": args.clock,
+        "load_average": os.getloadavg(),
+        "torch": torch.__version__,
+    }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "context": args.context, "rows": rows}, f, indent=2)
