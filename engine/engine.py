@@ -12,6 +12,7 @@ import torch
 from .batch import SeqChunk
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, token_text
+from .guided import GuidedDecoder
 from .kv_cache import KVCacheManager
 from .loader import LoadedModel
 from .model_runner import ModelRunner
@@ -46,6 +47,7 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.config, cfg, num_pages * cfg.page_size)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(loaded.config.vocab_size, self.tokenizer.eos_token_ids, self.runner.device)
+        self.guided = GuidedDecoder(self.tokenizer, loaded.config.vocab_size)
         # A sequence can never outgrow the pool, or preemption could not make room for it.
         limit = cfg.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, num_pages * cfg.page_size)
@@ -76,6 +78,7 @@ class LLMEngine:
             self.tokenizer.hf, seq.request.prompt_token_ids, params.skip_special_tokens
         )
         seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
+        self.guided.add(seq, params.grammar)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -110,6 +113,8 @@ class LLMEngine:
                 kv_slots=seq.kv.slots,
                 need_logits=start + n == len(seq.token_ids),
             ))
+        # Grammar masks are filled on the guided decoder's thread while the model runs.
+        masks = self.guided.start_masks([c.seq for c, chunk in zip(sched.chunks, chunks) if chunk.need_logits])
         logits = self.runner.execute(chunks)
 
         rows: list[int] = []
@@ -129,7 +134,7 @@ class LLMEngine:
             return []
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[torch.tensor(rows, device=logits.device)]
-        result = self.sampler.sample(logits, [s.sampling for s in to_sample])
+        result = self.sampler.sample(logits, [s.sampling for s in to_sample], self.guided.finish_masks(masks, rows))
         now = time.monotonic()
         news: dict[str, list[CompletionOutput]] = {}
         for seq, tok, lp in zip(to_sample, result.token_ids, result.logprobs):
@@ -170,6 +175,7 @@ class LLMEngine:
         seq.token_ids.append(tok)
         seq.sampling.append(tok)
         self.stats.generation_tokens += 1
+        grammar_end = self.guided.accept(seq, tok)
         logprobs = None
         if lp is not None:
             logprobs = [self._token_logprob(lp)]
@@ -183,6 +189,8 @@ class LLMEngine:
             text, matched = seq.stop_checker.feed(seq.detokenizer.step(tok))
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
+        if seq.finish_reason is None and grammar_end is not None:
+            seq.finish_reason = grammar_end
         if seq.finish_reason is None and (
             seq.num_generated >= req.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from treadle.grammars import CompiledGrammar
 
 
 class InvalidParameterError(ValueError):
@@ -32,6 +36,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     skip_special_tokens: bool = True
+    grammar: CompiledGrammar | None = None  # output constraint, compiled by the server (engine/guided.py)
 
     def validate(self, max_logprobs: int = 20) -> None:
         def bad(msg: str, param: str) -> None:
