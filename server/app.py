@@ -26,6 +26,7 @@ from .protocol import (
     TokenizeResponse,
 )
 from .state import ServerState, get_state
+from .tools import ToolSetup, template_messages
 
 
 def treadle_version() -> str:
@@ -35,7 +36,14 @@ def treadle_version() -> str:
         return "unknown"
 
 
-def build_app(engine: AsyncEngine, *, api_key: str | None = None, max_logprobs: int = 20) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    *,
+    api_key: str | None = None,
+    max_logprobs: int = 20,
+    tool_call_parser: str | None = None,
+    grammar_compile_timeout: float = 5.0,
+) -> FastAPI:
     """The app serving `engine`; its lifespan starts the engine's step thread and shuts it down."""
 
     @asynccontextmanager
@@ -47,7 +55,8 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, max_logprobs: 
             await engine.shutdown()
 
     app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
-    app.state.treadle = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), max_logprobs)
+    app.state.treadle = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), max_logprobs,
+                                    ToolSetup.detect(engine.tokenizer, tool_call_parser), grammar_compile_timeout)
     started = int(time.time())
     install_error_handlers(app)
     if api_key:
@@ -90,7 +99,8 @@ def build_app(engine: AsyncEngine, *, api_key: str | None = None, max_logprobs: 
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("send exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = render_chat(tokenizer, body.messages, body.add_generation_prompt)
+            ids = render_chat(tokenizer, template_messages(body.messages, state.tool_setup),
+                              body.add_generation_prompt)
         else:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=state.engine.max_model_len, tokens=ids)

@@ -38,6 +38,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False,
                    help="do not reuse the KV of shared prompt prefixes")
     p.add_argument("--seed", type=int, help="seed of the sampler for requests that send none")
+    p.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral"],
+                   help="the model's tool-call format (default: recognised from the chat template, else hermes)")
+    p.add_argument("--grammar-compile-timeout", type=float, metavar="SECONDS",
+                   help="compile budget of a request's structured-output grammar; over it the request gets a 400 "
+                        "(default 5)")
     p.add_argument("--quantization", choices=["wNa16"],
                    help="quantize the linear layers' weights to --bits bits at load time (activations stay 16-bit)")
     p.add_argument("--bits", dest="quant_bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="N of wNa16 (default 4)")
@@ -93,7 +98,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"treadle: error: cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}", file=sys.stderr)
         return 1
     port = sock.getsockname()[1]
-    app = build_app(engine, api_key=cfg.api_key, max_logprobs=cfg.engine.max_logprobs)
+    app = build_app(engine, api_key=cfg.api_key, max_logprobs=cfg.engine.max_logprobs,
+                    tool_call_parser=cfg.tool_call_parser, grammar_compile_timeout=cfg.grammar_compile_timeout)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5))
     banner = f"treadle: serving {engine.model_name} on {_url(cfg.host, port)} (OpenAI API at /v1)"
     if cfg.api_key:

@@ -18,6 +18,7 @@ from .errors import bad_request, from_exception
 from .generation import GenerationRun, UsageTracker, run_to_end
 from .protocol import LOGPROB_FLOOR, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .state import get_state
+from .structured import compile_constraint, output_constraint
 
 
 def prompt_token_ids(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
@@ -61,10 +62,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state.check_healthy()
     params = body.to_sampling_params(state.max_logprobs)
     prompts = prompt_token_ids(state.engine.tokenizer, body.prompt)
+    constraint = output_constraint(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    run = GenerationRun(state.engine, state.metrics, request_id, prompts, params, body.priority, arrival)
     want_logprobs = params.logprobs is not None
     try:
+        if constraint is not None:
+            compiling = compile_constraint(state.guided, constraint.spec, constraint.param,
+                                           state.grammar_compile_timeout, constraint.schemas)
+            params.grammar = await unless_disconnected(request, compiling)
+        run = GenerationRun(state.engine, state.metrics, request_id, prompts, params, body.priority, arrival)
         if body.stream:
             await unless_disconnected(request, run.start())
             include_usage = body.stream_options is not None and body.stream_options.include_usage

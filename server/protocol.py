@@ -7,7 +7,7 @@ honour yet, so a client never gets an answer that silently ignored what it asked
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,56 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+# ---- structured outputs -----------------------------------------------------------------------------------------
+class _Closed(BaseModel):
+    """Option objects whose every key changes the output: an unknown key is an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JSONSchemaSpec(_Request):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    json_schema: dict[str, Any] | bool | str = Field(alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(_Request):
+    type: Literal["text"]
+
+
+class JSONObjectFormat(_Request):
+    type: Literal["json_object"]
+
+
+class JSONSchemaFormat(_Request):
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaSpec
+
+
+class StructuralTagFormat(_Request):
+    """xgrammar's structural tag: {"type": "structural_tag", "format": {...}}."""
+
+    type: Literal["structural_tag"]
+    format: dict[str, Any]
+
+
+ResponseFormat = Annotated[TextFormat | JSONObjectFormat | JSONSchemaFormat | StructuralTagFormat,
+                           Field(discriminator="type")]
+
+
+class StructuredOutputs(_Closed):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_schema: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: dict[str, Any] | str | None = None
 
 
 class _GenerationRequest(_Request):
@@ -50,6 +100,12 @@ class _GenerationRequest(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | bool | str | None = None  # vLLM's older spellings of structured_outputs
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -91,13 +147,27 @@ class ContentPart(_Request):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
     def template_dict(self, position: int) -> dict[str, Any]:
-        """The message as chat templates expect it: content flattened to one string."""
+        """The message as chat templates expect it: content flattened to one string (tool calls are kept as
+        sent; server/tools.py adapts them to the template)."""
         if isinstance(self.content, list):
             for part in self.content:
                 if part.type != "text" or part.text is None:
@@ -109,25 +179,41 @@ class ChatMessage(_Request):
         return {**self.model_dump(exclude_none=True), "content": content}
 
 
+class FunctionDefinition(_Request):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
     def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
         self._check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise bad_request("response_format other than 'text' is not supported yet", "response_format")
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            raise bad_request("forcing tool calls (tool_choice 'required' or a named tool) is not supported yet",
-                              "tool_choice")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(max_tokens, logprobs, max_logprobs)
@@ -149,7 +235,8 @@ class ChatChoiceLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: str
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None  # left out (unset) when the answer has none
 
 
 class ChatChoice(BaseModel):
@@ -180,9 +267,24 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    """The first delta of a call has id, type and name; later ones only argument fragments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

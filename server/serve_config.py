@@ -11,14 +11,14 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from treadle.engine.config import EngineConfig
 
-SERVER_KEYS = ("host", "port", "api_key")
+SERVER_KEYS = ("host", "port", "api_key", "tool_call_parser", "grammar_compile_timeout")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 API_KEY_ENV = "TREADLE_API_KEY"
 
@@ -33,6 +33,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None  # None: from the chat template
+    grammar_compile_timeout: float = 5.0  # seconds; a structured-output request over it gets a 400
 
 
 def default_device() -> str:
@@ -92,7 +94,7 @@ def build_serve_config(flags: dict[str, Any], config_file: str | None = None) ->
     api_key = merged.pop("api_key", None)
     if "api_key" not in flags:
         api_key = os.environ.get(API_KEY_ENV) or api_key
-    server = {k: merged.pop(k) for k in ("host", "port") if k in merged}
+    server = {k: merged.pop(k) for k in ("host", "port", "tool_call_parser", "grammar_compile_timeout") if k in merged}
     try:
         engine = TypeAdapter(EngineConfig).validate_python(merged)
         checked = TypeAdapter(ServeConfig).validate_python({"engine": engine, **server, "api_key": api_key or None})
@@ -102,4 +104,6 @@ def build_serve_config(flags: dict[str, Any], config_file: str | None = None) ->
         raise ConfigError(f"option {key}: {err['msg']} (got {err.get('input')!r})") from None
     if not 0 <= checked.port <= 65535:
         raise ConfigError(f"option port: must be in [0, 65535] (got {checked.port})")
+    if not checked.grammar_compile_timeout > 0:
+        raise ConfigError(f"option grammar_compile_timeout: must be positive (got {checked.grammar_compile_timeout})")
     return checked

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from treadle.engine.async_engine import AsyncEngine
+from treadle.engine.guided import GuidedDecoder
 
 from .errors import APIError
 from .metrics import ServerMetrics
+from .tools import ToolSetup
 
 
 @dataclass
@@ -17,6 +19,12 @@ class ServerState:
     engine: AsyncEngine
     metrics: ServerMetrics
     max_logprobs: int
+    tool_setup: ToolSetup
+    grammar_compile_timeout: float  # seconds of grammar-worker time a request's constraint may take to compile
+
+    @property
+    def guided(self) -> GuidedDecoder:
+        return self.engine.engine.guided
 
     @property
     def model_name(self) -> str:
