@@ -134,6 +134,7 @@ class LLMEngine:
             return []
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[torch.tensor(rows, device=logits.device)]
+        self._apply_logits_processors(logits, to_sample)
         result = self.sampler.sample(logits, [s.sampling for s in to_sample], self.guided.finish_masks(masks, rows))
         now = time.monotonic()
         news: dict[str, list[CompletionOutput]] = {}
@@ -152,6 +153,13 @@ class LLMEngine:
                 req.on_output(out)
             outputs.append(out)
         return outputs
+
+    @staticmethod
+    @torch.inference_mode()
+    def _apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        for row, seq in enumerate(seqs):
+            for processor in seq.request.params.logits_processors:
+                logits[row] = processor(seq.token_ids, logits[row])
 
     def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
         """The prompt of an n > 1 request is prefilled once; its choices fork from it here, sharing its KV."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from treadle.grammars import CompiledGrammar
@@ -15,6 +16,10 @@ class InvalidParameterError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+# Offline-API hook: (the sequence's token ids so far, its [vocab] logits) -> logits to sample from.
+LogitsProcessor = Callable[[list[int], Any], Any]
 
 
 @dataclass
@@ -37,6 +42,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     skip_special_tokens: bool = True
     grammar: CompiledGrammar | None = None  # output constraint, compiled by the server (engine/guided.py)
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)  # offline API only, never from HTTP
 
     def validate(self, max_logprobs: int = 20) -> None:
         def bad(msg: str, param: str) -> None:
