@@ -7,7 +7,7 @@ size, mtime and the dtype; a second start only memory-loads that. HF directories
 directly, so they are not copied into the cache.
 
 Serving a GGUF in bfloat16 on CPU also keeps its Q4_0/Q4_1 matrices 4-bit (models/int4_cpu.py) for small-batch
-decode steps: as exact as dequantizing them to bfloat16 and 2-3x faster. float32 always dequantizes (the exact
+decode steps: as exact as dequantizing them to bfloat16 and up to 2x faster. float32 always dequantizes (the exact
 reference path).
 """
 
