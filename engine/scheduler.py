@@ -5,6 +5,10 @@ live sequences (`max_num_seqs`). Running sequences go first, in priority order; 
 budget, sequence slots and KV pages last. When a running sequence needs a page and none is free, the
 lowest-ranked running sequence is preempted by recompute: its KV is dropped and it waits again with all its
 tokens (the prefix cache usually gives most of them back on re-admission).
+
+Parallel paths (engine/multiverse.py): a path keeps sharing its suspended parent's KV when preempted and
+recomputes only its own tokens. A sequence whose KV holds a merge cannot be recomputed, so it is never a victim;
+if it needs a page that no lower-ranked recomputable sequence can give up, it waits out the step.
 """
 
 from __future__ import annotations
@@ -61,24 +65,52 @@ class Scheduler:
         self.running.append(seq)
         self.running.sort(key=lambda s: s.sort_key)
 
+    def suspend(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch but keep its KV (a fork's parent, a finished parallel path)."""
+        self.running.remove(seq)
+        seq.status = SeqStatus.SUSPENDED
+
+    def release(self, seq: Sequence) -> None:
+        """Drop a sequence's KV and take it out of the queues, keeping its tokens (a swapped-out parallel document,
+        recomputed path by path when its root runs again)."""
+        self._dequeue(seq)
+        self.kv.free(seq.kv)
+        seq.kv = SeqKV()
+        seq.num_computed = 0
+        seq.status = SeqStatus.SUSPENDED
+
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out of the queues (finished or aborted) and release its KV."""
+        self._dequeue(seq)
+        self.kv.free(seq.kv)
+        seq.status = SeqStatus.FINISHED
+
+    def _dequeue(self, seq: Sequence) -> None:
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SeqStatus.WAITING:
             self._waiting = [e for e in self._waiting if e[2] is not seq]
             heapq.heapify(self._waiting)
-        self.kv.free(seq.kv)
-        seq.status = SeqStatus.FINISHED
 
     def has_work(self) -> bool:
         return bool(self.running or self._waiting)
 
+    def _reset_kv(self, seq: Sequence) -> None:
+        """Drop the sequence's own KV; a parallel path keeps sharing its suspended parent's."""
+        self.kv.free(seq.kv)
+        seq.kv = SeqKV() if seq.fork_base is None else self.kv.fork(seq.fork_base.kv)
+        seq.num_computed = len(seq.kv)
+
+    def _victim(self, seq: Sequence) -> Sequence | None:
+        """The lowest-ranked running sequence, ranked no higher than `seq`, that can be recomputed."""
+        for victim in reversed(self.running[self.running.index(seq) :]):
+            if victim.recomputable:
+                return victim
+        return None
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.kv.free(seq.kv)
-        seq.kv = SeqKV()
-        seq.num_computed = 0
+        self._reset_kv(seq)
         self.add(seq)
         self.num_preemptions += 1
         out.preempted.append(seq)
@@ -93,11 +125,13 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.kv.can_append(seq.kv, n):
-                victim = self.running[-1]
+                victim = self._victim(seq)
+                if victim is None:
+                    break
                 self._preempt(victim, out)
                 if victim is seq:
                     break
-            if seq.status is not SeqStatus.RUNNING:
+            if seq.status is not SeqStatus.RUNNING or not self.kv.can_append(seq.kv, n):
                 continue
             self.kv.append(seq.kv, n)
             out.chunks.append(ScheduledChunk(seq, n))
@@ -112,9 +146,7 @@ class Scheduler:
                     seq.request.num_cached_tokens = hit
             n = min(seq.num_uncomputed, budget)
             if not self.kv.can_append(seq.kv, n, reserve=self._admit_reserve if self.running else 0):
-                self.kv.free(seq.kv)  # give back the prefix pages; matching is repeated next time
-                seq.kv = SeqKV()
-                seq.num_computed = 0
+                self._reset_kv(seq)  # give back the prefix pages; matching is repeated next time
                 break
             heapq.heappop(self._waiting)
             self.prefix_cache_queries += len(seq.token_ids)

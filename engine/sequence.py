@@ -14,6 +14,8 @@ from .sampling_params import SamplingParams
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SUSPENDED = "suspended"  # holds its KV but is not scheduled: a parent waiting for its parallel paths, or a
+    # path waiting for its siblings
     FINISHED = "finished"
 
 
@@ -36,6 +38,12 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    # Parallel generation (engine/multiverse.py). A path's KV extends its suspended parent's, so preemption
+    # re-forks it from `fork_base` and recomputes only its own tokens. Once a sequence's KV index holds a merge
+    # (paths that do not see each other), no causal prefill can rebuild it: it is never a preemption victim.
+    fork_base: Sequence | None = None
+    recomputable: bool = True
+    parallel: Any = None  # multiverse.PathState
 
     @property
     def num_prompt_tokens(self) -> int:
