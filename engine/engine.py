@@ -16,6 +16,7 @@ from .guided import GuidedDecoder
 from .kv_cache import KVCacheManager
 from .loader import LoadedModel
 from .model_runner import ModelRunner
+from .multiverse import Multiverse, MultiverseTags
 from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from .sampler import Sampler, SeqSamplingState
 from .scheduler import Scheduler
@@ -36,7 +37,7 @@ def kv_pool_pages(cfg: EngineConfig, bytes_per_slot: int) -> int:
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, loaded: LoadedModel):
+    def __init__(self, cfg: EngineConfig, loaded: LoadedModel, multiverse_tags: MultiverseTags | None = None):
         self.cfg = cfg
         self.loaded = loaded
         self.model_config = loaded.config
@@ -52,6 +53,7 @@ class LLMEngine:
         limit = cfg.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, num_pages * cfg.page_size)
         self._eos = set(self.tokenizer.eos_token_ids)
+        self.multiverse = Multiverse(self.kv, self.scheduler, self.tokenizer, self.max_model_len, multiverse_tags)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(num_total_pages=num_pages)  # cumulative counters; gauges are read live
 
@@ -79,6 +81,7 @@ class LLMEngine:
         )
         seq.stop_checker = StopChecker(params.stop, params.include_stop_str_in_output)
         self.guided.add(seq, params.grammar)
+        self.multiverse.start(seq)
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -87,6 +90,7 @@ class LLMEngine:
         outs = []
         for seq in req.seqs:
             if not seq.finished:
+                self.multiverse.drop(seq)
                 self.scheduler.remove(seq)
                 seq.finish_reason = "abort"
                 outs.append(CompletionOutput(seq.index, "", [], finish_reason="abort",
@@ -102,7 +106,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
         if not sched.chunks:
-            return []
+            if self.scheduler.has_work():  # nothing fits: parallel documents hold the pool
+                self.multiverse.relieve()
+            return self._emit([])
         chunks = []
         for c in sched.chunks:
             seq, n = c.seq, c.num_tokens
@@ -111,7 +117,7 @@ class LLMEngine:
                 token_ids=seq.token_ids[start : start + n],
                 positions=seq.kv.positions[-n:],
                 kv_slots=seq.kv.slots,
-                need_logits=start + n == len(seq.token_ids),
+                need_logits=start + n == len(seq.token_ids) and not self.multiverse.holds(seq),
             ))
         # Grammar masks are filled on the guided decoder's thread while the model runs.
         masks = self.guided.start_masks([c.seq for c, chunk in zip(sched.chunks, chunks) if chunk.need_logits])
@@ -130,18 +136,32 @@ class LLMEngine:
                 rows.append(row)
                 to_sample.append(s)
             row += 1
+        for c in sched.chunks:  # forks and merges fire once the trigger tokens' KV is in
+            self.multiverse.on_computed(c.seq)
         if not to_sample:
-            return []
+            return self._emit([])
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
             logits = logits[torch.tensor(rows, device=logits.device)]
         self._apply_logits_processors(logits, to_sample)
         result = self.sampler.sample(logits, [s.sampling for s in to_sample], self.guided.finish_masks(masks, rows))
+        return self._emit(zip(to_sample, result.token_ids, result.logprobs))
+
+    def _emit(self, sampled) -> list[RequestOutput]:
+        """Append the sampled (sequence, token, logprobs) and hand every request with news its output."""
         now = time.monotonic()
         news: dict[str, list[CompletionOutput]] = {}
-        for seq, tok, lp in zip(to_sample, result.token_ids, result.logprobs):
-            news.setdefault(seq.request.request_id, []).append(self._append_token(seq, tok, lp))
+        for seq, tok, lp in sampled:
+            if seq.finished:  # its parallel document ended earlier in this step
+                continue
+            out = self._append_token(seq, tok, lp)
+            if out is not None:
+                news.setdefault(seq.request.request_id, []).append(out)
             if seq.request.first_token_time is None:
                 seq.request.first_token_time = now
+        for req, out in self.multiverse.take_outputs():  # one delta per parallel document with news
+            if out.finish_reason is not None:
+                self._count_finish(out.finish_reason)
+            news.setdefault(req.request_id, []).append(out)
         outputs = []
         for rid, outs in news.items():
             req = self.requests[rid]
@@ -177,7 +197,8 @@ class LLMEngine:
             seqs.append(child)
         return seqs
 
-    def _append_token(self, seq: Sequence, tok: int, lp) -> CompletionOutput:
+    def _append_token(self, seq: Sequence, tok: int, lp) -> CompletionOutput | None:
+        """Append a sampled token and apply the stop rules; a parallel path's output comes from its document."""
         req = seq.request
         params = req.params
         seq.token_ids.append(tok)
@@ -187,18 +208,22 @@ class LLMEngine:
         logprobs = None
         if lp is not None:
             logprobs = [self._token_logprob(lp)]
-        text = ""
+        text = piece = ""
         matched = None
         if tok in self._eos and not params.ignore_eos:  # the sampler bans EOS until min_tokens
             seq.finish_reason = "stop"
         elif tok in params.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", tok
         else:
-            text, matched = seq.stop_checker.feed(seq.detokenizer.step(tok))
+            piece = seq.detokenizer.step(tok)
+            text, matched = seq.stop_checker.feed(piece)
             if matched is not None:
                 seq.finish_reason, seq.stop_reason = "stop", matched
         if seq.finish_reason is None and grammar_end is not None:
             seq.finish_reason = grammar_end
+        if seq.parallel is not None:  # limits, forks and finishing are per document
+            self.multiverse.on_token(seq, tok, piece, text, matched)
+            return None
         if seq.finish_reason is None and (
             seq.num_generated >= req.max_tokens or len(seq.token_ids) >= self.max_model_len
         ):
@@ -257,5 +282,10 @@ class LLMEngine:
             prompt_tokens=s.prompt_tokens,
             generation_tokens=s.generation_tokens,
             finished_by_reason=dict(s.finished_by_reason),
+            parallel_forks=self.multiverse.num_forks,
+            parallel_merges=self.multiverse.num_merges,
+            parallel_branches=self.multiverse.num_branches,
+            parallel_tokens=self.multiverse.finished_tokens,
+            parallel_depth=self.multiverse.finished_depth,
         )
 

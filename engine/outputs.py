@@ -14,6 +14,14 @@ class TokenLogprob:
 
 
 @dataclass
+class PathText:
+    """Text of one parallel path; `path` joins the outline ids from the outermost block in, e.g. "2" or "1/1.2"."""
+
+    path: str
+    text: str
+
+
+@dataclass
 class CompletionOutput:
     """Delta for one choice since the previous RequestOutput of the same request."""
 
@@ -23,7 +31,13 @@ class CompletionOutput:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
     stop_reason: str | int | None = None  # the matched stop string or stop token id
-    num_generated_tokens: int = 0  # cumulative
+    num_generated_tokens: int = 0  # cumulative; with parallel generation, over every path
+    # Parallel generation only: `text` is the document in order (a path's text is held back until the paths
+    # before it are done); `paths` is each path's new text as generated; `branches`, on the final output,
+    # is every path's whole text in document order.
+    depth: int | None = None  # cumulative positions used after the prompt
+    paths: list[PathText] | None = None
+    branches: list[PathText] | None = None
 
 
 @dataclass
@@ -52,3 +66,8 @@ class EngineStats:
     prompt_tokens: int = 0
     generation_tokens: int = 0
     finished_by_reason: dict[str, int] = field(default_factory=dict)
+    parallel_forks: int = 0  # blocks forked into parallel paths
+    parallel_merges: int = 0  # blocks merged back (conclusion prefilled on top of every path)
+    parallel_branches: int = 0  # live path sequences (gauge)
+    parallel_tokens: int = 0  # tokens of finished parallel documents, every path counted
+    parallel_depth: int = 0  # positions those documents used; parallel_tokens / parallel_depth = parallelism

@@ -18,6 +18,30 @@ class InvalidParameterError(ValueError):
         self.param = param
 
 
+@dataclass
+class ParallelParams:
+    """Multiverse generation (engine/multiverse.py): the model forks parallel paths at `</Goal>` and merges them.
+
+    With it on, `SamplingParams.max_tokens` bounds depth (positions after the prompt), not the token count.
+    """
+
+    enabled: bool = True
+    max_paths: int = 8  # an outline with more entries is not forked: the model writes its paths one by one
+    max_depth: int = 2  # nesting levels of forked blocks
+    max_total_tokens: int | None = None  # tokens over every path together; None: no bound beyond max_tokens
+    min_fork_budget: int = 30  # positions (and, per path, total tokens) that must be left for a fork
+
+    def validate(self) -> None:
+        if self.max_paths < 1:
+            raise InvalidParameterError("parallel.max_paths must be at least 1", "parallel.max_paths")
+        if self.max_depth < 0:
+            raise InvalidParameterError("parallel.max_depth must be non-negative", "parallel.max_depth")
+        if self.max_total_tokens is not None and self.max_total_tokens < 1:
+            raise InvalidParameterError("parallel.max_total_tokens must be at least 1", "parallel.max_total_tokens")
+        if self.min_fork_budget < 0:
+            raise InvalidParameterError("parallel.min_fork_budget must be non-negative", "parallel.min_fork_budget")
+
+
 # Offline-API hook: (the sequence's token ids so far, its [vocab] logits) -> logits to sample from.
 LogitsProcessor = Callable[[list[int], Any], Any]
 
@@ -42,6 +66,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     skip_special_tokens: bool = True
     grammar: CompiledGrammar | None = None  # output constraint, compiled by the server (engine/guided.py)
+    parallel: ParallelParams | None = None  # Multiverse generation; None or disabled: off
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # offline API only, never from HTTP
 
     def validate(self, max_logprobs: int = 20) -> None:
@@ -72,7 +97,15 @@ class SamplingParams:
             bad(f"top_logprobs must be in [0, {max_logprobs}]", "top_logprobs")
         if any(not s for s in self.stop):
             bad("stop strings must be non-empty", "stop")
+        if self.parallel_enabled:
+            self.parallel.validate()
+            if self.logprobs is not None:
+                bad("logprobs are not supported with parallel generation", "logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def parallel_enabled(self) -> bool:
+        return self.parallel is not None and self.parallel.enabled
