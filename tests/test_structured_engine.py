@@ -1,0 +1,164 @@
+"""Guided decoding inside the engine (no server): constrained sequences emit only tokens xgrammar's matcher
+accepts for the same schema, free sequences in the same batches are unchanged, preemption and n > 1 forks keep
+each sequence's matcher right, and the grammar worker stops over-budget compiles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import jsonschema
+import pytest
+import xgrammar
+
+from treadle.engine.config import EngineConfig
+from treadle.engine.engine import LLMEngine
+from treadle.engine.guided import GrammarCompileTimeout, GrammarSpec, GrammarWorker
+from treadle.engine.loader import load_model
+from treadle.engine.sampling_params import SamplingParams
+from treadle.engine.sequence import Request
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+          "required": ["name", "age"]}
+REGEX = r"[A-Z][a-z]{2,8}, [0-9]{2}"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(EngineConfig(dtype="float32"), progress=False)
+
+
+def make_engine(loaded, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(dtype="float32", num_pages=kw.pop("num_pages", 256), **kw), loaded)
+
+
+def prompt(engine: LLMEngine, text: str) -> list[int]:
+    tok = engine.tokenizer
+    return tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+
+
+def run(engine: LLMEngine, requests: list[tuple[str, list[int], SamplingParams]]) -> dict[tuple[str, int], list]:
+    for rid, ids, params in requests:
+        engine.add_request(Request(rid, ids, params))
+    tokens: dict[tuple[str, int], list] = {}
+    while engine.has_work():
+        for out in engine.step():
+            for o in out.outputs:
+                tokens.setdefault((out.request_id, o.index), []).extend(o.token_ids)
+                if o.finish_reason is not None:
+                    tokens[out.request_id, o.index].append(o.finish_reason)
+    assert engine.kv.num_free_pages == engine.kv.num_pages
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def xgr_compiler(loaded):
+    info = xgrammar.TokenizerInfo.from_huggingface(loaded.tokenizer.hf, vocab_size=loaded.config.vocab_size,
+                                                   stop_token_ids=loaded.tokenizer.eos_token_ids)
+    return xgrammar.GrammarCompiler(info)
+
+
+def assert_xgrammar_accepts(compiled, tokens: list[int]) -> None:
+    matcher = xgrammar.GrammarMatcher(compiled)
+    for t in tokens:
+        assert matcher.accept_token(t), (t, tokens)
+    assert matcher.is_terminated()
+
+
+def requests(engine: LLMEngine, schema_grammar, regex_grammar):
+    person = prompt(engine, "Describe a person as JSON with a name and an age.")
+    city = prompt(engine, "Name a city and a number.")
+    free = [prompt(engine, "Name three colors of the rainbow."), prompt(engine, "Count to five.")]
+    return [
+        ("json", person, SamplingParams(temperature=0, max_tokens=40, grammar=schema_grammar)),
+        ("sampled", person, SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=40, grammar=schema_grammar)),
+        ("regex", city, SamplingParams(temperature=0, max_tokens=16, grammar=regex_grammar)),
+        ("free0", free[0], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)),
+        ("free1", free[1], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(loaded):
+    """The requests with plenty of KV; plus the free ones alone."""
+    engine = make_engine(loaded)
+    schema_grammar = asyncio.run(engine.guided.compile(GrammarSpec("json_schema", SCHEMA), 60))
+    regex_grammar = asyncio.run(engine.guided.compile(GrammarSpec("regex", REGEX), 60))
+    reqs = requests(engine, schema_grammar, regex_grammar)
+    alone = run(engine, [r for r in reqs if r[0].startswith("free")])
+    return run(engine, reqs), alone, (schema_grammar, regex_grammar)
+
+
+def test_constrained_tokens_follow_the_grammar_and_free_rows_are_unchanged(loaded, reference, xgr_compiler):
+    tokens, alone, _ = reference
+    eos = loaded.tokenizer.eos_token_ids
+    schema_ref = xgr_compiler.compile_json_schema(json.dumps(SCHEMA))
+    regex_ref = xgr_compiler.compile_regex(REGEX)
+    for key in [("json", 0), ("sampled", 0), ("sampled", 1), ("regex", 0)]:
+        *ids, finish = tokens[key]
+        assert finish == "stop" and ids[-1] in eos, key
+        assert_xgrammar_accepts(regex_ref if key[0] == "regex" else schema_ref, ids)
+        text = loaded.tokenizer.decode(ids)
+        if key[0] == "regex":
+            assert re.fullmatch(REGEX, text)
+        else:
+            jsonschema.validate(json.loads(text), SCHEMA)
+    assert tokens["sampled", 0] != tokens["sampled", 1]  # each choice has its own matcher and draws
+    for rid in ("free0", "free1"):
+        assert tokens[rid, 0] == alone[rid, 0]
+
+
+def test_preemption_and_chunked_prefill_keep_matchers_in_step(loaded, reference):
+    tokens, _, grammars = reference
+    # Two prompts' KV (no prefix sharing) fill most of the pool: as the three sequences grow, some are preempted
+    # and recomputed, with prefills chunked.
+    engine = make_engine(loaded, num_pages=24, page_size=4, max_num_batched_tokens=16, enable_prefix_caching=False)
+    constrained = requests(engine, *grammars)[:2]
+    again = run(engine, constrained)
+    assert engine.scheduler.num_preemptions > 0
+    assert again == {k: v for k, v in tokens.items() if k[0] in ("json", "sampled")}
+
+
+def test_worker_interrupts_only_interruptible_running_jobs():
+    worker = GrammarWorker()
+    spinning = threading.Event()
+
+    def spin():
+        spinning.set()
+        while True:
+            pass
+
+    runaway = worker.submit(spin, interruptible=True)
+    queued = worker.submit(lambda: "never")
+    spinning.wait()
+    worker.interrupt(queued)
+    assert queued.cancelled()
+    worker.interrupt(runaway)
+    with pytest.raises(GrammarCompileTimeout):
+        runaway.result(timeout=30)
+    started = threading.Event()
+    steady = worker.submit(lambda: started.set() or time.sleep(0.2) or "done")
+    started.wait()
+    worker.interrupt(steady)  # not interruptible: runs to the end
+    assert steady.result(timeout=30) == "done"
+    assert worker.submit(lambda: 42, interruptible=True).result(timeout=30) == 42
+
+
+def test_over_budget_compile_fails_fast_and_later_compiles_work(loaded):
+    engine = make_engine(loaded)
+    guided = engine.guided
+    huge = GrammarSpec("json_schema", {"type": "object",
+                                       "properties": {f"f{i}": {"type": "integer"} for i in range(20000)}})
+    with pytest.raises(GrammarCompileTimeout, match="0.05 s"):
+        asyncio.run(guided.compile(huge, 0.05))
+    with pytest.raises(GrammarCompileTimeout, match="already exceeded"):
+        asyncio.run(guided.compile(huge, 60))
+    compiled = asyncio.run(guided.compile(GrammarSpec("regex", REGEX), 60))
+    out = run(engine, [("r", prompt(engine, "A city and a number?"),
+                        SamplingParams(temperature=0, max_tokens=16, grammar=compiled))])
+    *ids, finish = out["r", 0]
+    assert finish == "stop" and re.fullmatch(REGEX, loaded.tokenizer.decode(ids))
