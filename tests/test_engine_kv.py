@@ -12,7 +12,11 @@ def fill(kv: KVCacheManager, tokens: list[int]) -> SeqKV:
     """Prefill `tokens` into a fresh sequence (reusing cached pages) and publish its full pages."""
     seq = SeqKV()
     hit = kv.match_prefix(seq, tokens)
-    kv.append(seq, len(tokens) - hit)
+    try:
+        kv.append(seq, len(tokens) - hit)
+    except OutOfPagesError:
+        kv.free(seq)  # as the scheduler does: give the matched prefix pages back
+        raise
     kv.register_computed(seq, tokens, len(tokens))
     return seq
 
