@@ -18,7 +18,7 @@ def test_cpu_defaults_come_from_the_packaged_yaml(monkeypatch):
     assert (cfg.host, cfg.port, cfg.api_key) == ("127.0.0.1", 8000, None)
     e = cfg.engine
     assert (e.device, e.dtype, e.page_size, e.kv_cache_gb, e.max_num_seqs, e.max_num_batched_tokens) == (
-        "cpu", "float32", 16, 2.0, 64, 1024)
+        "cpu", "bfloat16", 16, 2.0, 64, 1024)
     assert e.num_pages is None and e.model is None and e.enable_prefix_caching
 
 
