@@ -19,6 +19,7 @@ import torch
 from .config import EngineConfig
 from .engine import LLMEngine
 from .loader import load_model
+from .multiverse_tags import MultiverseTags
 from .outputs import EngineStats, RequestOutput
 from .sampling_params import InvalidParameterError, SamplingParams
 from .sequence import Request
@@ -45,12 +46,12 @@ class EngineDeadError(EngineRequestError):
 
 
 class AsyncEngine:
-    def __init__(self, cfg: EngineConfig, progress: bool = True):
+    def __init__(self, cfg: EngineConfig, progress: bool = True, multiverse_tags: MultiverseTags | None = None):
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         loaded = load_model(cfg, progress=progress)
         self.cfg = cfg
-        self.engine = LLMEngine(cfg, loaded)
+        self.engine = LLMEngine(cfg, loaded, multiverse_tags)
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.model_name = cfg.served_model_name or loaded.name

@@ -16,7 +16,8 @@ from .guided import GuidedDecoder
 from .kv_cache import KVCacheManager
 from .loader import LoadedModel
 from .model_runner import ModelRunner
-from .multiverse import Multiverse, MultiverseTags
+from .multiverse import Multiverse
+from .multiverse_tags import MultiverseTags
 from .outputs import CompletionOutput, EngineStats, RequestOutput, TokenLogprob
 from .sampler import Sampler, SeqSamplingState
 from .scheduler import Scheduler

@@ -33,42 +33,13 @@ from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import KVCacheManager
+from .multiverse_tags import MultiverseTags
 from .outputs import CompletionOutput, PathText
 from .sampler import SeqSamplingState
 from .scheduler import Scheduler
 from .sequence import Request, SeqStatus, Sequence
 from .stop_checker import StopChecker
 from .tokenizer import Tokenizer
-
-
-@dataclass(frozen=True)
-class MultiverseTags:
-    """The control tags of a Multiverse-trained model, and the text the engine forces at a fork and a merge."""
-
-    parallel: str = "<Parallel>"
-    goal: str = "<Goal>"
-    outline: str = "<Outline>"
-    outline_end: str = "</Outline>"
-    goal_end: str = "</Goal>"
-    path: str = "<Path>"
-    path_end: str = "</Path>"
-    conclusion: str = "<Conclusion>"
-    conclusion_end: str = "</Conclusion>"
-    parallel_end: str = "</Parallel>"
-    path_header: str = "\n<Path>\n{id}:"  # starts each path; {id} is its outline id (as Multiverse-Engine does)
-    conclusion_header: str = "<Conclusion>\n"  # prefilled on top of the merged paths
-
-    def __post_init__(self) -> None:
-        if self.path not in self.path_header.format(id="1") or "{id}" not in self.path_header:
-            raise ValueError("path_header must contain the path tag and {id}")
-        if self.conclusion not in self.conclusion_header:
-            raise ValueError("conclusion_header must contain the conclusion tag")
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return (self.parallel, self.goal, self.outline, self.outline_end, self.goal_end, self.path, self.path_end,
-                self.conclusion, self.conclusion_end, self.parallel_end)
-
 
 FORK, CLOSE, REFORK = "fork", "close", "refork"
 
@@ -353,15 +324,16 @@ class Multiverse:
         state.node.parts.append(block)
         req = parent.request
         for pid in ids:
-            header = self.tags.path_header.format(id=pid)
+            header = self.tags.header(pid)
             header_ids = self.tokenizer.encode(header, add_special_tokens=False)
             node = PathNode(f"{state.node.label}/{pid}" if state.node.label else pid)
             block.paths.append(node)
             child = Sequence(req, parent.index, parent.token_ids + header_ids, kv=self.kv.fork(parent.kv),
                              num_computed=len(parent.token_ids), fork_base=parent)
-            seed = parent.sampling.seed
-            child.sampling = SeqSamplingState(req.params, req.prompt_token_ids,
-                                              None if seed is None else (seed + zlib.crc32(node.label.encode())) % 2**63)
+            seed = parent.sampling.seed  # each path draws its own stream, reproducibly under a request seed
+            if seed is not None:
+                seed = (seed + zlib.crc32(node.label.encode())) % 2**63
+            child.sampling = SeqSamplingState(req.params, req.prompt_token_ids, seed)
             for tok in child.token_ids[len(req.prompt_token_ids) :]:
                 child.sampling.append(tok)
             child.detokenizer = IncrementalDetokenizer(

@@ -10,7 +10,8 @@ from multiverse_testing import Rule, Script, save_tiny_llama
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
 from treadle.engine.loader import load_model
-from treadle.engine.multiverse import Block, MultiverseTags, PathNode, TagScanner
+from treadle.engine.multiverse import Block, PathNode, TagScanner
+from treadle.engine.multiverse_tags import MultiverseTags
 from treadle.engine.sampling_params import ParallelParams, SamplingParams
 from treadle.engine.sequence import Request
 
@@ -44,7 +45,7 @@ def pieces(tiny):
         "prompt": enc("<|im_start|>user\nPlan a trip.<|im_end|>\n<|im_start|>assistant\n"),
         "goal": enc("<Parallel>\n<Goal>\n<Outline> 1: where</Outline>\n<Outline> 2: when</Outline>\n</Goal>"),
         "nested_goal": enc("<Parallel>\n<Goal>\n<Outline> 1.1: a</Outline>\n<Outline> 1.2: b</Outline>\n</Goal>"),
-        "headers": {pid: enc(TAGS.path_header.format(id=pid)) for pid in ("1", "2", "1.1", "1.2")},
+        "headers": {pid: enc(TAGS.header(pid)) for pid in ("1", "2", "1.1", "1.2")},
         "conclusion": enc(TAGS.conclusion_header),
         "close": enc("</Path>"),
         "end_block": enc("</Conclusion>\n</Parallel>"),
@@ -162,14 +163,14 @@ def test_nested_paths_match_transformers_with_multiverse_mask(tiny, pieces, page
     stats = engine.snapshot_stats()
     assert (stats.parallel_forks, stats.parallel_merges, stats.parallel_branches) == (2, 2, 0)
     final = outs[-1]
-    assert final.finish_reason == "length" and final.depth == 130 and sum(o.depth is not None for o in outs) == len(outs)
+    assert final.finish_reason == "length" and final.depth == 130 and all(o.depth is not None for o in outs)
     assert final.num_generated_tokens == len(doc) - len(pieces["prompt"]) > final.depth
     assert (stats.parallel_tokens, stats.parallel_depth) == (final.num_generated_tokens, final.depth)
     text = "".join(o.text for o in outs)
     assert text == engine.tokenizer.decode(doc[len(pieces["prompt"]):], skip_special_tokens=True)
     assert [b.path for b in final.branches] == ["1", "1/1.1", "1/1.2", "2"]
     by_path = {b.path: b.text for b in final.branches}
-    assert by_path["1"].startswith(TAGS.path_header.format(id="1")) and by_path["1"].endswith("</Path>")
+    assert by_path["1"].startswith(TAGS.header("1")) and by_path["1"].endswith("</Path>")
     assert by_path["1/1.1"] in by_path["1"] and by_path["1"] + by_path["2"] in text
     live: dict[str, str] = {}
     for o in outs:
