@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from treadle.engine.async_engine import AsyncEngine
+from treadle.engine.sampling_params import ParallelParams
 
 from .auth import APIKeyMiddleware
 from .chat import create_chat_completion, render_chat
@@ -43,6 +44,7 @@ def build_app(
     max_logprobs: int = 20,
     tool_call_parser: str | None = None,
     grammar_compile_timeout: float = 5.0,
+    parallel: ParallelParams | None = None,
 ) -> FastAPI:
     """The app serving `engine`; its lifespan starts the engine's step thread and shuts it down."""
 
@@ -56,7 +58,8 @@ def build_app(
 
     app = FastAPI(title="treadle", version=treadle_version(), lifespan=lifespan)
     app.state.treadle = ServerState(engine, ServerMetrics(engine.stats, engine.model_name), max_logprobs,
-                                    ToolSetup.detect(engine.tokenizer, tool_call_parser), grammar_compile_timeout)
+                                    ToolSetup.detect(engine.tokenizer, tool_call_parser), grammar_compile_timeout,
+                                    parallel)
     started = int(time.time())
     install_error_handlers(app)
     if api_key:

@@ -16,7 +16,7 @@ from treadle.engine.tokenizer import ChatTemplateError, Tokenizer
 from . import sse
 from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import bad_request, from_exception
-from .generation import GenerationRun, UsageTracker, run_to_end
+from .generation import GenerationRun, UsageTracker, path_models, run_to_end
 from .protocol import (
     ChatChoice,
     ChatChoiceLogprobs,
@@ -72,8 +72,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     state.check_model(body.model)
     state.check_healthy()
-    params = body.to_sampling_params(state.max_logprobs)
+    params = body.to_sampling_params(state.max_logprobs, state.parallel)
     plan = plan_chat(body, state.tool_setup, output_constraint(body))
+    if params.parallel_enabled and (plan.grammar is not None or plan.tool_format is not None):
+        raise bad_request("parallel generation does not support tools or structured outputs", "parallel")
     prompt = render_chat(state.engine.tokenizer, plan.messages, body.add_generation_prompt, plan.template_tools)
     if isinstance(plan.tool_format, MistralFormat):
         params.skip_special_tokens = False  # [TOOL_CALLS] is a special token
@@ -99,6 +101,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     answers = []
     for i, c in enumerate(choices):
         message = _message("".join(c.text), plan.tool_format)
+        if c.branches is not None:
+            message.branches = path_models(c.branches)
         answers.append(ChatChoice(
             index=i,
             message=message,
@@ -169,6 +173,10 @@ async def _stream(
                     deltas: list[Delta] = [ContentDelta(c.text)] if c.text or c.logprobs else []
                 else:
                     deltas = parser.feed(c.text) + (parser.finish() if c.finish_reason is not None else [])
+                if c.paths:  # parallel generation: the document's next text, and each path's new text
+                    deltas = []
+                    delta = ChatDelta(content=c.text, paths=path_models(c.paths))
+                    yield chunk([ChatChunkChoice(index=index, delta=delta, logprobs=None, finish_reason=None)])
                 for d in deltas:
                     yield chunk([ChatChunkChoice(index=index, delta=_delta(d), logprobs=take_logprobs(index),
                                                  finish_reason=None)])

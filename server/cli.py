@@ -87,7 +87,7 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     cfg = serve_config_from_args(args)
     try:
-        engine = AsyncEngine(cfg.engine, progress=True)
+        engine = AsyncEngine(cfg.engine, progress=True, multiverse_tags=cfg.multiverse_tags)
     except (OSError, ValueError) as exc:
         print(f"treadle: error: cannot load the model: {exc}", file=sys.stderr)
         return 1
@@ -99,7 +99,8 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     port = sock.getsockname()[1]
     app = build_app(engine, api_key=cfg.api_key, max_logprobs=cfg.engine.max_logprobs,
-                    tool_call_parser=cfg.tool_call_parser, grammar_compile_timeout=cfg.grammar_compile_timeout)
+                    tool_call_parser=cfg.tool_call_parser, grammar_compile_timeout=cfg.grammar_compile_timeout,
+                    parallel=cfg.parallel)
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=5))
     banner = f"treadle: serving {engine.model_name} on {_url(cfg.host, port)} (OpenAI API at /v1)"
     if cfg.api_key:

@@ -15,7 +15,7 @@ from treadle.engine.tokenizer import Tokenizer
 from . import sse
 from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import bad_request, from_exception
-from .generation import GenerationRun, UsageTracker, run_to_end
+from .generation import GenerationRun, UsageTracker, path_models, run_to_end
 from .protocol import LOGPROB_FLOOR, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from .state import get_state
 from .structured import compile_constraint, output_constraint
@@ -60,9 +60,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = get_state(request)
     state.check_model(body.model)
     state.check_healthy()
-    params = body.to_sampling_params(state.max_logprobs)
+    params = body.to_sampling_params(state.max_logprobs, state.parallel)
     prompts = prompt_token_ids(state.engine.tokenizer, body.prompt)
     constraint = output_constraint(body)
+    if params.parallel_enabled and constraint is not None:
+        raise bad_request("parallel generation does not support structured outputs", "parallel")
     request_id = f"cmpl-{uuid.uuid4().hex}"
     want_logprobs = params.logprobs is not None
     try:
@@ -98,7 +100,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         ],
         usage=usage,
     )
-    return JSONResponse(response.model_dump())
+    for answer, c in zip(response.choices, choices):
+        if c.branches is not None:  # parallel generation (fields only set here appear in the answer)
+            answer.branches = path_models(c.branches)
+    return JSONResponse(response.model_dump(exclude_unset=True))
 
 
 async def _stream(
@@ -118,12 +123,15 @@ async def _stream(
             usage.update(p, out)
             for c in out.outputs:
                 index = p * n + c.index
-                if c.text or c.logprobs:
+                if c.text or c.logprobs or c.paths:
                     logprobs = None
                     if want_logprobs:
                         logprobs = completion_logprobs(c.logprobs or [], offsets[index])
                         offsets[index] += sum(len(t.token) for t in c.logprobs or [])
-                    yield chunk(CompletionChoice(index=index, text=c.text, logprobs=logprobs, finish_reason=None))
+                    choice = CompletionChoice(index=index, text=c.text, logprobs=logprobs, finish_reason=None)
+                    if c.paths:  # parallel generation: each path's new text alongside the document's
+                        choice.paths = path_models(c.paths)
+                    yield chunk(choice)
                 if c.finish_reason is not None:
                     yield chunk(CompletionChoice(index=index, text="", logprobs=None, finish_reason=c.finish_reason,
                                                  stop_reason=c.stop_reason))

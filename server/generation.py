@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from treadle.engine.async_engine import AsyncEngine
-from treadle.engine.outputs import RequestOutput, TokenLogprob
+from treadle.engine.outputs import PathText, RequestOutput, TokenLogprob
 from treadle.engine.sampling_params import SamplingParams
 
 from .metrics import RequestTimer, ServerMetrics
+from .protocol import PathText as PathTextModel
 from .protocol import PromptTokensDetails, Usage
 
 _DONE = object()
@@ -99,6 +100,10 @@ class GenerationRun:
                 await task
 
 
+def path_models(items: list[PathText] | None) -> list[PathTextModel] | None:
+    return None if items is None else [PathTextModel(path=p.path, text=p.text) for p in items]
+
+
 class UsageTracker:
     """Token counts of a request: the prompt once per prompt, completions summed over every choice."""
 
@@ -106,22 +111,28 @@ class UsageTracker:
         self._prompt: dict[int, int] = {}
         self._cached: dict[int, int] = {}
         self._generated: dict[tuple[int, int], int] = {}
+        self._depth: dict[tuple[int, int], int] = {}  # parallel generation: positions used per choice
 
     def update(self, prompt_index: int, out: RequestOutput) -> None:
         self._prompt[prompt_index] = out.num_prompt_tokens
         self._cached[prompt_index] = out.num_cached_tokens
         for c in out.outputs:
             self._generated[prompt_index, c.index] = c.num_generated_tokens
+            if c.depth is not None:
+                self._depth[prompt_index, c.index] = c.depth
 
     def usage(self) -> Usage:
         prompt = sum(self._prompt.values())
         completion = sum(self._generated.values())
-        return Usage(
+        usage = Usage(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
             prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self._cached.values())),
         )
+        if self._depth:
+            usage.completion_depth = sum(self._depth.values())
+        return usage
 
 
 @dataclass
@@ -130,6 +141,7 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    branches: list[PathText] | None = None  # parallel generation: every path's text
 
 
 async def collect(run: GenerationRun, n: int) -> tuple[list[ChoiceResult], Usage]:
@@ -146,6 +158,7 @@ async def collect(run: GenerationRun, n: int) -> tuple[list[ChoiceResult], Usage
             if c.finish_reason is not None:
                 choice.finish_reason = c.finish_reason
                 choice.stop_reason = c.stop_reason
+                choice.branches = c.branches
     return choices, usage.usage()
 
 

@@ -108,6 +108,15 @@ class _EngineStatsCollector(Collector):
                       s.num_preemptions)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", s.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.prefix_cache_hits)
+        yield counter("parallel_forks", "Blocks forked into parallel paths (Multiverse).", s.parallel_forks)
+        yield counter("parallel_merges", "Parallel blocks merged back, conclusion prefilled over every path.",
+                      s.parallel_merges)
+        yield gauge("parallel_paths_running", "Live parallel path sequences.", s.parallel_branches)
+        yield counter("parallel_generation_tokens", "Tokens of finished parallel documents, every path counted.",
+                      s.parallel_tokens)
+        yield counter("parallel_depth_tokens", "Positions used by finished parallel documents.", s.parallel_depth)
+        yield gauge("parallelism", "Parallelism achieved: parallel_generation_tokens / parallel_depth_tokens.",
+                    s.parallel_tokens / s.parallel_depth if s.parallel_depth else 0.0)
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by finish reason.",
                                        labels=["model_name", "finished_reason"])
         for reason in sorted(set(s.finished_by_reason) | {"stop", "length", "abort"}):

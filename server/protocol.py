@@ -7,11 +7,12 @@ honour yet, so a client never gets an answer that silently ignored what it asked
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from treadle.engine.sampling_params import InvalidParameterError, SamplingParams
+from treadle.engine.sampling_params import InvalidParameterError, ParallelParams, SamplingParams
 
 from .errors import bad_request
 
@@ -76,6 +77,28 @@ class StructuredOutputs(_Closed):
     structural_tag: dict[str, Any] | str | None = None
 
 
+class ParallelOptions(_Closed):
+    """treadle's `parallel` extra: Multiverse generation (engine/multiverse.py). Unsent keys keep the server's
+    defaults (`parallel` in the serve config), else ParallelParams' own.
+
+    Answers: `content` (`text` for completions) is the whole document in order, paths in outline order;
+    `branches` lists every path's whole text as {"path": "1", "text": ...}, nested paths as "1/1.2";
+    `usage.completion_tokens` counts the tokens of every path, `usage.completion_depth` the positions used (what
+    `max_tokens` bounds). Streams: `delta.content` (`text`) carries the document in order, so a plain client reads
+    the same text (a path's text waits until the paths before it are done); `delta.paths` (`paths` on a
+    completions choice) carries each path's new text as it is generated, as [{"path": "2", "text": "..."}].
+    """
+
+    enabled: bool | None = None
+    max_paths: int | None = None
+    max_depth: int | None = None
+    max_total_tokens: int | None = None
+    min_fork_budget: int | None = None
+
+    def params(self, default: ParallelParams | None) -> ParallelParams:
+        return dataclasses.replace(default or ParallelParams(), **self.model_dump(exclude_none=True))
+
+
 class _GenerationRequest(_Request):
     """Fields shared by chat and text completions; None means "not sent", i.e. the OpenAI default."""
 
@@ -106,6 +129,7 @@ class _GenerationRequest(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    parallel: ParallelOptions | None = None
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -113,7 +137,8 @@ class _GenerationRequest(_Request):
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, max_logprobs: int) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, max_logprobs: int,
+                         parallel: ParallelParams | None) -> SamplingParams:
         given = {
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -135,6 +160,7 @@ class _GenerationRequest(_Request):
             min_tokens=self.min_tokens,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            parallel=self.parallel.params(parallel) if self.parallel is not None else parallel,
             **{k: v for k, v in given.items() if v is not None},
         )
         params.validate(max_logprobs)
@@ -210,13 +236,14 @@ class ChatCompletionRequest(_GenerationRequest):
     parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
 
-    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+    def to_sampling_params(self, max_logprobs: int, parallel: ParallelParams | None = None) -> SamplingParams:
+        """`parallel`: the server's default for requests that do not send the field."""
         self._check_common()
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, max_logprobs)
+        return self._sampling_params(max_tokens, logprobs, max_logprobs, parallel)
 
 
 class ChatTopLogprob(BaseModel):
@@ -233,10 +260,18 @@ class ChatChoiceLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class PathText(BaseModel):
+    """One parallel path's text; `path` joins outline ids from the outermost block in ("2", "1/1.2")."""
+
+    path: str
+    text: str
+
+
 class ChatResponseMessage(BaseModel):
     role: str
     content: str | None
     tool_calls: list[ToolCall] | None = None  # left out (unset) when the answer has none
+    branches: list[PathText] | None = None  # parallel generation: every path's whole text, in document order
 
 
 class ChatChoice(BaseModel):
@@ -256,6 +291,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_depth: int | None = None  # parallel generation: positions used (completion_tokens counts every path)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -285,6 +321,7 @@ class ChatDelta(BaseModel):
     role: str | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
+    paths: list[PathText] | None = None  # parallel generation: each path's new text, as generated
 
 
 class ChatChunkChoice(BaseModel):
@@ -312,7 +349,8 @@ class CompletionRequest(_GenerationRequest):
     suffix: str | None = None
     best_of: int | None = None
 
-    def to_sampling_params(self, max_logprobs: int) -> SamplingParams:
+    def to_sampling_params(self, max_logprobs: int, parallel: ParallelParams | None = None) -> SamplingParams:
+        """`parallel`: the server's default for requests that do not send the field."""
         self._check_common()
         if self.echo:
             raise bad_request("echo is not supported", "echo")
@@ -322,7 +360,7 @@ class CompletionRequest(_GenerationRequest):
             raise bad_request("best_of is not supported (it must equal n)", "best_of")
         try:
             return self._sampling_params(self.max_tokens if self.max_tokens is not None else 16, self.logprobs,
-                                         max_logprobs)
+                                         max_logprobs, parallel)
         except InvalidParameterError as exc:
             if exc.param == "top_logprobs":  # the completions API calls it `logprobs`
                 raise InvalidParameterError(f"logprobs must be in [0, {max_logprobs}]", "logprobs") from None
@@ -342,6 +380,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None
     finish_reason: str | None
     stop_reason: str | int | None = None
+    paths: list[PathText] | None = None  # as in ChatDelta (streaming) and ChatResponseMessage
+    branches: list[PathText] | None = None
 
 
 class CompletionResponse(BaseModel):

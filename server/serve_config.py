@@ -17,8 +17,10 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from treadle.engine.config import EngineConfig
+from treadle.engine.multiverse_tags import MultiverseTags
+from treadle.engine.sampling_params import InvalidParameterError, ParallelParams
 
-SERVER_KEYS = ("host", "port", "api_key", "tool_call_parser", "grammar_compile_timeout")
+SERVER_KEYS = ("host", "port", "api_key", "tool_call_parser", "grammar_compile_timeout", "parallel", "multiverse_tags")
 ENGINE_KEYS = tuple(f.name for f in dataclasses.fields(EngineConfig))
 API_KEY_ENV = "TREADLE_API_KEY"
 
@@ -35,6 +37,8 @@ class ServeConfig:
     api_key: str | None = None
     tool_call_parser: Literal["hermes", "llama3_json", "mistral"] | None = None  # None: from the chat template
     grammar_compile_timeout: float = 5.0  # seconds; a structured-output request over it gets a 400
+    parallel: ParallelParams | None = None  # Multiverse defaults for requests without `parallel` (None: off)
+    multiverse_tags: MultiverseTags | None = None  # the model's control tags, if not the Multiverse defaults
 
 
 def default_device() -> str:
@@ -94,7 +98,7 @@ def build_serve_config(flags: dict[str, Any], config_file: str | None = None) ->
     api_key = merged.pop("api_key", None)
     if "api_key" not in flags:
         api_key = os.environ.get(API_KEY_ENV) or api_key
-    server = {k: merged.pop(k) for k in ("host", "port", "tool_call_parser", "grammar_compile_timeout") if k in merged}
+    server = {k: merged.pop(k) for k in SERVER_KEYS if k in merged and k != "api_key"}
     try:
         engine = TypeAdapter(EngineConfig).validate_python(merged)
         checked = TypeAdapter(ServeConfig).validate_python({"engine": engine, **server, "api_key": api_key or None})
@@ -106,4 +110,9 @@ def build_serve_config(flags: dict[str, Any], config_file: str | None = None) ->
         raise ConfigError(f"option port: must be in [0, 65535] (got {checked.port})")
     if not checked.grammar_compile_timeout > 0:
         raise ConfigError(f"option grammar_compile_timeout: must be positive (got {checked.grammar_compile_timeout})")
+    if checked.parallel is not None:
+        try:
+            checked.parallel.validate()
+        except InvalidParameterError as exc:
+            raise ConfigError(f"option {exc.param}: {exc}") from None
     return checked

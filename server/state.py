@@ -8,6 +8,7 @@ from starlette.requests import Request
 
 from treadle.engine.async_engine import AsyncEngine
 from treadle.engine.guided import GuidedDecoder
+from treadle.engine.sampling_params import ParallelParams
 
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -21,6 +22,7 @@ class ServerState:
     max_logprobs: int
     tool_setup: ToolSetup
     grammar_compile_timeout: float  # seconds of grammar-worker time a request's constraint may take to compile
+    parallel: ParallelParams | None = None  # Multiverse defaults for requests that do not send `parallel`
 
     @property
     def guided(self) -> GuidedDecoder:
