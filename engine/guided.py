@@ -9,9 +9,10 @@ submits them before the forward of step t+1 and collects them after: torch relea
 the fill overlaps the forward. `accept_token` stays on the engine thread: it only touches the state of grammars
 whose masks are not being filled at that moment (fills and accepts of one step never overlap).
 
-A compile has a time budget. Python threads cannot be killed, so an over-budget compile is interrupted by raising
-an exception inside the worker thread (`PyThreadState_SetAsyncExc`), which frees the worker for the masks of
-running requests; the grammar is remembered so that retries fail at once.
+A compile has a time budget, counted from when the worker starts it (queueing behind other compiles is free).
+Python threads cannot be killed, so an over-budget compile is interrupted by raising an exception inside the
+worker thread (`PyThreadState_SetAsyncExc`), which frees the worker for the masks of running requests: a
+pathological grammar delays their steps by at most the budget, and it is remembered so that retries fail at once.
 """
 
 from __future__ import annotations
