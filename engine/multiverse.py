@@ -54,7 +54,7 @@ class TagScanner:
         self._outline_id = re.compile(re.escape(tags.outline) + r"\s*([0-9]+(?:\.[0-9]+)*)\s*:")
         self._longest = max(len(tags.goal), len(tags.goal_end), len(tags.path), len(tags.path_end))
         self.text = ""
-        self._goal_start = 0  # where the text of the current goal begins
+        self._goal_start = -1  # where the text of the open goal begins (-1: no goal open)
         self.open_paths = 0
 
     def feed(self, piece: str) -> list[tuple[str, list[str]]]:
@@ -69,8 +69,9 @@ class TagScanner:
             if tag == self._tags.goal:
                 self._goal_start = m.end()
             elif tag == self._tags.goal_end:
-                ids = self._outline_id.findall(self.text, self._goal_start, m.start())
+                ids = self._outline_id.findall(self.text, self._goal_start, m.start()) if self._goal_start >= 0 else []
                 events.append((FORK, list(dict.fromkeys(ids))))
+                self._goal_start = -1
             elif tag == self._tags.path:
                 self.open_paths += 1
             elif self.open_paths > 0:
@@ -209,6 +210,8 @@ class Multiverse:
             seq.detokenizer = IncrementalDetokenizer(self.tokenizer.hf, seq.request.prompt_token_ids, False)
         doc = Document(seq, PathNode(""))
         seq.parallel = PathState(doc, doc.node, TagScanner(self.tags))
+        # A prompt may open the goal itself (a prefilled `<Parallel><Goal>...`): the outline ids are read from it.
+        seq.parallel.scanner.feed(self.tokenizer.decode(seq.request.prompt_token_ids, skip_special_tokens=False))
         self._documents[seq.seq_id] = doc
 
     def holds(self, seq: Sequence) -> bool:

@@ -211,6 +211,19 @@ def test_forks_are_skipped_past_max_depth_or_budget(tiny, pieces):
     assert engine.multiverse.num_forks == 1
 
 
+def test_a_goal_opened_in_the_prompt_forks_on_the_generated_goal_end(tiny, pieces):
+    tok = tiny[0].tokenizer
+    prompt = pieces["prompt"] + pieces["goal"][:-3]  # the prompt stops right before `</Goal>`
+    h = pieces["headers"]
+    script = Script([Rule(prompt[-3:], 0, pieces["goal"][-3:]), Rule(h["1"], 2, pieces["close"]),
+                     Rule(h["2"], 1, pieces["close"])])
+    engine = engine_for(tiny, 16)
+    outs = run(engine, [Request("p", prompt, parallel_params(script, max_tokens=30))])["p"]
+    assert (engine.multiverse.num_forks, engine.multiverse.num_merges) == (1, 1)
+    assert [b.path for b in outs[-1].branches] == ["1", "2"]
+    assert "".join(o.text for o in outs).startswith(tok.decode(pieces["goal"][-3:]) + TAGS.header("1"))
+
+
 def test_abort_mid_branch_and_stop_in_a_path_free_everything(tiny, pieces):
     script = nested_script(pieces)
     engine = engine_for(tiny, 16)

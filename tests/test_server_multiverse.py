@@ -18,9 +18,8 @@ import openai
 import pytest
 import torch
 import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
-
 from multiverse_testing import Rule, Script, save_tiny_llama
+from prometheus_client.parser import text_string_to_metric_families
 from treadle.engine.async_engine import AsyncEngine
 from treadle.engine.config import EngineConfig
 from treadle.engine.multiverse_tags import MultiverseTags
@@ -30,6 +29,7 @@ from treadle.server.serve_config import ConfigError, build_serve_config
 
 TAGS = MultiverseTags()
 USER = [{"role": "user", "content": "Plan a trip."}]
+ENDLESS = [{"role": "user", "content": "Keep going."}]  # the script never closes these paths
 PARALLEL = {"parallel": {"enabled": True, "min_fork_budget": 8}}
 
 
@@ -40,13 +40,13 @@ def server(tmp_path_factory) -> Iterator[tuple[str, AsyncEngine]]:
     save_tiny_llama(path)
     engine = AsyncEngine(EngineConfig(model=path, served_model_name="m", dtype="float32", num_pages=256,
                                        num_threads=1), progress=False)
-    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    close, conclusion = enc("</Path>"), enc(TAGS.conclusion_header)
+    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)
+    close, conclusion, endless = enc("</Path>"), enc(TAGS.conclusion_header), enc(ENDLESS[0]["content"])
     script = Script([
         Rule(enc("<|im_start|>assistant\n"), 2, enc("<Parallel>\n<Goal>\n<Outline> 1: a</Outline>\n"
                                                       "<Outline> 2: b</Outline>\n</Goal>")),
-        Rule(enc(TAGS.header("1")), 6, close),
-        Rule(enc(TAGS.header("2")), 9, close),
+        Rule(enc(TAGS.header("1")), 6, close, unless=endless),
+        Rule(enc(TAGS.header("2")), 9, close, unless=endless),
         Rule(conclusion, 3, enc("</Conclusion>\n</Parallel>") + engine.tokenizer.eos_token_ids),
     ])
     add_request = engine.engine.add_request
@@ -127,7 +127,7 @@ def test_completions_api_and_metrics(server, client):
 
 def test_disconnect_mid_branch_frees_everything(server):
     base_url, engine = server
-    body = {"model": "m", "messages": USER, "max_tokens": 1000, "temperature": 0, "stream": True,
+    body = {"model": "m", "messages": ENDLESS, "max_tokens": 1000, "temperature": 0, "stream": True,
             "ignore_eos": True, **PARALLEL}
     with httpx.stream("POST", base_url + "/v1/chat/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()  # keep a reference: dropping the iterator closes the connection
