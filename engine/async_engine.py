@@ -61,7 +61,6 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._stats = self.engine.snapshot_stats()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -82,7 +81,7 @@ class AsyncEngine:
         return self._thread is not None and self._thread.is_alive() and self._error is None
 
     def stats(self) -> EngineStats:
-        return self._stats
+        return self.engine.published_stats
 
     # ---- engine thread ---------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -91,12 +90,12 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_inbox()
                 if not engine.has_work():
-                    self._stats = engine.snapshot_stats()
+                    engine.published_stats = engine.snapshot_stats()
                     self._wake.wait()
                     self._wake.clear()
                     continue
                 engine.step()
-                self._stats = engine.snapshot_stats()
+                engine.published_stats = engine.snapshot_stats()
         except BaseException as exc:  # the loop is dead: fail every live request instead of hanging it
             log.exception("engine step failed")
             self._error = exc

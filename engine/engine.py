@@ -57,6 +57,7 @@ class LLMEngine:
         self.multiverse = Multiverse(self.kv, self.scheduler, self.tokenizer, self.max_model_len, multiverse_tags)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(num_total_pages=num_pages)  # cumulative counters; gauges are read live
+        self.published_stats = self.snapshot_stats()  # the latest copy, for readers on other threads
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -106,6 +107,7 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.published_stats = self.snapshot_stats()  # gauges show the batch while the model computes it
         if not sched.chunks:
             if self.scheduler.has_work():  # nothing fits: parallel documents hold the pool
                 self.multiverse.relieve()
@@ -180,7 +182,10 @@ class LLMEngine:
     def _apply_logits_processors(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for row, seq in enumerate(seqs):
             for processor in seq.request.params.logits_processors:
-                logits[row] = processor(seq.token_ids, logits[row])
+                view = logits[row]
+                out = processor(seq.token_ids, view)
+                if out is not view:  # copy only what a processor replaced
+                    view.copy_(out)
 
     def _fork_if_needed(self, seq: Sequence) -> list[Sequence]:
         """The prompt of an n > 1 request is prefilled once; its choices fork from it here, sharing its KV."""

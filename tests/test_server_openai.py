@@ -41,7 +41,9 @@ class Server:
 
 
 def _start(*extra: str, env: dict[str, str] | None = None) -> Server:
-    cmd = [sys.executable, "-m", "treadle.server.cli", "serve", "--port", "0", "--num-pages", str(NUM_PAGES), *extra]
+    # float32: greedy text must not depend on batch company (bfloat16's int4 and dense paths round differently).
+    cmd = [sys.executable, "-m", "treadle.server.cli", "serve", "--port", "0", "--num-pages", str(NUM_PAGES),
+           "--dtype", "float32", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, **(env or {})})
     lines: queue.Queue[str | None] = queue.Queue()
