@@ -57,6 +57,7 @@ class LLMEngine:
         self.multiverse = Multiverse(self.kv, self.scheduler, self.tokenizer, self.max_model_len, multiverse_tags)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(num_total_pages=num_pages)  # cumulative counters; gauges are read live
+        self.published_stats = self.snapshot_stats()  # the latest copy, for readers on other threads
 
     # ---- requests --------------------------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -106,6 +107,7 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        self.published_stats = self.snapshot_stats()  # gauges show the batch while the model computes it
         if not sched.chunks:
             if self.scheduler.has_work():  # nothing fits: parallel documents hold the pool
                 self.multiverse.relieve()
