@@ -11,7 +11,6 @@ have to be intersected, which no client expects. JSON schemas are checked agains
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +22,6 @@ from treadle.grammars import CompiledGrammar, GrammarError
 
 from .errors import APIError, bad_request
 from .protocol import JSONObjectFormat, JSONSchemaFormat, StructuralTagFormat, _GenerationRequest
-
-log = logging.getLogger("treadle.server")
 
 
 @dataclass

@@ -47,8 +47,8 @@ CASES = [
     ("hermes", "The sky is blue.", "The sky is blue.", []),
     ("hermes", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "",
      [("get_weather", '{"city": "Paris"}')]),
-    ("hermes", 'Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": [1, {"b": "}]\\""}]}}\n</tool_call>\n'
-     '<tool_call>{"name":"g","arguments":{}}</tool_call>\nDone.', "Let me check.Done.",
+    ("hermes", ('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"a": [1, {"b": "}]\\""}]}}\n</tool_call>\n'
+                '<tool_call>{"name":"g","arguments":{}}</tool_call>\nDone.'), "Let me check.Done.",
      [("f", '{"a": [1, {"b": "}]\\""}]}'), ("g", "{}")]),
     ("hermes", '<tool_call>\n{"arguments": {"x": 1}, "name": "late"}\n</tool_call>', "", [("late", '{"x": 1}')]),
     ("hermes", '<tool_call>\n{"name": "no_args"}\n</tool_call>', "", [("no_args", "{}")]),
