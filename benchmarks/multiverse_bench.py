@@ -2,6 +2,7 @@
 
     python benchmarks/multiverse_bench.py                          # 2/4/8 paths of 24 tokens, batch 1 and 16
     python benchmarks/multiverse_bench.py --paths 4 --batches 1 --path-tokens 64 --dtype float32
+    python benchmarks/multiverse_bench.py --model <random llama-3.2-1b> --device cuda   # the H100 row
 
 Each parallel request's prompt ends inside a `<Goal>` listing P outlines; a scripted logits processor (the
 engine's offline seam) writes `</Goal>`, lets every path generate `--path-tokens` tokens, closes it with
@@ -110,11 +111,14 @@ def main() -> None:
     ap.add_argument("--paths", default="2,4,8")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--path-tokens", type=int, default=24)
+    ap.add_argument("--model", default=None, help="checkpoint (default: the embedded model)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16", help="bfloat16 is what treadle serves on CPU")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="bench_results/multiverse_bench.json")
     args = ap.parse_args()
-    cfg = EngineConfig(dtype=args.dtype, max_num_seqs=512, num_threads=args.threads)
+    cfg = EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=512,
+                       num_threads=args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     engine = LLMEngine(cfg, load_model(cfg, progress=False))
