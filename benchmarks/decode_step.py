@@ -9,6 +9,10 @@ holding `--context` cached tokens on shuffled pages. "ours" is kernels.cuda_grap
 (index_copy_ KV write, gather, SDPA with a length mask, cuBLAS) in one CUDA graph. The floor is weight bytes +
 KV bytes read once at 3.0 TB/s (the measured copy bandwidth of the H100 test machine). Logits of the two sides
 are compared, so a fast wrong step cannot pass unnoticed. Prints a table, writes JSON.
+
+`--profile` adds, per row, the device time of each kernel of our graph (torch.profiler over replays, summed by
+kernel name): the sum against the replay time shows what launches and gaps cost, the largest entries where
+the rest goes.
 """
 
 from __future__ import annotations
@@ -80,6 +84,19 @@ def cuda_time_ms(fn, iters: int, trials: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def kernel_breakdown(replay, iters: int = 10) -> list[dict]:
+    """Per kernel name: launches and device microseconds per replay of `replay`, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            replay()
+        torch.cuda.synchronize()
+    rows = [{"kernel": e.key, "launches": e.count / iters, "us": e.self_device_time_total / iters}
+            for e in prof.key_averages() if e.self_device_time_total > 0]
+    return sorted(rows, key=lambda r: -r["us"])
+
+
 def host_time_ms(fn, iters: int) -> float:
     fn()
     times = []
@@ -92,7 +109,8 @@ def host_time_ms(fn, iters: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def run_shape(name: str, batches: list[int], context: int, device: torch.device, iters: int) -> list[dict]:
+def run_shape(name: str, batches: list[int], context: int, device: torch.device, iters: int,
+              profile: bool = False) -> list[dict]:
     cfg = SHAPES[name]
     on_cuda = device.type == "cuda"
     dtype = torch.bfloat16 if on_cuda else torch.float32
@@ -149,6 +167,8 @@ def run_shape(name: str, batches: list[int], context: int, device: torch.device,
                 row["torch_graph_ms"] = cuda_time_ms(graph.replay, iters)
                 del graph
                 row["ours_graph_ms"] = cuda_time_ms(decoder.graphs[b].replay, iters)
+                if profile:
+                    row["kernels"] = kernel_breakdown(decoder.graphs[b].replay)
             row["ours_step_ms"] = host_time_ms(lambda: decoder.decode(tokens, positions, slots), iters)
         rows.append(row)
         print(f"  {name} batch {b}: done", file=sys.stderr)
@@ -164,12 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--profile", action="store_true", help="per-kernel device time of our graph")
     ap.add_argument("--out", default=os.path.join("bench_results", "decode_step.json"))
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for name in args.shapes:
-        rows += run_shape(name, sorted(args.batches), args.context, device, args.iters)
+        rows += run_shape(name, sorted(args.batches), args.context, device, args.iters, args.profile)
 
     cols = ["shape", "batch", "ours_graph_ms", "ours_step_ms", "torch_graph_ms", "floor_ms", "rel_err_vs_torch"]
     print(" | ".join(cols) + " | speedup | % of floor")
@@ -179,6 +200,13 @@ def main(argv: list[str] | None = None) -> int:
         speedup = f"{r['torch_graph_ms'] / r['ours_graph_ms']:.2f}x" if "ours_graph_ms" in r else "-"
         frac = f"{100 * r['floor_ms'] / r['ours_graph_ms']:.0f}%" if "ours_graph_ms" in r else "-"
         print(" | ".join(cells) + f" | {speedup} | {frac}")
+    for r in rows:
+        if "kernels" in r:
+            total = sum(k["us"] for k in r["kernels"])
+            print(f"\n{r['shape']} batch {r['batch']}: kernels {total:.0f} us of a {r['ours_graph_ms'] * 1e3:.0f} us "
+                  f"replay, {sum(k['launches'] for k in r['kernels']):.0f} launches")
+            for k in r["kernels"][:14]:
+                print(f"  {k['us']:8.1f} us  {k['launches']:5.0f}x  {k['kernel'][:90]}")
     meta = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -67,18 +67,25 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-def candidates(m: int, n: int, qw: QuantizedWeight, sms: int) -> list[QuantMatmulConfig]:
-    """default_config first, then GEMV tilings for small M and tensor-core tilings for all M."""
+# GEMV tilings (block_n, chunks, warps): each thread holds 4-8 columns of one or two chunks, so a program keeps
+# C * bits * block_n words in flight and the SM runs 8-32 warps, enough to hide the activations' L2 latency.
+GEMV_TILES = ((512, 1, 2), (256, 2, 4), (512, 2, 4), (128, 8, 4), (256, 4, 4), (256, 8, 8), (512, 4, 8),
+              (128, 16, 8), (1024, 2, 8), (128, 8, 8))
+
+
+def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
+    """default_config first, then (with `sweep`) GEMV tilings for small M and tensor-core tilings for all M."""
+    base = default_config(m, n, qw, sms)
+    if not sweep:
+        return [base]
     tiles = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, 1, 1, w, st) for bn, w, st in
-                  ((256, 1, 3), (512, 1, 3), (512, 2, 3), (1024, 4, 3), (2048, 4, 3))]
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st) for bn, c, w in GEMV_TILES for st in (2, 3)]
     bm = max(16, min(64, triton.next_power_of_2(m)))
     tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
               ((64, 4), (128, 4), (128, 8), (256, 8))]
-    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4)]
-    base = default_config(m, n, qw, sms)
+    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4, 8)]
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
 
@@ -138,6 +145,7 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", default=[s[0] for s in LLAMA_8B], choices=[s[0] for s in LLAMA_8B])
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
+    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time default_config alone")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
     args = p.parse_args()
@@ -152,7 +160,7 @@ def main() -> int:
     for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m):
         probe = QuantizedWeight(torch.empty(0), torch.empty(-(-k // args.group_size), 0), torch.empty(0), bits,
                                 args.group_size, k, n)
-        plan[name, bits, m] = candidates(m, n, probe, sms)
+        plan[name, bits, m] = candidates(m, n, probe, sms, args.sweep)
     if args.jobs > 1:
         jobs = [(k, n, bits, args.group_size, m, plan[name, bits, m])
                 for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m)]

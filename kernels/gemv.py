@@ -7,6 +7,12 @@ on every Llama-3.1-8B / 3.2-1B decode projection (up to 11%; 8-9% on the LM head
 benchmarks/kernels_roofline.py --sweep, which picked the launch configurations. A variant with the preceding residual add + RMSNorm fused in was
 measured slower (46 vs 25 us on the 8B QKV projection): every program must re-derive the row's RMS before its
 weight stream starts, and the padded 16-row x tiles crowd the pipeline's shared memory.
+
+The MLP's SiLU(gate) * up, by contrast, is elementwise: with `silu_mul=True` the down projection reads the fused
+gate/up output and applies the activation to each x tile as it loads it, which saves a launch per layer (the
+activation kernel and its gap in the graph cost more than the work). Only the next power of two of the real rows
+is activated, then repeated to the 16-row MMA tile, so the extra exponentials are few; rounding is that of
+kernels/activation.py, so the product is the same as the unfused pair.
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ def _gemv_kernel(
     stride_om,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    SILU_MUL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -45,7 +53,19 @@ def _gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         kmask = k < K
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        if SILU_MUL:  # x row = [gate | up]; activate ROWS rows, repeat them over the tile (extra rows not stored)
+            r = tl.arange(0, ROWS)
+            xmask = (r < M)[:, None] & kmask[None, :]
+            g = tl.load(x_ptr + r[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
+            u = tl.load(x_ptr + r[:, None] * stride_xm + K + k[None, :], mask=xmask, other=0.0)
+            gf = g.to(tl.float32)
+            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+            xa = (act * u.to(tl.float32)).to(g.dtype)
+            x = tl.reshape(tl.broadcast_to(xa[None, :, :], [BLOCK_M // ROWS, ROWS, BLOCK_K]), [BLOCK_M, BLOCK_K])
+        else:
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
+            )
         w = tl.load(
             w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
             mask=cmask[:, None] & kmask[None, :],
@@ -74,23 +94,32 @@ def gemv(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     config: tuple[int, int, int, int] | None = None,
+    silu_mul: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M <= 16, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in `out_dtype` (default weight.dtype).
 
-    Accumulates in fp32 and rounds once, like cuBLAS. `config` overrides (BLOCK_N, BLOCK_K, num_warps,
+    Accumulates in fp32 and rounds once, like cuBLAS. With `silu_mul`, x is [M, 2K] = [gate | up] and the
+    product is silu_and_mul(x) @ weight.T. `out` ([M, N] with contiguous rows, e.g. a CUDA graph's static logits
+    buffer) receives the result instead of a new tensor. `config` overrides (BLOCK_N, BLOCK_K, num_warps,
     num_stages), for tuning.
     """
-    m, k = x.shape
+    m = x.shape[0]
+    k = x.shape[1] // 2 if silu_mul else x.shape[1]
     n = weight.shape[0]
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"gemv takes 1..{MAX_ROWS} rows, got {m}")
-    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1:
-        raise ValueError(f"weight must be [N, {k}] with contiguous rows")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or (silu_mul and x.shape[1] != 2 * k):
+        raise ValueError(f"weight must be [N, {k}] with contiguous rows" + (" and x [M, 2K]" if silu_mul else ""))
     if x.stride(1) != 1 or x.dtype != weight.dtype:
         raise ValueError("x must have contiguous rows and the weight's dtype")
     if bias is not None and bias.shape != (n,):
         raise ValueError("bias must be [N]")
-    out = torch.empty((m, n), dtype=out_dtype or weight.dtype, device=x.device)
+    dtype = out_dtype or weight.dtype
+    if out is None:
+        out = torch.empty((m, n), dtype=dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != dtype or out.stride(1) != 1 or out.device != x.device:
+        raise ValueError(f"out must be [{m}, {n}] {dtype} on {x.device} with contiguous rows")
     block_n, block_k, warps, stages = config or _config(n, k)
     if config is None and weight.element_size() > 2:
         block_k //= weight.element_size() // 2  # same bytes per stage: fp32 tiles would overflow shared memory
@@ -107,9 +136,11 @@ def gemv(
         out.stride(0),
         HAS_BIAS=bias is not None,
         PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        SILU_MUL=silu_mul,
         BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        ROWS=triton.next_power_of_2(m) if silu_mul else MAX_ROWS,
         num_warps=warps,
         num_stages=stages,
     )

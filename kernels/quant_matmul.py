@@ -313,9 +313,9 @@ MAX_SPLIT_K = 32  # the last program of a tile sums the partials: more splits le
 
 
 def with_split_k(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, programs: int) -> QuantMatmulConfig:
-    """`cfg` with K split so that the grid has about `programs` programs, each keeping two steps of K or more."""
+    """`cfg` with K split so that the grid has about `programs` programs, each keeping a step of K or more."""
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
-    steps = qw.padded_in_features // 32 // (2 * cfg.chunks)
+    steps = qw.padded_in_features // 32 // cfg.chunks
     split = max(1, min(triton.cdiv(programs, tiles), steps, MAX_SPLIT_K))
     return QuantMatmulConfig(cfg.dot, cfg.block_m, cfg.block_n, cfg.chunks, split, cfg.num_warps, cfg.num_stages)
 

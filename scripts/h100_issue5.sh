@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree (.clean.tar, and .base.tar for
+# an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
+# and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM),
+# qdefault (quant_gemv.py default_config only, every bit width and M), tests (kernel tests at real shapes),
+# parity (gpu_parity.py + decode_parity.py).
+set -u
+export PYTHONUNBUFFERED=1
+log=$OUT/log.txt
+setup() {  # $1: tarball, $2: root
+  mkdir -p "$2/src" "$2/t/treadle" && tar xf "$1" -C "$2/src"
+  for d in engine server kernels grammars configs; do ln -sfn "$2/src/$d" "$2/t/treadle/$d"; done
+}
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
+setup .clean.tar /tmp/new
+[ -f .base.tar ] && setup .base.tar /tmp/base
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$log"
+run() {  # $1: root, $2: seconds, rest: command
+  local root=$1 secs=$2; shift 2
+  echo "=== [$root] $* ($(date +%T))" | tee -a "$log"
+  (cd "$root/src" && PYTHONPATH="$root/t:/tmp/site" timeout "$secs" "$@") 2>&1 | tee -a "$log"
+}
+for step in ${STEPS:-decode quant}; do
+  case $step in
+    decode)
+      run /tmp/new 240 python3 benchmarks/decode_step.py --shapes ${DSHAPES:-llama-3.1-8b} --batches ${DBATCH:-1 8} \
+        --profile --out "$OUT/decode_new.json"
+      [ -f .base.tar ] && run /tmp/base 200 python3 benchmarks/decode_step.py --shapes ${DSHAPES:-llama-3.1-8b} \
+        --batches ${DBATCH:-1 8} --out "$OUT/decode_base.json" ;;
+    quant)
+      run /tmp/new ${QSECS:-240} python3 benchmarks/quant_gemv.py --bits ${QBITS:-3 4} --m ${QM:-1 4} \
+        --out "$OUT/quant_sweep.json" ;;
+    qdefault)
+      run /tmp/new 200 python3 benchmarks/quant_gemv.py --no-sweep --out "$OUT/quant_default.json" ;;
+    tests)
+      run /tmp/new ${TSECS:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
+        tests/test_kernels_quant_linear.py tests/test_kernels_gemv.py tests/test_kernels_graph_runner.py ;;
+    parity)
+      run /tmp/new 200 python3 benchmarks/gpu_parity.py
+      run /tmp/new 200 python3 benchmarks/decode_parity.py ;;
+  esac
+done
+echo "=== done $(date +%T)" | tee -a "$log"
