@@ -7,7 +7,8 @@ size, mtime and the dtype; a second start only memory-loads that. HF directories
 directly, so they are not copied into the cache.
 
 Serving a GGUF in bfloat16 on CPU also keeps its Q4_0/Q4_1 matrices 4-bit (models/int4_cpu.py) for small-batch
-decode steps: as exact as dequantizing them to bfloat16 and up to 2x faster. float32 always dequantizes (the exact
+decode steps, and a Q8_0 tied embedding as two 4-bit halves for the LM head of batch-1/2 steps: as exact as
+dequantizing them to bfloat16 and up to 2x faster. float32 always dequantizes (the exact
 reference path).
 """
 
@@ -38,7 +39,7 @@ from .models.llama import LlamaForCausalLM
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CACHE_FORMAT = 2  # bump when the cached layout or the conversion changes
+CACHE_FORMAT = 3  # bump when the cached layout or the conversion changes
 
 
 @dataclass

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from .int4_cpu import pack_int4, packable, q4_blocks
+from .int4_cpu import pack_int4, packable, q4_blocks, q8_blocks_as_int4
 from .llama import o_proj_has_bias
 
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -132,6 +132,9 @@ def gguf_state_dict(
         return {f"{prefix}.weight": out(np.concatenate([load(name, heads) for name, heads in parts]))}
 
     sd = {"embed_tokens.weight": out(load("token_embd.weight")), "norm.weight": out(load("output_norm.weight"))}
+    embed = tensor("token_embd.weight")
+    if int4 and cfg.tie_word_embeddings and embed.tensor_type == GGMLQuantizationType.Q8_0:
+        sd.update({f"head_int4.{k}": v for k, v in pack_int4(*q8_blocks_as_int4(embed.data)).items()})
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = out(load("output.weight"))
     for i in tqdm(range(cfg.num_layers), desc="Loading GGUF", unit="layer", disable=not progress):

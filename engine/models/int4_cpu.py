@@ -45,6 +45,23 @@ def q4_blocks(data: np.ndarray, qtype: GGMLQuantizationType) -> tuple[np.ndarray
     return q.reshape(n, -1), scale, zero
 
 
+def q8_blocks_as_int4(data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw Q8_0 rows [N, bytes] -> int4 blocks for [2N, K] in q4_blocks' form: rows 0..N-1 hold each 8-bit value's
+    high nibble, rows N..2N-1 its low one, so that weight = high row + low row, exactly.
+
+    A Q8_0 value is d * q with q in -128..127; q = 16 * hi + lo with hi in -8..7 and lo in 0..15, so the high row is
+    (hi + 8 - 8) * 16d + 0 and the low row (lo - 8) * d + 8d."""
+    n = data.shape[0]
+    blocks = np.asarray(data).reshape(n, -1, 34)
+    scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    q = blocks[..., 2:].copy().view(np.int8).astype(np.int16).reshape(n, -1)
+    hi, lo = q >> 4, q & 0x0F  # arithmetic shift: floor(q / 16)
+    q4 = np.concatenate([hi + 8, lo]).astype(np.uint8)
+    scales = np.concatenate([16 * scale, scale])
+    zeros = np.concatenate([np.zeros_like(scale), 8 * scale])
+    return q4, scales, zeros
+
+
 def pack_int4(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> dict[str, torch.Tensor]:
     """The Int4Linear buffers for [N, K] q values and their [N, K/32] scales and zeros."""
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
@@ -71,10 +88,32 @@ class Int4Linear(Linear):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Head(nn.Module):
+    """The tied LM head of a GGUF whose embedding is Q8_0, for decode steps of one or two rows: its exact 8-bit
+    values as two 4-bit halves (q8_blocks_as_int4), i.e. half the bytes of the dense bfloat16 copy, read by the
+    int4 kernel. On the default model it is the largest matrix, and this halves its share of a batch-1 step."""
+
+    max_rows = 2  # the kernel runs over both halves, so it beats the dense copy only for the smallest batches
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.register_buffer("qweight", torch.empty(2 * vocab_size, hidden_size // 2, dtype=torch.uint8))
+        self.register_buffer("scales_zeros", torch.empty(hidden_size // GROUP, 2 * vocab_size, 2, dtype=torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.qweight, GROUP, self.scales_zeros).float()
+        return y[:, : self.vocab_size] + y[:, self.vocab_size :]
+
+
 def adopt_int4_linears(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Swap each Linear whose weights arrive with a `<name>.qweight` for an Int4Linear of the same shape."""
+    """Swap each Linear whose weights arrive with a `<name>.qweight` for an Int4Linear of the same shape, and give
+    the model an Int4Head when `head_int4.qweight` arrives."""
     for key in state:
-        if key.endswith(".qweight"):
+        if key == "head_int4.qweight":
+            with torch.device("meta"):
+                model.head_int4 = Int4Head(model.config.vocab_size, model.config.hidden_size)
+        elif key.endswith(".qweight"):
             parent_name, _, child = key[: -len(".qweight")].rpartition(".")
             parent = model.get_submodule(parent_name)
             dense = getattr(parent, child)

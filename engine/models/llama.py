@@ -95,6 +95,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head_int4: nn.Module | None = None  # a 4-bit copy of the tied head for 1-2 rows (models/int4_cpu.py)
         self.rotary = RotaryEmbedding(cfg)
 
     def forward(
@@ -113,5 +114,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
+        if self.head_int4 is not None and hidden.shape[0] <= self.head_int4.max_rows:
+            return self.head_int4(hidden)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
