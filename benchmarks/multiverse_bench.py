@@ -9,7 +9,8 @@ engine's offline seam) writes `</Goal>`, lets every path generate `--path-tokens
 `</Path>`, and ends the document with EOS right after the conclusion header. So all P paths have equal length and
 decode in the same batches. The sequential baseline asks the same prompts for exactly as many tokens as the
 parallel document had, in one plain sequence each. Both are timed wall-clock from admission to the last output,
-prefill included; `speedup` is sequential time / parallel time. Prints a table and writes JSON.
+prefill included, after one untimed run of the same configuration (one-time costs of new shapes: Triton JIT,
+allocator growth); `speedup` is sequential time / parallel time. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ def main() -> None:
           f"{'speedup':>7} {'par tok/s':>9} {'seq tok/s':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
         for num_paths in (int(p) for p in args.paths.split(",")):
+            bench(engine, num_paths, batch, args.path_tokens)  # untimed: first-use costs of the step's shapes
             r = bench(engine, num_paths, batch, args.path_tokens)
             rows.append(r)
             print(f"{r['paths']:>5} {r['batch']:>5} {r['tokens']:>6} {r['depth']:>5} {r['parallel_s']:>10.2f} "
