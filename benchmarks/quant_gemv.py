@@ -67,10 +67,10 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps): each thread holds 4-8 columns of one or two chunks, so a program keeps
-# C * bits * block_n words in flight and the SM runs 8-32 warps, enough to hide the activations' L2 latency.
-GEMV_TILES = ((512, 1, 2), (256, 2, 4), (512, 2, 4), (128, 8, 4), (256, 4, 4), (256, 8, 8), (512, 4, 8),
-              (128, 16, 8), (1024, 2, 8), (128, 8, 8))
+# GEMV tilings (block_n, chunks, warps): each thread holds 4, 8 or 16 columns of one chunk (the activation loads,
+# conversions and sums are per chunk and slot, so wider rows amortize them), 2-8 warps per program.
+GEMV_TILES = ((256, 2, 4), (128, 8, 4), (512, 1, 2), (512, 2, 4), (256, 4, 4), (1024, 2, 8), (1024, 1, 2),
+              (512, 2, 2), (1024, 2, 4), (2048, 1, 4))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
@@ -81,7 +81,7 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
     tiles = []
     if m <= 8:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st) for bn, c, w in GEMV_TILES for st in (2, 3)]
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st) for bn, c, w in GEMV_TILES for st in (1, 2)]
     bm = max(16, min(64, triton.next_power_of_2(m)))
     tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
               ((64, 4), (128, 4), (128, 8), (256, 8))]

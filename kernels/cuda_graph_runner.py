@@ -10,7 +10,7 @@ real batch are padding: empty KV index (attention gives 0) and slot -1 (no KV wr
 Per layer: RMSNorm fused with the residual add, QKV projection, RoPE fused with the KV append, split-KV paged
 decode attention (+ merge), O projection, RMSNorm+residual, gate/up projection, SiLU*mul, down projection. Up to
 GEMV_MAX_BATCH rows the projections and the LM head are Triton GEMVs (kernels/gemv.py, a little faster than
-cuBLAS there), SiLU*mul is fused into the down projection's GEMV and the LM head writes the logits buffer
+cuBLAS there), SiLU*mul is fused into the gate/up projection's GEMV and the LM head writes the logits buffer
 directly: each launch saved is a few microseconds of a graph replay; above, cuBLAS. The weights are the model's own tensors (no copies). Prefill stays on the model's
 eager path; both write the same KV cache tensors.
 
@@ -128,12 +128,12 @@ class CudaGraphDecoder:
             o, _ = paged_decode_attention(q, k_cache, v_cache, indptr, indices, layer.scale, num_splits=splits)
             x = self._linear(o.view(bucket, hq * d), layer.o_proj, small)
             h, residual = rmsnorm(x, layer.post_attention_norm.weight, self.eps, residual)
-            gate_up = self._linear(h, layer.gate_up_proj, small)
-            down = layer.down_proj
-            if small and not isinstance(down, QuantLinear) and down.bias is None:
-                x = gemv(gate_up, down.weight, silu_mul=True)  # the activation fused into the x loads
+            gate_up = layer.gate_up_proj
+            if small and not isinstance(gate_up, QuantLinear):  # the activation fused into the GEMV's epilogue
+                act = gemv(h, gate_up.weight, gate_up.bias, silu_mul=True)
             else:
-                x = self._linear(silu_and_mul(gate_up), down, small)
+                act = silu_and_mul(self._linear(h, gate_up, small))
+            x = self._linear(act, layer.down_proj, small)
         h, _ = rmsnorm(x, self.model.norm.weight, self.eps, residual)
         if small:
             gemv(h, self.lm_head, out_dtype=torch.float32, out=self._logits[:bucket])

@@ -8,11 +8,11 @@ benchmarks/kernels_roofline.py --sweep, which picked the launch configurations. 
 measured slower (46 vs 25 us on the 8B QKV projection): every program must re-derive the row's RMS before its
 weight stream starts, and the padded 16-row x tiles crowd the pipeline's shared memory.
 
-The MLP's SiLU(gate) * up, by contrast, is elementwise: with `silu_mul=True` the down projection reads the fused
-gate/up output and applies the activation to each x tile as it loads it, which saves a launch per layer (the
-activation kernel and its gap in the graph cost more than the work). Only the next power of two of the real rows
-is activated, then repeated to the 16-row MMA tile, so the extra exponentials are few; rounding is that of
-kernels/activation.py, so the product is the same as the unfused pair.
+The MLP's SiLU(gate) * up, by contrast, fuses for free into the gate/up projection's epilogue (`silu_mul=True`):
+each program takes matching rows of the gate and up halves of the stacked weight, interleaved, so its tile holds
+both factors of its outputs; it rounds them as the unfused projection would, applies kernels/activation.py's
+formula and writes [M, I]. That saves the activation's launch per layer (in a graph replay a small kernel costs
+2-3 us, more than its work) and a round trip of the [M, 2I] intermediate, for a few epilogue instructions.
 """
 
 from __future__ import annotations
@@ -42,30 +42,22 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    ROWS: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_M)
     rmask = rows < M
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
+    if SILU_MUL:  # tile column 2j is gate row c + j, column 2j + 1 is up row N + c + j (N = I, the output width)
+        half = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        cmask = half < N
+        cols = half + (tl.arange(0, BLOCK_N) % 2) * N
+    else:
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cmask = cols < N
     kk = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         kmask = k < K
-        if SILU_MUL:  # x row = [gate | up]; activate ROWS rows, repeat them over the tile (extra rows not stored)
-            r = tl.arange(0, ROWS)
-            xmask = (r < M)[:, None] & kmask[None, :]
-            g = tl.load(x_ptr + r[:, None] * stride_xm + k[None, :], mask=xmask, other=0.0)
-            u = tl.load(x_ptr + r[:, None] * stride_xm + K + k[None, :], mask=xmask, other=0.0)
-            gf = g.to(tl.float32)
-            act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-            xa = (act * u.to(tl.float32)).to(g.dtype)
-            x = tl.reshape(tl.broadcast_to(xa[None, :, :], [BLOCK_M // ROWS, ROWS, BLOCK_K]), [BLOCK_M, BLOCK_K])
-        else:
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0
-            )
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(
             w_ptr + cols[:, None].to(tl.int64) * stride_wn + k[None, :],
             mask=cmask[:, None] & kmask[None, :],
@@ -74,8 +66,17 @@ def _gemv_kernel(
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    out_mask = rmask[:, None] & cmask[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    if SILU_MUL:
+        gate, up = tl.split(tl.reshape(acc.to(w_ptr.dtype.element_ty), [BLOCK_M, BLOCK_N // 2, 2]))
+        gf = gate.to(tl.float32)
+        act = (gf / (1.0 + tl.exp(-gf))).to(w_ptr.dtype.element_ty).to(tl.float32)
+        res = act * up.to(tl.float32)
+        ocols = tl.program_id(0) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        out_mask = rmask[:, None] & (ocols < N)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + ocols[None, :], res.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        out_mask = rmask[:, None] & cmask[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -99,27 +100,27 @@ def gemv(
 ) -> torch.Tensor:
     """x [M <= 16, K] @ weight [N, K].T (+ bias [N]) -> [M, N] in `out_dtype` (default weight.dtype).
 
-    Accumulates in fp32 and rounds once, like cuBLAS. With `silu_mul`, x is [M, 2K] = [gate | up] and the
-    product is silu_and_mul(x) @ weight.T. `out` ([M, N] with contiguous rows, e.g. a CUDA graph's static logits
-    buffer) receives the result instead of a new tensor. `config` overrides (BLOCK_N, BLOCK_K, num_warps,
-    num_stages), for tuning.
+    Accumulates in fp32 and rounds once, like cuBLAS. With `silu_mul`, weight (and bias) stack gate and up
+    ([2I, K]) and the result is silu(gate) * up, [M, I], as kernels/activation.py computes it from the unfused
+    product. `out` ([M, N] with contiguous rows, e.g. a CUDA graph's static logits buffer) receives the result
+    instead of a new tensor. `config` overrides (BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning.
     """
-    m = x.shape[0]
-    k = x.shape[1] // 2 if silu_mul else x.shape[1]
+    m, k = x.shape
     n = weight.shape[0]
     if not 0 < m <= MAX_ROWS:
         raise ValueError(f"gemv takes 1..{MAX_ROWS} rows, got {m}")
-    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or (silu_mul and x.shape[1] != 2 * k):
-        raise ValueError(f"weight must be [N, {k}] with contiguous rows" + (" and x [M, 2K]" if silu_mul else ""))
+    if weight.dim() != 2 or weight.shape[1] != k or weight.stride(1) != 1 or (silu_mul and n % 2):
+        raise ValueError(f"weight must be [N, {k}] with contiguous rows" + (", N even" if silu_mul else ""))
     if x.stride(1) != 1 or x.dtype != weight.dtype:
         raise ValueError("x must have contiguous rows and the weight's dtype")
     if bias is not None and bias.shape != (n,):
         raise ValueError("bias must be [N]")
+    n_out = n // 2 if silu_mul else n
     dtype = out_dtype or weight.dtype
     if out is None:
-        out = torch.empty((m, n), dtype=dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != dtype or out.stride(1) != 1 or out.device != x.device:
-        raise ValueError(f"out must be [{m}, {n}] {dtype} on {x.device} with contiguous rows")
+        out = torch.empty((m, n_out), dtype=dtype, device=x.device)
+    elif out.shape != (m, n_out) or out.dtype != dtype or out.stride(1) != 1 or out.device != x.device:
+        raise ValueError(f"out must be [{m}, {n_out}] {dtype} on {x.device} with contiguous rows")
     block_n, block_k, warps, stages = config or _config(n, k)
     if config is None and weight.element_size() > 2:
         block_k //= weight.element_size() // 2  # same bytes per stage: fp32 tiles would overflow shared memory
@@ -129,7 +130,7 @@ def gemv(
         bias if bias is not None else weight,
         out,
         m,
-        n,
+        n_out,
         k,
         x.stride(0),
         weight.stride(0),
@@ -140,7 +141,6 @@ def gemv(
         BLOCK_M=MAX_ROWS,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        ROWS=triton.next_power_of_2(m) if silu_mul else MAX_ROWS,
         num_warps=warps,
         num_stages=stages,
     )

@@ -99,6 +99,7 @@ def _epilogue(
     stride_om,
     SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     """Write the [BM, BN] fp32 tile `res`; with split-K, only the last program of the tile sums the partials."""
     if not SPLIT_K:
@@ -112,10 +113,11 @@ def _epilogue(
         splits = tl.num_programs(1)
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == splits - 1:
-            # Eight partials in flight at a time: the sum's latency is splits / 8 round trips to L2, not splits.
+            # REDUCE partials in flight at a time (all of them when registers allow): the sum's latency is
+            # splits / REDUCE round trips to L2, the serial tail of every split-K launch.
             total = tl.zeros_like(res)
-            for k0 in range(0, splits, 8):
-                for i in tl.static_range(8):
+            for k0 in range(0, splits, REDUCE):
+                for i in tl.static_range(REDUCE):
                     live = mask & (k0 + i < splits)
                     total += tl.load(ws_ptr + (k0 + i) * M * N + mn, mask=live, other=0.0, cache_modifier=".cg")
             _store_tile(total, out_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, HAS_BIAS)
@@ -160,6 +162,7 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -194,7 +197,19 @@ def _gemv_kernel(
         zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
         acc += part * scale + xsum * zero
     _epilogue(
-        tl.sum(acc, axis=1), out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS
+        tl.sum(acc, axis=1),
+        out_ptr,
+        ws_ptr,
+        cnt_ptr,
+        bias_ptr,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        stride_om,
+        SPLIT_K,
+        HAS_BIAS,
+        REDUCE,
     )
 
 
@@ -243,6 +258,7 @@ def _dot_kernel(
     EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
+    REDUCE: tl.constexpr,
 ):
     T: tl.constexpr = GROUP // 32
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -281,7 +297,7 @@ def _dot_kernel(
         w_rows += T * BITS * N
         xt_rows += GROUP
     acc = tl.trans(acc)
-    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS)
+    _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS, REDUCE)
 
 
 @dataclass(frozen=True)
@@ -318,6 +334,12 @@ def with_split_k(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, pr
     steps = qw.padded_in_features // 32 // cfg.chunks
     split = max(1, min(triton.cdiv(programs, tiles), steps, MAX_SPLIT_K))
     return QuantMatmulConfig(cfg.dot, cfg.block_m, cfg.block_n, cfg.chunks, split, cfg.num_warps, cfg.num_stages)
+
+
+def _reduce_width(split: int, cfg: QuantMatmulConfig) -> int:
+    """Partials the split-K tail loads at once: all of them, unless that would hold more than ~64 registers."""
+    per_thread = max(1, cfg.block_m * cfg.block_n // (32 * cfg.num_warps))
+    return max(1, min(triton.next_power_of_2(split), max(4, 64 // per_thread)))
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -391,6 +413,7 @@ def quant_matmul(
         BN=cfg.block_n,
         C=cfg.chunks,
         SPLIT_K=split > 1,
+        REDUCE=_reduce_width(split, cfg),
         HAS_BIAS=bias is not None,
         STAGES=cfg.num_stages,
         num_warps=cfg.num_warps,

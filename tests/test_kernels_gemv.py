@@ -54,19 +54,21 @@ def test_gemv_fp32_output_and_bad_input():
         gemv(x, w, _rand(41, dtype=HALF))
 
 
-@pytest.mark.parametrize("m", [1, 3, 16])
-def test_gemv_fused_silu_mul_matches_the_unfused_pair(m):
-    """x = [gate | up]: the product must be silu(gate) * up (rounded like the model) times W, into `out`."""
+@pytest.mark.parametrize("m,bias", [(1, False), (3, True), (16, False)])
+def test_gemv_fused_silu_mul_matches_the_unfused_pair(m, bias):
+    """Stacked [gate; up] weight: silu(gate) * up of the rounded projection (activation.py), written into `out`."""
     torch.manual_seed(m)
-    k, n = 300, 72
-    x = _rand(m, 2 * k, dtype=HALF, scale=2.0)
-    w = _rand(n, k, dtype=HALF, scale=k**-0.5)
-    act = torch.nn.functional.silu(x[:, :k]) * x[:, k:]
-    out = torch.full((m, n), float("nan"), dtype=torch.float32, device=DEVICE)
-    got = gemv(x, w, out_dtype=torch.float32, silu_mul=True, out=out)
+    k, inter = 96, 100  # I not a multiple of the half-tile: masked tail
+    x = _rand(m, k, dtype=HALF)
+    w = _rand(2 * inter, k, dtype=HALF, scale=2 * k**-0.5)
+    b = _rand(2 * inter, dtype=HALF) if bias else None
+    gate, up = gemv_reference(x, w, b).chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate.float()).to(HALF).float() * up.float()
+    out = torch.full((m, inter), float("nan"), dtype=torch.float32, device=DEVICE)
+    got = gemv(x, w, b, out_dtype=torch.float32, silu_mul=True, out=out)
     assert got.data_ptr() == out.data_ptr()
-    assert rel_err(out, gemv_reference(act, w, out_dtype=torch.float32)) < 1e-3
-    with pytest.raises(ValueError, match="2K"):
-        gemv(x[:, :-1], w, silu_mul=True)
+    assert rel_err(out, ref) < TOL[HALF]
+    with pytest.raises(ValueError, match="N even"):
+        gemv(x, w[1:], silu_mul=True)
     with pytest.raises(ValueError, match="out must be"):
-        gemv(act, w, out=torch.empty(m, n + 1, dtype=HALF, device=DEVICE))
+        gemv(x, w, out=torch.empty(m, 2 * inter + 1, dtype=HALF, device=DEVICE))
