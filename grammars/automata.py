@@ -366,21 +366,31 @@ class GrammarIR:
             self.final.extend(d.final)
             self.rule_of.extend([r] * len(d.final))
             self.rep_of.extend([b.rep[r]] * len(d.final))
-        # per counted rule, an unbounded twin over the same body: far from both bounds a counted item
-        # classifies exactly like it, and its walks do not multiply configurations by the count
+        # per counted rule, twins over the same body without the upper bound: an unbounded one (far from
+        # both bounds a counted item classifies exactly like it) and, for rules with a lower bound, one that
+        # keeps it (far from the upper bound only); walks from a twin do not multiply configurations by
+        # the count, since its count stops growing once the lower bound is met
         self.free_rep: dict[int, int] = {}
+        self.open_rep: dict[int, int] = {}
         for r in range(len(dfas)):
             rep = b.rep[r]
-            if rep is not None and (rep[1], rep[2]) != (0, None):
+            if rep is None:
+                continue
+            twins = []
+            if (rep[1], rep[2]) != (0, None):
+                twins.append((self.free_rep, "free", (rep[0], 0, None)))
+            if rep[1] > 0 and rep[2] is not None:
+                twins.append((self.open_rep, "open", (rep[0], rep[1], None)))
+            for table, kind, twin_rep in twins:
                 twin = len(self.bnext)
                 self.rule_base.append(twin)
-                self.rule_names.append(f"free#{r}")
+                self.rule_names.append(f"{kind}#{r}")
                 self.bnext.append({})
                 self.rnext.append({})
                 self.final.append(False)
                 self.rule_of.append(len(self.rule_names) - 1)
-                self.rep_of.append((rep[0], 0, None))
-                self.free_rep[self.rule_base[r]] = twin
+                self.rep_of.append(twin_rep)
+                table[self.rule_base[r]] = twin
         self.rule_base.append(len(self.bnext))
         self.n_states = len(self.bnext)
         self.nullable = self._nullable()
@@ -396,10 +406,12 @@ class GrammarIR:
         self._expand: list = [None] * self.n_states
         self._pred: list = [None] * self.n_states
         self._follow: list | None = None
+        self._root_ref: bool | None = None
         self._hash: list = [None] * len(self.rule_names)
         self._cyclic: list[bool] | None = None
         self._info: list = [None] * self.n_states
         self._scanning: dict[frozenset, tuple] = {}
+        self._predicted: dict[frozenset, frozenset] = {}
         self._groups: dict[int, list] = {}  # keyed by id() of a bnext dict, which lives as long as self
         self._targets: dict[int, np.ndarray] = {}
 
@@ -543,11 +555,35 @@ class GrammarIR:
             p = self._pred[s] = frozenset(out)
         return p
 
+    def predicted(self, states: frozenset) -> frozenset:
+        """The union of pred(s) over a set of states (memoized: configurations repeat their state sets
+        with other origins)."""
+        p = self._predicted.get(states)
+        if p is None:
+            p = frozenset()
+            for s in states:
+                q = self.pred(s)
+                if q:
+                    p = p | q if p else q
+            self._predicted[states] = p
+        return p
+
     def follow_bytes(self, r: int) -> bytes:
-        """FOLLOW1 of rule r: a 256-byte 0/1 table of bytes that can come right after r ends anywhere."""
+        """FOLLOW1 of rule r: a 256-byte 0/1 table of bytes that can come right after r ends anywhere.
+
+        The root rule, when nothing refers to it, is followed by nothing: its first mask (a structural
+        tag's free text) does not wait for the grammar-wide fixpoint."""
         if self._follow is None:
+            if r == self.root and not self._root_referenced():
+                return bytes(256)
             self._follow = self._compute_follow()
         return self._follow[r]
+
+    def _root_referenced(self) -> bool:
+        if self._root_ref is None:
+            self._root_ref = any(self.root in refs for refs in self.rnext) or any(
+                rep is not None and rep[0] == self.root for rep in self.rep_of)
+        return self._root_ref
 
     def _compute_follow(self) -> list[bytes]:
         n_rules = len(self.rule_names)
@@ -593,7 +629,13 @@ class GrammarIR:
                 if not follow[parent] <= follow[child]:
                     follow[child] |= follow[parent]
                     changed = True
-        return [bytes(1 if i in f else 0 for i in range(256)) for f in follow]
+        tables = []
+        for f in follow:
+            t = bytearray(256)
+            for i in f:
+                t[i] = 1
+            tables.append(bytes(t))
+        return tables
 
     def _own(self, r: int) -> tuple:
         """Rule r's automaton with states renumbered from 0; references keep global rule ids."""

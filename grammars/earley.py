@@ -26,13 +26,15 @@ class Config:
     """One interned Earley set. `scan` lists (byte->state table, origin, count) of every item that can scan."""
 
     __slots__ = ("id", "kernel", "roots", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply",
-                 "tok", "row_filled", "allowed")
+                 "tok", "row_filled", "allowed", "main", "chain")
 
     def __init__(self, cid: int, kernel: tuple, roots: tuple, selfs: frozenset, scan: list, can_end: bool):
         self.id = cid
         self.kernel = kernel
         self.roots = roots  # kernel items not merely reached by skipping a nullable rule: they cover the rest
         self.row_filled = False
+        self.main: tuple[int, int] | None = None  # (bytes as a 256-bit int, target) of the largest byte group
+        self.chain = None  # mask.py's memo of where `main` leads
         self.allowed: frozenset | None = None
         self.selfs = selfs
         self.scan = scan
@@ -69,8 +71,9 @@ class Space:
         r = cfg.next.get(byte)
         if r is not None:
             return r
-        if cfg.row_filled:
-            r = cfg.next[byte] = int(self.table[cid, byte])
+        r = int(self.table[cid, byte])
+        if r != UNKNOWN:
+            cfg.next[byte] = r
             return r
         new = []
         for bn, o, c in cfg.scan:
@@ -82,30 +85,62 @@ class Space:
         self.table[cid, byte] = r
         return r
 
+    def _groups(self, cid: int) -> list[tuple[np.ndarray, list]]:
+        """A configuration's bytes grouped by the items they scan to: [(bytes, items)], items empty for
+        bytes that lead nowhere. One numpy unique over per-item target columns does the grouping."""
+        scan = self.configs[cid].scan
+        if not scan:
+            return [(np.arange(256), [])]
+        if len(scan) == 1:
+            (bn, o, c), = scan
+            groups = [(byts, [(t, o, c)]) for t, byts in self.ir.byte_groups(bn)]
+            if len(bn) < 256:
+                groups.append((np.flatnonzero(self.ir.byte_targets(bn) < 0), []))
+            return groups
+        targets = np.stack([self.ir.byte_targets(bn) for bn, _, _ in scan], axis=1)
+        cols = np.ascontiguousarray(targets).view(np.dtype((np.void, targets.shape[1] * 8))).ravel()
+        _, first, inverse = np.unique(cols, return_index=True, return_inverse=True)
+        order = np.argsort(inverse.ravel(), kind="stable")
+        bounds = np.searchsorted(inverse.ravel()[order], np.arange(len(first) + 1))
+        return [
+            (order[bounds[g]:bounds[g + 1]], [(t, o, c) for (_, o, c), t in zip(scan, targets[byte].tolist()) if t >= 0])
+            for g, byte in enumerate(first.tolist())
+        ]
+
     def fill_row(self, cid: int) -> None:
-        """Computes all 256 byte transitions of a configuration into `table`, closing each distinct scanned
+        """Computes all of a configuration's byte transitions into `table`, closing each distinct scanned
         item set once (a string-body configuration has ~250 bytes but only a few distinct outcomes)."""
         cfg = self.configs[cid]
         if cfg.row_filled:
             return
-        row = np.full(256, DEAD, dtype=np.int32)
-        groups = self.ir.byte_groups
-        if len(cfg.scan) == 1:
-            (bn, o, c), = cfg.scan
-            for t, byts in groups(bn):
-                row[byts] = self._close([(t, o, c)])
-        elif cfg.scan:
-            per_byte: dict[int, list] = {}
-            for bn, o, c in cfg.scan:
-                for byte, t in bn.items():
-                    per_byte.setdefault(byte, []).append((t, o, c))
-            outcomes: dict[tuple, list[int]] = {}
-            for byte, items in per_byte.items():
-                outcomes.setdefault(tuple(items), []).append(byte)
-            for items, byts in outcomes.items():
-                row[byts] = self._close(list(items))
+        row = self.table[cid].copy()
+        for byts, items in self._groups(cid):
+            known = row[byts]
+            known = known[known != UNKNOWN]
+            if len(known):  # one byte of the group was stepped before: they all share its outcome
+                row[byts] = known[0]
+            else:
+                row[byts] = self._close(items) if items else DEAD
         self.table[cid] = row
         cfg.row_filled = True
+
+    def main(self, cid: int) -> tuple[int, int]:
+        """The largest group of bytes that lead from a configuration to one configuration:
+        (bytes as a 256-bit int, target), or (0, DEAD). Only that group is closed."""
+        cfg = self.configs[cid]
+        if cfg.main is None:
+            groups = [(byts, items) for byts, items in self._groups(cid) if items]
+            if not groups:
+                cfg.main = (0, DEAD)
+            else:
+                byts, items = max(groups, key=lambda g: len(g[0]))
+                known = self.table[cid, byts[0]]
+                target = int(known) if known != UNKNOWN else self._close(items)
+                self.table[cid, byts] = target
+                bits = np.zeros(256, dtype=bool)
+                bits[byts] = True
+                cfg.main = (int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little"), target)
+        return cfg.main
 
     def run(self, cid: int, data: bytes) -> int:
         """Configuration after `data` from `cid`, or DEAD."""
@@ -183,15 +218,9 @@ class Space:
         cid = len(configs)
         self.index[key] = cid
         ir = self.ir
-        selfs: frozenset = frozenset()
-        for s, o, c in kernel:
-            rep = ir.rep_of[s]
-            if rep is None or rep[2] is None or c < rep[2]:
-                p = ir._pred[s]
-                if p is None:
-                    p = ir.pred(s)
-                if p:
-                    selfs = selfs | p if selfs else p
+        rep_of = ir.rep_of
+        predicting = frozenset(s for s, _, c in kernel if rep_of[s] is None or rep_of[s][2] is None or c < rep_of[s][2])
+        selfs = ir.predicted(predicting)
         bnext = ir.bnext
         scan = [(bnext[s], o, c) for s, o, c in kernel if bnext[s]]
         scan.extend((bnext[s], cid, 0) for s in ir.scanning(selfs))

@@ -14,36 +14,56 @@ memoized configuration transitions.
 from __future__ import annotations
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
 from .earley import ROOT, UNKNOWN, Space
 from .vocab import VocabIndex
 
-HASH_LIMIT_STATES = 4000  # rules reaching more states are keyed per grammar instead of hashed
+HASH_LIMIT_STATES = 400  # rules reaching more states are keyed per grammar instead of hashed
 _GRAMMAR_IDS = itertools.count()
 
 
 SMALL_FRONTIER = 12  # below this many trie nodes a level is stepped in Python, above with numpy
+LOOP_MIN = 32  # byte classes smaller than this are not followed to accept whole subtrees
+SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
+FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
 
 
-def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndarray | None = None):
-    """Runs every vocabulary string (or only those flagged in `cand`) from configuration `start`.
+class Walk(NamedTuple):
+    """Accepted strings as disjoint ranges [lo, hi) sorted by lo, and (when asked for) the exits: the strings
+    in [ex_lo, ex_hi) pass a point where the bottom item's rule has ended and `ex_byte` comes next."""
 
-    Returns a boolean array over sorted strings (accepted: all bytes consumed) and, when `exits`, the
-    exits as arrays (lo, hi, byte): the strings in [lo, hi) pass a point where the bottom item's rule has
-    ended and `byte` comes next.
+    lo: np.ndarray
+    hi: np.ndarray
+    ex_lo: np.ndarray | None
+    ex_hi: np.ndarray | None
+    ex_byte: np.ndarray | None
+
+    def contains(self, us: np.ndarray) -> np.ndarray:
+        """Which of the string indices `us` are accepted."""
+        pos = np.searchsorted(self.lo, us, side="right") - 1
+        return (pos >= 0) & (us < self.hi[np.maximum(pos, 0)])
+
+
+def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndarray | None = None) -> Walk:
+    """Runs every vocabulary string (or only those flagged in the boolean array `cand`) from `start`.
+
     The trie is walked level by level; wide levels (string bodies) go through numpy gathers, narrow ones
-    (literals, keys) through Python, which only visits children whose byte the configuration allows.
+    (literals, keys) through Python, which only visits children whose byte the configuration allows. A
+    subtree whose bytes all loop on the configuration reached is accepted without visiting it, so walks
+    through string bodies touch only the tokens that leave them; exits inside it need no record, since
+    exits only matter for strings that are not accepted.
     """
-    n = vocab.n
-    acc = np.zeros(n + 1, dtype=bool)
-    ex_lo: list = []
-    ex_hi: list = []
-    ex_b: list = []
+    acc_lo: list = []
+    acc_hi: list = []
+    singles: list[int] = []
+    ex: list[tuple[int, int, int]] = []
+    ex_arr: list = []
     levels = vocab.levels
     configs = space.configs
-    cum = None if cand is None else np.concatenate([[0], np.cumsum(cand)])
+    cum = None if cand is None else np.concatenate([[0], np.cumsum(cand, dtype=np.int64)])
     all_bytes = frozenset(range(256))
     first = space.allowed(start)
     if len(first) <= SMALL_FRONTIER:
@@ -60,49 +80,16 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
         lvl = levels[depth]
         last = depth + 1 >= len(levels)
         if len(nodes) <= SMALL_FRONTIER:
-            nxt_nodes: list[int] = []
-            nxt_pc: list[int] = []
-            nxt = None if last else levels[depth + 1]
-            for node, p in zip(nodes.tolist(), pc.tolist()):
-                b = int(lvl.byte[node])
-                if depth and exits and configs[p].can_end:
-                    ex_lo.append(lvl.lo[node : node + 1])
-                    ex_hi.append(lvl.hi[node : node + 1])
-                    ex_b.append(lvl.byte[node : node + 1])
-                r = configs[p].next.get(b)
-                c = space.step(p, b) if r is None else r
-                if c < 0:
-                    continue
-                t = lvl.term[node]
-                if t >= 0:
-                    acc[t] = True
-                if last:
-                    continue
-                clo, chi = int(lvl.child_lo[node]), int(lvl.child_hi[node])
-                if clo == chi:
-                    continue
-                need = all_bytes if exits and configs[c].can_end else space.allowed(c)
-                if len(need) * 4 < chi - clo:
-                    kids = nxt.byte[clo:chi].tobytes()
-                    picked = [clo + i for i in (kids.find(bytes((x,))) for x in need) if i >= 0]
-                else:
-                    picked = range(clo, chi)
-                for k in picked:
-                    if cum is None or cum[nxt.hi[k]] > cum[nxt.lo[k]]:
-                        nxt_nodes.append(k)
-                        nxt_pc.append(c)
-            nodes = np.asarray(nxt_nodes, dtype=np.int64)
-            pc = np.asarray(nxt_pc, dtype=np.int64)
+            nodes, pc = _narrow_level(space, vocab, depth, nodes.tolist(), pc.tolist(), exits, cum,
+                                      singles, acc_lo, acc_hi, ex, all_bytes)
             depth += 1
             continue
         byt = lvl.byte[nodes]
         if depth and exits:
             ended = space.can_end_arr[pc]
             if ended.any():
-                ex = nodes[ended]
-                ex_lo.append(lvl.lo[ex])
-                ex_hi.append(lvl.hi[ex])
-                ex_b.append(lvl.byte[ex])
+                e = nodes[ended]
+                ex_arr.append((lvl.lo[e], lvl.hi[e], lvl.byte[e]))
         cfg = space.table[pc, byt]
         unk = cfg == UNKNOWN
         if unk.any():
@@ -111,21 +98,35 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
                 for k, b in set(zip(todo.tolist(), byt[unk].tolist())):
                     space.step(k, b)
             else:  # many: fill whole rows, each distinct outcome closed once
-                if (todo == todo[0]).all():
-                    todo = todo[:1]
-                else:
-                    todo = np.sort(todo)
-                    todo = todo[np.concatenate([[True], todo[1:] != todo[:-1]])]
-                for k in todo.tolist():
+                for k in np.unique(todo).tolist():
                     space.fill_row(k)
             cfg = space.table[pc, byt]
         alive = cfg >= 0
         nodes = nodes[alive]
         cfg = cfg[alive]
-        term = lvl.term[nodes]
-        acc[term[term >= 0]] = True
         if last or not len(nodes):
+            term = lvl.term[nodes]
+            singles.extend(term[term >= 0].tolist())
             break
+        whole = np.zeros(len(nodes), dtype=bool)
+        reach = lvl.reach[nodes]
+        span = lvl.hi[nodes] - lvl.lo[nodes]
+        for k in np.unique(cfg[span >= SKIP_SPAN]).tolist():
+            ints, arr, closed = chain(space, k, vocab.max_len)
+            if not ints:
+                continue
+            sel = np.flatnonzero(cfg == k)
+            d = reach[sel]
+            ok = (d >= 1) & ((d <= len(ints)) | closed)
+            at = arr[np.clip(d, 1, len(ints)) - 1]
+            whole[sel] = ok & ~(lvl.below[nodes[sel]] & ~at).any(axis=1)
+        if whole.any():
+            acc_lo.append(lvl.lo[nodes[whole]])
+            acc_hi.append(lvl.hi[nodes[whole]])
+            part = ~whole
+            nodes, cfg = nodes[part], cfg[part]
+        term = lvl.term[nodes]
+        singles.extend(term[term >= 0].tolist())
         clo, chi = lvl.child_lo[nodes], lvl.child_hi[nodes]
         cnt = chi - clo
         total = int(cnt.sum())
@@ -137,12 +138,138 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
             nxt = levels[depth]
             keep = cum[nxt.hi[nodes]] > cum[nxt.lo[nodes]]
             nodes, pc = nodes[keep], pc[keep]
+    lo = np.concatenate(acc_lo + [np.asarray(singles, dtype=np.int64)]) if acc_lo else np.asarray(singles, np.int64)
+    hi = np.concatenate(acc_hi + [np.asarray(singles, dtype=np.int64) + 1]) if acc_hi else lo + 1
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
     if not exits:
-        return acc[:n], None
-    return acc[:n], tuple(
-        np.concatenate(xs).astype(t) if xs else np.zeros(0, t)
-        for xs, t in ((ex_lo, np.int64), (ex_hi, np.int64), (ex_b, np.uint8))
-    )
+        return Walk(lo, hi, None, None, None)
+    if ex:
+        e = np.asarray(ex, dtype=np.int64)
+        ex_arr.append((e[:, 0], e[:, 1], e[:, 2]))
+    if not ex_arr:
+        z = np.zeros(0, np.int64)
+        return Walk(lo, hi, z, z, z.astype(np.uint8))
+    return Walk(lo, hi, *(np.concatenate([x[i] for x in ex_arr]).astype(t)
+                          for i, t in ((0, np.int64), (1, np.int64), (2, np.uint8))))
+
+
+def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int], pcs: list[int], exits: bool,
+                  cum, singles: list, acc_lo: list, acc_hi: list, ex: list, all_bytes: frozenset):
+    """One trie level of a few nodes, stepped in Python; returns the next level's (nodes, configurations)."""
+    levels = vocab.levels
+    configs = space.configs
+    byte_s, lo_a, hi_a, term_a, clo_a, chi_a, reach_a = levels[depth].py
+    last = depth + 1 >= len(levels)
+    nxt_bytes = None if last else levels[depth + 1].py[0]
+    below = levels[depth].below
+    nxt_nodes: list[int] = []
+    nxt_pc: list[int] = []
+    for node, p in zip(nodes, pcs):
+        b = byte_s[node]
+        if depth and exits and configs[p].can_end:
+            ex.append((lo_a[node], hi_a[node], b))
+        r = configs[p].next.get(b)
+        c = space.step(p, b) if r is None else r
+        if c < 0:
+            continue
+        t = term_a[node]
+        if t >= 0:
+            singles.append(t)
+        if last:
+            continue
+        clo, chi = clo_a[node], chi_a[node]
+        if clo == chi:
+            continue
+        cc = configs[c]
+        need = all_bytes if exits and cc.can_end else space.allowed(c)
+        if hi_a[node] - lo_a[node] >= SKIP_SPAN and len(space.allowed(c)) >= LOOP_MIN:
+            ints, _, closed = chain(space, c, vocab.max_len)
+            d = reach_a[node]
+            if ints and (d <= len(ints) or closed) and not (
+                    int.from_bytes(below[node].tobytes(), "little") & ~ints[min(d, len(ints)) - 1]):
+                lo, hi = lo_a[node] + (t >= 0), hi_a[node]
+                if lo < hi:
+                    acc_lo.append(np.asarray([lo], dtype=np.int64))
+                    acc_hi.append(np.asarray([hi], dtype=np.int64))
+                continue
+        if len(need) * 4 < chi - clo:
+            picked = [clo + i for i in (nxt_bytes.find(x, clo, chi) - clo for x in need) if i >= 0]
+        else:
+            picked = range(clo, chi)
+        for k in picked:
+            if cum is None or cum[levels[depth + 1].hi[k]] > cum[levels[depth + 1].lo[k]]:
+                nxt_nodes.append(k)
+                nxt_pc.append(c)
+    return np.asarray(nxt_nodes, dtype=np.int64), np.asarray(nxt_pc, dtype=np.int64)
+
+
+_NO_CHAIN = ([], None, False)
+
+
+def chain(space: Space, cid: int, horizon: int) -> tuple[list[int], np.ndarray | None, bool]:
+    """Where a configuration's main byte class leads: (ints, arr, closed), ints[j] being the bytes that
+    keep every string of j + 1 bytes on the main path (the intersection of the first j + 1 main classes),
+    arr the same as 4 x uint64 rows, closed when the path ends in a loop (ints[-1] then holds forever).
+
+    A trie subtree whose bytes all lie in ints[depth - 1] is accepted whole: a loop (string body) and a
+    counted repetition (`[a-z]{0,60}`: the count moves the path through distinct configurations) alike.
+    """
+    configs = space.configs
+    path: list[tuple[int, int]] = []
+    c = cid
+    tail = _NO_CHAIN
+    while True:
+        cfg = configs[c]
+        if cfg.chain is not None:
+            tail = cfg.chain
+            break
+        if len(path) >= horizon:
+            break
+        if len(space.allowed(c)) < LOOP_MIN:
+            cfg.chain = _NO_CHAIN
+            break
+        group, nxt = space.main(c)
+        if nxt < 0 or group.bit_count() < LOOP_MIN:
+            cfg.chain = _NO_CHAIN
+            break
+        if nxt == c:
+            tail = cfg.chain = ([group], _rows([group]), True)
+            break
+        path.append((c, group))
+        c = nxt
+    ints, closed = tail[0], tail[2]
+    for c, group in reversed(path):
+        ints = [group] + [group & x for x in ints[: horizon - 1]]
+        configs[c].chain = (ints, _rows(ints), closed)
+    return configs[cid].chain if configs[cid].chain is not None else _NO_CHAIN
+
+
+def _rows(ints: list[int]) -> np.ndarray:
+    return np.frombuffer(b"".join(x.to_bytes(32, "little") for x in ints), dtype=np.uint64).reshape(-1, 4)
+
+
+def run_sorted(space: Space, start: int, strings: list[bytes]) -> list[bool]:
+    """Whether each string (sorted) runs from `start` without dying; a shared prefix is stepped once."""
+    configs = space.configs
+    out = []
+    prev = b""
+    stack = [start]  # stack[k]: configuration after prev[:k], as far as prev stayed alive
+    for s in strings:
+        k, m = 0, min(len(prev), len(s), len(stack) - 1)
+        while k < m and prev[k] == s[k]:
+            k += 1
+        del stack[k + 1:]
+        cid = stack[k]
+        for b in s[k:]:
+            r = configs[cid].next.get(b)
+            cid = space.step(cid, b) if r is None else r
+            if cid < 0:
+                break
+            stack.append(cid)
+        out.append(len(stack) == len(s) + 1)
+        prev = s
+    return out
 
 
 class Masker:
@@ -181,8 +308,11 @@ class Masker:
         ir = self.ir
         follow = ir.follow_bytes(ir.rule_of[s])
         ckey = self._ckey(s, c)
-        if ckey and ckey[0] == 0 and (ckey[1] is None or ckey[1] >= self.horizon):
-            s, c, ckey = ir.free_rep.get(s, s), 0, "free"  # no bound is reachable within one token
+        if ckey and (ckey[1] is None or ckey[1] >= self.horizon):  # the upper bound is out of one token's reach
+            if ckey[0] == 0:
+                s, c, ckey = ir.free_rep.get(s, s), 0, "free"
+            elif s in ir.open_rep:
+                s, c, ckey = ir.open_rep[s], ir.rep_of[s][1] - ckey[0], (ckey[0], None)
         r = ir.rule_of[s]
         if r not in self.rule_keys:
             big = ir.reach_exceeds(r, HASH_LIMIT_STATES)
@@ -193,20 +323,25 @@ class Masker:
         if hit is None:
             base = self.cache.get(base_key)
             if base is None:
-                acc, (lo, hi, byt) = walk(self.space, self.vocab, self.space.initial(s, c, ROOT), True)
-                base = (self.vocab.token_words(acc), np.packbits(acc), lo, hi, byt)
+                w = walk(self.space, self.vocab, self.space.initial(s, c, ROOT), True)
+                base = (self.vocab.range_words(w.lo, w.hi), *w)  # a flat tuple of arrays (sized by the compiler)
                 self.cache[base_key] = base
-            words, acc_bits, lo, hi, byt = base
-            sel = np.frombuffer(follow, dtype=np.uint8).astype(bool)[byt]
+            words, w = base[0], Walk(*base[1:])
+            sel = np.frombuffer(follow, dtype=np.uint8).astype(bool)[w.ex_byte]
+            unc = np.zeros(0, dtype=np.int64)
             if sel.any():
-                n = self.vocab.n
-                diff = np.zeros(n + 1, dtype=np.int32)
-                np.add.at(diff, lo[sel], 1)
-                np.add.at(diff, hi[sel], -1)
-                unc = (np.cumsum(diff[:n]) > 0) & ~np.unpackbits(acc_bits, count=n).astype(bool)
-                hit = (words, np.nonzero(unc)[0].astype(np.int32))
-            else:
-                hit = (words, np.zeros(0, dtype=np.int32))
+                lo, hi = w.ex_lo[sel], w.ex_hi[sel]
+                lens = hi - lo
+                total = int(lens.sum())
+                idx = np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(total)
+                if total > 4096:
+                    dense = np.zeros(self.vocab.n, dtype=bool)
+                    dense[idx] = True
+                    idx = np.flatnonzero(dense)
+                else:
+                    idx = np.unique(idx)
+                unc = idx[~w.contains(idx)]
+            hit = (words, unc)
             self.cache[key] = hit
         return hit
 
@@ -217,11 +352,16 @@ class Masker:
             acc_words, unc = self.classification(s, c)
             w = acc_words
             if len(unc):
-                cand = np.zeros(self.vocab.n, dtype=bool)
-                cand[unc] = True
-                ok, _ = walk(self.space, self.vocab, self.space.initial(s, c, o), False, cand)
-                if ok.any():
-                    w = acc_words | self.vocab.token_words(ok & cand)
+                init = self.space.initial(s, c, o)
+                if len(unc) <= FEW_CANDIDATES:
+                    strings = self.vocab.strings
+                    ok = unc[run_sorted(self.space, init, [strings[u] for u in unc.tolist()])]
+                else:
+                    cand = np.zeros(self.vocab.n, dtype=bool)
+                    cand[unc] = True
+                    ok = unc[walk(self.space, self.vocab, init, False, cand).contains(unc)]
+                if len(ok):
+                    w = acc_words | self.vocab.range_words(ok, ok + 1)
             self.space.contrib[key] = w
         return w
 

@@ -3,12 +3,18 @@
 Token byte strings are sorted and deduplicated; a trie node at depth d is a distinct (d+1)-byte prefix and
 owns the contiguous range [lo, hi) of sorted strings that start with it. Level arrays give each node's byte,
 the string that ends exactly there (or -1), and the range of its children in the next level, so a walk from
-a parser configuration advances all live prefixes of one depth with a few numpy gathers.
+a parser configuration advances all live prefixes of one depth with a few numpy gathers. Each node also
+records the set of bytes found below it and how deep it goes, so a walk in a state that loops on all of
+them (for at least that many bytes) accepts the whole subtree without visiting it (a JSON string body
+accepts most of the vocabulary that way). Narrow walks
+(literals, keys) step node by node in Python and read the same levels through `array`/`bytes` copies,
+whose element access is far cheaper than numpy's.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +27,9 @@ class Level:
     term: np.ndarray  # int64 [n]: sorted string equal to the node's prefix, or -1
     child_lo: np.ndarray  # int64 [n]: children's slice in the next level
     child_hi: np.ndarray
+    below: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.uint64))  # [n, 4]: bytes under it
+    reach: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [n]: longest string's bytes under it
+    py: tuple = ()  # (byte as bytes, lo, hi, term, child_lo, child_hi, reach as arrays) for Python-speed access
 
 
 class VocabIndex:
@@ -82,6 +91,49 @@ class VocabIndex:
             self.first_node[self.levels[0].byte] = np.arange(len(self.levels[0].lo))
             last = self.levels[-1]
             last.child_lo = last.child_hi = np.zeros(len(last.lo), dtype=np.int64)
+        self._fill_below(lens)
+        for lvl in self.levels:
+            lvl.py = (lvl.byte.tobytes(),) + tuple(
+                array("q", a.astype(np.int64).tobytes())
+                for a in (lvl.lo, lvl.hi, lvl.term, lvl.child_lo, lvl.child_hi, lvl.reach)
+            )
+        # position in `ids` of every token id (len(ids) for ids outside the index), to scatter dense masks
+        self.pos_of_id = np.full(vocab_size, len(self.ids), dtype=np.int64)
+        self.pos_of_id[self.ids] = np.arange(len(self.ids))
+
+    def _fill_below(self, lens: np.ndarray) -> None:
+        """Per node, the 256-bit set (4 x uint64) of bytes at any depth below it, deepest level first, and
+        the length of its longest string past the node (a node's strings are a contiguous run of sorted
+        strings; strings between two runs are shorter than the level, so they never raise a maximum)."""
+        below_next = None
+        for d in range(len(self.levels) - 1, -1, -1):
+            lvl = self.levels[d]
+            below = np.zeros((len(lvl.lo), 4), dtype=np.uint64)
+            if below_next is not None and len(below_next):
+                nxt = self.levels[d + 1]
+                own = below_next.copy()
+                own[np.arange(len(nxt.byte)), nxt.byte >> 6] |= np.left_shift(
+                    np.uint64(1), (nxt.byte & 63).astype(np.uint64))
+                has = lvl.child_hi > lvl.child_lo
+                if has.any():
+                    below[has] = np.bitwise_or.reduceat(own, lvl.child_lo[has], axis=0)
+            lvl.below = below
+            lvl.reach = np.maximum.reduceat(lens, lvl.lo) - (d + 1) if len(lvl.lo) else np.zeros(0, np.int64)
+            below_next = below
+
+    def range_words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Bitmask words of all tokens whose string index lies in one of the disjoint ranges [lo, hi)."""
+        a, b = self.ids_start[lo], self.ids_start[hi]
+        lens = b - a
+        total = int(lens.sum())
+        bits = np.zeros(self.words * 32, dtype=bool)
+        if total * 8 > len(self.ids):  # dense: mark positions in `ids`, then gather per token id
+            pos = np.zeros(len(self.ids) + 1, dtype=bool)
+            pos[_expand(a, lens, total)] = True
+            bits[: self.vocab_size] = pos[self.pos_of_id]
+        elif total:
+            bits[self.ids[_expand(a, lens, total)]] = True
+        return np.packbits(bits, bitorder="little").view(np.int32)
 
     def token_words(self, u_mask: np.ndarray) -> np.ndarray:
         """Bitmask words (int32, xgrammar bit order) of all tokens whose string index is set in u_mask."""
@@ -97,3 +149,9 @@ class VocabIndex:
             return self.ids[starts]
         offsets = np.cumsum(counts) - counts
         return self.ids[np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))]
+
+
+def _expand(starts: np.ndarray, lens: np.ndarray, total: int) -> np.ndarray:
+    """The concatenation of arange(start, start + len) over the given ranges, without a Python loop."""
+    offsets = np.cumsum(lens) - lens
+    return np.repeat(starts - offsets, lens) + np.arange(total)
