@@ -67,10 +67,9 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps): each thread holds 4, 8 or 16 columns of one chunk (the activation loads,
-# conversions and sums are per chunk and slot, so wider rows amortize them), 2-8 warps per program.
-GEMV_TILES = ((256, 2, 4), (128, 8, 4), (512, 1, 2), (512, 2, 4), (256, 4, 4), (1024, 2, 8), (1024, 1, 2),
-              (512, 2, 2), (1024, 2, 4), (2048, 1, 4))
+# GEMV tilings (block_n, chunks, warps): each thread holds 4 or 8 columns of one chunk, 2-4 warps per program;
+# words staged through cp.async (num_stages 2), loaded straight into registers (1), or double-buffered there.
+GEMV_TILES = ((128, 8, 4), (256, 2, 4), (512, 2, 4), (256, 4, 4), (512, 1, 2), (128, 16, 4))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
@@ -79,13 +78,14 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
     if not sweep:
         return [base]
     tiles = []
-    if m <= 8:
+    if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st) for bn, c, w in GEMV_TILES for st in (1, 2)]
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st, pf) for bn, c, w in GEMV_TILES
+                  for st, pf in ((1, False), (2, False), (1, True))]
     bm = max(16, min(64, triton.next_power_of_2(m)))
     tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
-              ((64, 4), (128, 4), (128, 8), (256, 8))]
-    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4, 8)]
+              ((64, 4), (128, 4), (128, 8))]
+    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (2, 4, 8, 16)]
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
 
@@ -199,8 +199,8 @@ def main() -> int:
         table.add_column(col)
     for r in results:
         c = r.best_config
-        tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} s{c['split_k']} "
-                  f"w{c['num_warps']} st{c['num_stages']}")
+        tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
+                  f"w{c['num_warps']} " + ("pf" if c.get("prefetch") else f"st{c['num_stages']}"))
         table.add_row(r.shape, str(r.bits), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
                       f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)

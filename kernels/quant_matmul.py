@@ -18,6 +18,7 @@ so one launch does the whole product and results are deterministic.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -135,6 +136,27 @@ def _load_words(w_ptr, chunk, cols, N, BITS: tl.constexpr):
 
 
 @triton.jit
+def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr,
+               EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, BN: tl.constexpr):
+    """sum over the chunks' 32 slots of x * W_hat for one step, [BM, C, BN]; `live` masks clamped chunks."""
+    x_chunk = x_rows + chunk * 32
+    part = tl.zeros([BM, C, BN], dtype=tl.float32)
+    xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
+    for j in tl.static_range(BITS):
+        for e in tl.static_range((32 * j) // BITS, (32 * j + 32) // BITS):
+            if EVEN_K:
+                xe = tl.load(x_chunk + e).to(tl.float32)
+            else:
+                xe = tl.load(x_chunk + e, mask=chunk * 32 + e < K, other=0.0).to(tl.float32)
+            part += xe * _decode_slot(words[j - 1 if j > 0 else 0], words[j], magic, e, j, BITS)
+            xsum += xe
+    group = (chunk * 32) // GROUP
+    scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    return part * scale + xsum * zero
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -163,6 +185,7 @@ def _gemv_kernel(
     EVEN_N: tl.constexpr,
     STAGES: tl.constexpr,
     REDUCE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -177,25 +200,22 @@ def _gemv_kernel(
     acc = tl.zeros([BM, C, BN], dtype=tl.float32)
     begin = tl.program_id(1) * chunks_per_split
     end = tl.minimum(begin + chunks_per_split, n_chunks)
-    for c0 in tl.range(begin, end, C, num_stages=STAGES):
-        chunk = tl.minimum(c0 + lane, end - 1)
+    if PREFETCH:  # registers double-buffer the words: the next step's loads fly while this one computes
+        chunk = tl.minimum(begin + lane, end - 1)
         words = _load_words(w_ptr, chunk, n3, N, BITS)
-        x_chunk = x_rows + chunk * 32
-        part = tl.zeros([BM, C, BN], dtype=tl.float32)
-        xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
-        for j in tl.static_range(BITS):
-            for e in tl.static_range((32 * j) // BITS, (32 * j + 32) // BITS):
-                if EVEN_K:
-                    xe = tl.load(x_chunk + e).to(tl.float32)
-                else:
-                    xe = tl.load(x_chunk + e, mask=chunk * 32 + e < K, other=0.0).to(tl.float32)
-                part += xe * _decode_slot(words[j - 1 if j > 0 else 0], words[j], magic, e, j, BITS)
-                xsum += xe
-        group = (chunk * 32) // GROUP
-        live = c0 + lane < end
-        scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
-        acc += part * scale + xsum * zero
+        for c0 in tl.range(begin, end, C, num_stages=1):
+            next_chunk = tl.minimum(c0 + C + lane, end - 1)
+            next_words = _load_words(w_ptr, next_chunk, n3, N, BITS)
+            acc += _gemv_step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP,
+                              EVEN_K, BM, C, BN)
+            words = next_words
+            chunk = next_chunk
+    else:
+        for c0 in tl.range(begin, end, C, num_stages=STAGES):
+            chunk = tl.minimum(c0 + lane, end - 1)
+            words = _load_words(w_ptr, chunk, n3, N, BITS)
+            acc += _gemv_step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP,
+                              EVEN_K, BM, C, BN)
     _epilogue(
         tl.sum(acc, axis=1),
         out_ptr,
@@ -311,18 +331,22 @@ class QuantMatmulConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 2
+    prefetch: bool = False  # GEMV: double-buffer the words in registers (num_stages then unused)
 
 
-GEMV_MAX_M = 4  # above this the tensor-core kernel's decode, shared by 16+ rows, costs less than GEMV FMAs
+GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
 
 
 def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
-    """Tiles sized so that the grid covers the GPU about twice over, splitting K when N alone cannot."""
+    """The tilings that won benchmarks/quant_gemv.py's H100 sweep on Llama-3.1-8B shapes (within ~10% of the
+    best everywhere), K split until the grid covers the GPU several times over. GEMV: 8 chunks x 128 columns
+    per step, words loaded straight into registers (no cp.async staging, no barrier per step), ~8 programs per
+    SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
     if m <= GEMV_MAX_M:
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 512, 1, 1, 2, 3)
-    else:
-        cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
-    return with_split_k(cfg, m, n, qw, 2 * num_sms)
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 128, 8, 1, 4, 1)
+        return with_split_k(cfg, m, n, qw, 8 * num_sms)
+    cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
+    return with_split_k(cfg, m, n, qw, (4 if m <= 16 else 2) * num_sms)
 
 
 MAX_SPLIT_K = 32  # the last program of a tile sums the partials: more splits lengthen that tail
@@ -333,7 +357,7 @@ def with_split_k(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, pr
     tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m)
     steps = qw.padded_in_features // 32 // cfg.chunks
     split = max(1, min(triton.cdiv(programs, tiles), steps, MAX_SPLIT_K))
-    return QuantMatmulConfig(cfg.dot, cfg.block_m, cfg.block_n, cfg.chunks, split, cfg.num_warps, cfg.num_stages)
+    return dataclasses.replace(cfg, split_k=split)
 
 
 def _reduce_width(split: int, cfg: QuantMatmulConfig) -> int:
@@ -416,6 +440,7 @@ def quant_matmul(
         REDUCE=_reduce_width(split, cfg),
         HAS_BIAS=bias is not None,
         STAGES=cfg.num_stages,
+        **({} if cfg.dot else {"PREFETCH": cfg.prefetch}),
         num_warps=cfg.num_warps,
         **extra,
     )

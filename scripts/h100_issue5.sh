@@ -6,6 +6,7 @@
 # parity (gpu_parity.py + decode_parity.py).
 set -u
 export PYTHONUNBUFFERED=1
+repo=$PWD
 log=$OUT/log.txt
 setup() {  # $1: tarball, $2: root
   mkdir -p "$2/src" "$2/t/treadle" && tar xf "$1" -C "$2/src"
@@ -24,7 +25,7 @@ for step in ${STEPS:-decode quant}; do
   case $step in
     decode)
       run /tmp/new 240 python3 benchmarks/decode_step.py --shapes ${DSHAPES:-llama-3.1-8b} --batches ${DBATCH:-1 8} \
-        --profile --out "$OUT/decode_new.json"
+        ${DPROFILE---profile} --out "$OUT/decode_new.json"
       [ -f .base.tar ] && run /tmp/base 200 python3 benchmarks/decode_step.py --shapes ${DSHAPES:-llama-3.1-8b} \
         --batches ${DBATCH:-1 8} --out "$OUT/decode_base.json" ;;
     quant)
@@ -35,9 +36,11 @@ for step in ${STEPS:-decode quant}; do
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
         tests/test_kernels_quant_linear.py tests/test_kernels_gemv.py tests/test_kernels_graph_runner.py ;;
-    parity)
+    parity)  # the random checkpoint takes the carried SmolLM2 tokenizer (.tok): no embedded model there
+      run /tmp/new 120 python3 scripts/make_random_checkpoint.py --shape llama-3.2-1b \
+        --out /tmp/treadle-random-llama-3.2-1b --tokenizer "$repo/.tok"
       run /tmp/new 200 python3 benchmarks/gpu_parity.py
-      run /tmp/new 200 python3 benchmarks/decode_parity.py ;;
+      run /tmp/new ${PSECS:-200} python3 benchmarks/decode_parity.py ;;
   esac
 done
 echo "=== done $(date +%T)" | tee -a "$log"

@@ -91,10 +91,12 @@ def _case(bits: int, n: int, k: int, group: int, dtype: torch.dtype, seed: int):
     return quantize_rtn(w, bits, group).to(DEVICE)
 
 
-# (M, config): the CUDA-core GEMV with and without split-K, rows over the block, and the tensor-core kernel.
+# (M, config): the CUDA-core GEMV with and without split-K, rows over the block, words double-buffered in
+# registers (several steps per split, a ragged last one), and the tensor-core kernel.
 SMALL_CONFIGS = [
     (1, QuantMatmulConfig(False, 1, 32, 2, 1)),
     (3, QuantMatmulConfig(False, 4, 16, 1, 3)),
+    (2, QuantMatmulConfig(False, 2, 16, 2, 2, 4, 1, prefetch=True)),
     (5, QuantMatmulConfig(True, 16, 16, 2, 2)),
 ]
 
