@@ -87,7 +87,7 @@ class Space:
 
     def _groups(self, cid: int) -> list[tuple[np.ndarray, list]]:
         """A configuration's bytes grouped by the items they scan to: [(bytes, items)], items empty for
-        bytes that lead nowhere. One numpy unique over per-item target columns does the grouping."""
+        bytes that lead nowhere. Sorting the bytes by their per-item targets does the grouping."""
         scan = self.configs[cid].scan
         if not scan:
             return [(np.arange(256), [])]
@@ -98,13 +98,13 @@ class Space:
                 groups.append((np.flatnonzero(self.ir.byte_targets(bn) < 0), []))
             return groups
         targets = np.stack([self.ir.byte_targets(bn) for bn, _, _ in scan], axis=1)
-        cols = np.ascontiguousarray(targets).view(np.dtype((np.void, targets.shape[1] * 8))).ravel()
-        _, first, inverse = np.unique(cols, return_index=True, return_inverse=True)
-        order = np.argsort(inverse.ravel(), kind="stable")
-        bounds = np.searchsorted(inverse.ravel()[order], np.arange(len(first) + 1))
+        order = np.lexsort(targets.T)
+        rows = targets[order]
+        starts = np.flatnonzero(np.concatenate([[True], (rows[1:] != rows[:-1]).any(axis=1)]))
+        bounds = np.append(starts, 256).tolist()
         return [
-            (order[bounds[g]:bounds[g + 1]], [(t, o, c) for (_, o, c), t in zip(scan, targets[byte].tolist()) if t >= 0])
-            for g, byte in enumerate(first.tolist())
+            (order[a:b], [(t, o, c) for (_, o, c), t in zip(scan, rows[a].tolist()) if t >= 0])
+            for a, b in zip(bounds, bounds[1:])
         ]
 
     def fill_row(self, cid: int) -> None:
