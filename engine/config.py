@@ -6,6 +6,7 @@ Plain dataclasses so that every layer can build and inspect them without importi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -55,3 +56,9 @@ class EngineConfig:
     quantization: str | None = None  # "wNa16": weight-only N-bit linear layers, quantized at load time
     quant_bits: int = 4  # N of wNa16: 2, 3, 4, 5, 6 or 8
     quant_group_size: int = 128  # weights sharing one scale and zero point
+    # APE cached contexts (engine/ape.py). The serve config is per deployment, so these are the served model's
+    # defaults. Shared prefix: "chat" = the chat template rendered up to where the first user message's content
+    # begins; "bos" = the BOS token alone (or nothing if the model has none).
+    ape_shared_prefix: Literal["chat", "bos"] = "chat"
+    ape_temperature: float = 0.9
+    ape_scale: float = 0.9
