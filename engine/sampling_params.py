@@ -42,6 +42,26 @@ class ParallelParams:
             raise InvalidParameterError("parallel.min_fork_budget must be non-negative", "parallel.min_fork_budget")
 
 
+@dataclass
+class ApeParams:
+    """APE cached contexts (engine/ape.py): each context is encoded once after the model's shared prefix, at the
+    same positions as the others, and every query/generated token attends their union with temperature
+    `temperature`, its attention mass scaled by `scale` (features brief B1; T = S = 1 is naive parallel encoding).
+    """
+
+    contexts: list[list[int]]  # token ids of each context, without the shared prefix
+    temperature: float = 0.9
+    scale: float = 0.9
+
+    def validate(self) -> None:
+        if not self.contexts or any(not c for c in self.contexts):
+            raise InvalidParameterError("contexts must be a non-empty list of non-empty contexts", "contexts")
+        if not self.temperature > 0:
+            raise InvalidParameterError("ape.temperature must be positive", "ape.temperature")
+        if not self.scale > 0:
+            raise InvalidParameterError("ape.scale must be positive", "ape.scale")
+
+
 # Offline-API hook: (the sequence's token ids so far, its [vocab] logits) -> logits to sample from.
 LogitsProcessor = Callable[[list[int], Any], Any]
 
@@ -68,6 +88,7 @@ class SamplingParams:
     grammar: CompiledGrammar | None = None  # output constraint, compiled by the server (engine/guided.py)
     parallel: ParallelParams | None = None  # Multiverse generation; None or disabled: off
     logits_processors: list[LogitsProcessor] = field(default_factory=list)  # offline API only, never from HTTP
+    ape: ApeParams | None = None  # attend cached contexts (engine/ape.py); None: an ordinary prompt
 
     def validate(self, max_logprobs: int = 20) -> None:
         def bad(msg: str, param: str) -> None:
@@ -101,6 +122,10 @@ class SamplingParams:
             self.parallel.validate()
             if self.logprobs is not None:
                 bad("logprobs are not supported with parallel generation", "logprobs")
+        if self.ape is not None:
+            self.ape.validate()
+            if self.parallel_enabled:
+                bad("contexts are not supported with parallel generation", "contexts")
 
     @property
     def greedy(self) -> bool:
