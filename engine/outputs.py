@@ -71,3 +71,9 @@ class EngineStats:
     parallel_branches: int = 0  # live path sequences (gauge)
     parallel_tokens: int = 0  # tokens of finished parallel documents, every path counted
     parallel_depth: int = 0  # positions those documents used; parallel_tokens / parallel_depth = parallelism
+    ape_context_hits: int = 0  # contexts requests found cached (or being encoded)
+    ape_context_misses: int = 0  # contexts requests had to encode
+    ape_context_evictions: int = 0  # cached contexts whose KV was dropped for room
+    ape_encoded_tokens: int = 0  # tokens computed by context encoders
+    ape_cached_contexts: int = 0  # contexts whose KV is in the pool (gauge)
+    ape_cached_context_tokens: int = 0  # their tokens (gauge)
