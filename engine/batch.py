@@ -11,6 +11,17 @@ from dataclasses import dataclass
 
 
 @dataclass
+class ApeChunk:
+    """APE cached contexts (engine/ape.py): the chunk's tokens also attend every context slot, non-causally and
+    with temperature `temperature`, merged with the causal part by log-sum-exp (context part scaled by S·T)."""
+
+    context_slots: list[int]  # the union of the contexts' own slots (not their copies of the shared prefix)
+    num_prefix: int  # leading entries of kv_slots holding the shared prefix: those tokens never attend contexts
+    temperature: float
+    scale: float
+
+
+@dataclass
 class SeqChunk:
     """One sequence's part of a forward pass."""
 
@@ -18,6 +29,7 @@ class SeqChunk:
     positions: list[int]  # their position ids (RoPE); need not equal their index in kv_slots
     kv_slots: list[int]  # the sequence's whole KV index after this step; the new tokens' slots are its tail
     need_logits: bool  # return logits for the last new token (a decode, or the prefill chunk that ends the prompt)
+    ape: ApeChunk | None = None  # attend cached contexts too
 
     @property
     def num_new(self) -> int:
