@@ -44,6 +44,10 @@ class Sequence:
     fork_base: Sequence | None = None
     recomputable: bool = True
     parallel: Any = None  # multiverse.PathState
+    # APE (engine/ape.py): `ape` is the request's view of its cached contexts (its positions jump past the longest
+    # context after the shared prefix); `encodes` marks the prefill that computes one context's KV (never samples).
+    ape: Any = None  # ape.ApeState
+    encodes: Any = None  # ape.CachedContext
 
     @property
     def num_prompt_tokens(self) -> int:
