@@ -7,11 +7,16 @@ gather and one SDPA call with a length mask; each prefill chunk gets one SDPA ca
 
 GQA without repeating K/V: a decode row's query heads that share a KV head are laid out as that KV head's
 "query positions" ([B, kv_heads, group, head_dim]), which is exact because a single-token row has no causal mask.
+
+APE sequences (engine/ape.py) come last in the batch, one call each: their tokens attend their own index causally
+(R) and the cached contexts' slots (C) with temperature T, and the two parts merge by log-sum-exp with C's LSE
+scaled by S·T (features brief B1). Every LSE here is in natural-log units, as the Triton kernels return theirs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +33,20 @@ class PrefillSeq:
 
 
 @dataclass
+class ApeSeq:
+    """One APE sequence's chunk: causal over `slots` plus non-causal over `context_slots`."""
+
+    start: int
+    num_new: int
+    slots: torch.Tensor  # [L] long: the sequence's own index (shared prefix, query, generated)
+    mask: torch.Tensor  # [num_new, L] bool, causal with offset
+    context_slots: torch.Tensor  # [Lc] long
+    first_query: int  # rows before it are shared-prefix tokens, which never attend the contexts
+    temperature: float
+    scale: float
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built once per step and shared by all layers."""
 
@@ -37,6 +56,7 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, L_max] bool
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # rows whose hidden states the model returns, in output order
+    ape: list[ApeSeq] = field(default_factory=list)  # after the prefill chunks
 
     @staticmethod
     def build(
@@ -46,8 +66,10 @@ class AttentionMetadata:
         slot_mapping: list[int],
         logits_indices: list[int],
         device: torch.device,
+        ape_chunks: list | None = None,
     ) -> "AttentionMetadata":
-        """Tensors from the per-sequence KV indices (decode rows first, then prefill chunks, in batch order)."""
+        """Tensors from the per-sequence KV indices (decode rows first, then prefill chunks, then APE chunks
+        (engine.batch.SeqChunk with `ape` set), in batch order)."""
         num_decode = len(decode_slots)
         dec_slots = dec_mask = None
         if num_decode:
@@ -70,6 +92,16 @@ class AttentionMetadata:
                 PrefillSeq(start, num_new, torch.tensor(slots, dtype=torch.long).to(device), mask.to(device))
             )
             start += num_new
+        ape = []
+        for c in ape_chunks or ():
+            total, num_new = len(c.kv_slots), len(c.token_ids)
+            mask = torch.arange(total) <= torch.arange(total - num_new, total)[:, None]
+            ape.append(ApeSeq(
+                start, num_new, torch.tensor(c.kv_slots, dtype=torch.long).to(device), mask.to(device),
+                torch.tensor(c.ape.context_slots, dtype=torch.long).to(device),
+                max(0, c.ape.num_prefix - (total - num_new)), c.ape.temperature, c.ape.scale,
+            ))
+            start += num_new
         return AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long).to(device),
             num_decode=num_decode,
@@ -77,6 +109,7 @@ class AttentionMetadata:
             decode_mask=dec_mask,
             prefills=prefills,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device),
+            ape=ape,
         )
 
 
@@ -108,7 +141,61 @@ def paged_attention(
         vp = v_cache.index_select(0, p.slots).transpose(0, 1)
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=p.mask, scale=scale, enable_gqa=True)
         outs.append(o.transpose(0, 1).reshape(p.num_new, num_heads * head_dim))
+    for a in meta.ape:
+        o = ape_attention(q[a.start : a.start + a.num_new], k_cache, v_cache, a, scale)
+        outs.append(o.reshape(a.num_new, num_heads * head_dim))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def ape_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, a: ApeSeq, scale: float
+) -> torch.Tensor:
+    """APE's two-part attention for one sequence's new tokens q [n, heads, D] -> [n, heads, D].
+
+    On CUDA the Triton kernels compute both parts (kernels/attention_ape.py); elsewhere this torch reference does,
+    in float32.
+    """
+    if q.is_cuda:
+        from treadle.kernels.attention_ape import ape_attention_triton
+
+        return ape_attention_triton(q, k_cache, v_cache, a.slots, a.context_slots, a.first_query, scale,
+                                    a.temperature, a.scale)
+    o_r, lse_r = _attend(q, k_cache.index_select(0, a.slots), v_cache.index_select(0, a.slots), a.mask, scale)
+    k_c, v_c = k_cache.index_select(0, a.context_slots), v_cache.index_select(0, a.context_slots)
+    o_c, lse_c = _attend(q, k_c, v_c, None, scale / a.temperature)
+    lse_c[: a.first_query] = -math.inf
+    return merge_ape_states(o_r, lse_r, o_c, lse_c, a.scale * a.temperature).to(q.dtype)
+
+
+def merge_ape_states(
+    o_r: torch.Tensor, lse_r: torch.Tensor, o_c: torch.Tensor, lse_c: torch.Tensor, factor: float
+) -> torch.Tensor:
+    """(w_C·O_C + w_R·O_R) / (w_C + w_R) with ln w_C = factor · lse_C and ln w_R = lse_R (natural log, [n, heads]).
+
+    lse_R is always finite (a token attends itself), so the weights never both vanish."""
+    a = lse_c * factor
+    m = torch.maximum(a, lse_r)
+    w_c = torch.exp(a - m)[..., None]
+    w_r = torch.exp(lse_r - m)[..., None]
+    return (w_c * o_c + w_r * o_r) / (w_c + w_r)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with its natural-log LSE, in float32: q [n, H, D], k/v [L, Hkv, D], mask [n, L] or None
+    -> (o [n, H, D], lse [n, H])."""
+    n, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    qf = q.float().view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)  # [Hkv, group, n, D]
+    kf = k.float().transpose(0, 1)[:, None]  # [Hkv, 1, L, D]
+    vf = v.float().transpose(0, 1)[:, None]
+    s = (qf @ kf.transpose(-1, -2)) * scale  # [Hkv, group, n, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    o = torch.softmax(s, dim=-1) @ vf
+    return o.permute(2, 0, 1, 3).reshape(n, heads, dim), lse.permute(2, 0, 1).reshape(n, heads)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
