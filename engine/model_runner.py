@@ -1,7 +1,8 @@
 """Runs one forward pass over the scheduler's ragged batch and returns the logits the sampler needs.
 
 Owns the paged KV tensors (one [num_slots, kv_heads, head_dim] K and V per layer). Chunks are reordered decode
-rows first, then prefill chunks (the layout paged_attention batches over); logits come back in the caller's order.
+rows first, then prefill chunks, then APE chunks (the layout paged_attention batches over); logits come back in
+the caller's order. APE chunks never run in the CUDA graphs, which know only plain causal attention.
 """
 
 from __future__ import annotations
@@ -54,16 +55,17 @@ class ModelRunner:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         g = self.graph_decoder
         if g is not None and len(chunks) <= g.max_batch_size and all(
-            len(c.token_ids) == 1 and c.need_logits for c in chunks
+            len(c.token_ids) == 1 and c.need_logits and c.ape is None for c in chunks
         ):
             return g.decode([c.token_ids[0] for c in chunks], [c.positions[0] for c in chunks], [c.kv_slots for c in chunks])
-        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) != 1]
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.ape is None]
+        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) != 1 and c.ape is None]
+        ape = [i for i, c in enumerate(chunks) if c.ape is not None]  # APE: their own attention path, last
         ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
         last_row = [0] * len(chunks)  # batch row of each chunk's last new token
-        for i in decode + prefill:
+        for i in decode + prefill + ape:
             c = chunks[i]
             n = len(c.token_ids)
             if n == 0:
@@ -81,6 +83,7 @@ class ModelRunner:
             slot_mapping=slot_mapping,
             logits_indices=[last_row[i] for i, c in enumerate(chunks) if c.need_logits],
             device=self.device,
+            ape_chunks=[chunks[i] for i in ape],
         )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long).to(self.device),
