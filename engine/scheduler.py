@@ -9,11 +9,16 @@ tokens (the prefix cache usually gives most of them back on re-admission).
 Parallel paths (engine/multiverse.py): a path keeps sharing its suspended parent's KV when preempted and
 recomputes only its own tokens. A sequence whose KV holds a merge cannot be recomputed, so it is never a victim;
 if it needs a page that no lower-ranked recomputable sequence can give up, it waits out the step.
+
+APE cached contexts (engine/ape.py) hold pages outside the running batch; when pages run short, `reclaim` drops
+the ones no request uses before any sequence is preempted. An APE sequence looks up only its shared prefix in the
+prefix cache (the rest attends its contexts, so it is never published) and takes its own position ids.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .kv_cache import KVCacheManager, SeqKV
@@ -50,6 +55,8 @@ class Scheduler:
         self.prefix_cache_hits = 0  # of those, tokens found cached
         # Keep a sliver of the pool free when admitting, so admissions don't force immediate preemptions.
         self._admit_reserve = max(1, kv.num_pages // 100)
+        # Frees at least the given number of pages held by caches outside the batch, if it can (engine/ape.py).
+        self.reclaim: Callable[[int], None] = lambda pages: None
 
     @property
     def num_waiting(self) -> int:
@@ -115,6 +122,15 @@ class Scheduler:
         self.num_preemptions += 1
         out.preempted.append(seq)
 
+    def _fits(self, seq: Sequence, n: int, reserve: int = 0) -> bool:
+        if self.kv.can_append(seq.kv, n, reserve):
+            return True
+        self.reclaim(self.kv.pages_needed(seq.kv, n) + reserve - self.kv.num_free_pages)
+        return self.kv.can_append(seq.kv, n, reserve)
+
+    def _append(self, seq: Sequence, n: int) -> None:
+        self.kv.append(seq.kv, n, None if seq.ape is None else seq.ape.positions(seq.num_computed, n))
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
@@ -124,7 +140,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_uncomputed, budget)
-            while not self.kv.can_append(seq.kv, n):
+            while not self._fits(seq, n):
                 victim = self._victim(seq)
                 if victim is None:
                     break
@@ -133,19 +149,23 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING or not self.kv.can_append(seq.kv, n):
                 continue
-            self.kv.append(seq.kv, n)
+            self._append(seq, n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
 
         while self._waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._waiting[0][2]
             if not seq.kv.slots:
-                hit = self.kv.match_prefix(seq.kv, seq.token_ids)
+                if seq.ape is None:
+                    hit = self.kv.match_prefix(seq.kv, seq.token_ids)
+                else:
+                    hit = self.kv.match_prefix(seq.kv, seq.token_ids[: seq.ape.prefix_len + 1])
+                    seq.kv.cacheable = False
                 seq.num_computed = hit
                 if seq.index == 0 and not seq.request.forked and seq.num_generated == 0:
                     seq.request.num_cached_tokens = hit
             n = min(seq.num_uncomputed, budget)
-            if not self.kv.can_append(seq.kv, n, reserve=self._admit_reserve if self.running else 0):
+            if not self._fits(seq, n, reserve=self._admit_reserve if self.running else 0):
                 self._reset_kv(seq)  # give back the prefix pages; matching is repeated next time
                 break
             heapq.heappop(self._waiting)
@@ -153,7 +173,7 @@ class Scheduler:
             self.prefix_cache_hits += seq.num_computed
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self.kv.append(seq.kv, n)
+            self._append(seq, n)
             out.chunks.append(ScheduledChunk(seq, n))
             budget -= n
         self.running.sort(key=lambda s: s.sort_key)
