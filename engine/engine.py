@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .ape import ApeLayout, ContextStore
 from .batch import SeqChunk
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, token_text
@@ -55,6 +56,9 @@ class LLMEngine:
         self.max_model_len = min(limit, num_pages * cfg.page_size)
         self._eos = set(self.tokenizer.eos_token_ids)
         self.multiverse = Multiverse(self.kv, self.scheduler, self.tokenizer, self.max_model_len, multiverse_tags)
+        self.ape = ContextStore(self.kv, self.scheduler, ApeLayout.build(self.tokenizer, cfg.ape_shared_prefix),
+                                self.max_model_len)
+        self.scheduler.reclaim = self.ape.reclaim
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats(num_total_pages=num_pages)  # cumulative counters; gauges are read live
         self.published_stats = self.snapshot_stats()  # the latest copy, for readers on other threads
@@ -65,14 +69,22 @@ class LLMEngine:
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id}")
         params = req.params
+        if params.ape is not None:  # the contexts go after the shared prefix, the prompt after them
+            req.prompt_token_ids = self.ape.layout.request_ids(req.prompt_token_ids)
+            self.ape.check(len(req.prompt_token_ids), params.ape, params.max_tokens)
         room = self.max_model_len - len(req.prompt_token_ids)
+        if params.ape is not None:
+            room -= max(len(c) for c in params.ape.contexts)
         req.max_tokens = min(params.max_tokens or room, room)
         seq = Sequence(req, 0, list(req.prompt_token_ids))
         self._init_decoding(seq, seed=params.seed)
         req.seqs.append(seq)
         req.forked = params.n == 1
         self.requests[req.request_id] = req
-        self.scheduler.add(seq)
+        if params.ape is not None:
+            self.ape.attach(seq, params.ape)  # scheduled once its contexts are encoded
+        else:
+            self.scheduler.add(seq)
         self.stats.prompt_tokens += len(req.prompt_token_ids)
 
     def _init_decoding(self, seq: Sequence, seed: int | None) -> None:
@@ -98,6 +110,7 @@ class LLMEngine:
                 outs.append(CompletionOutput(seq.index, "", [], finish_reason="abort",
                                              num_generated_tokens=seq.num_generated))
                 self._count_finish("abort")
+        self.ape.release(req)
         if req.on_output is not None:
             req.on_output(self._request_output(req, outs, finished=True))
 
@@ -120,7 +133,9 @@ class LLMEngine:
                 token_ids=seq.token_ids[start : start + n],
                 positions=seq.kv.positions[-n:],
                 kv_slots=seq.kv.slots,
-                need_logits=start + n == len(seq.token_ids) and not self.multiverse.holds(seq),
+                need_logits=start + n == len(seq.token_ids) and not self.multiverse.holds(seq)
+                and seq.encodes is None,
+                ape=None if seq.ape is None else seq.ape.chunk(),
             ))
         # Grammar masks are filled on the guided decoder's thread while the model runs.
         masks = self.guided.start_masks([c.seq for c, chunk in zip(sched.chunks, chunks) if chunk.need_logits])
@@ -141,6 +156,7 @@ class LLMEngine:
             row += 1
         for c in sched.chunks:  # forks and merges fire once the trigger tokens' KV is in
             self.multiverse.on_computed(c.seq)
+            self.ape.on_computed(c.seq, c.num_tokens)
         if not to_sample:
             return self._emit([])
         if len(rows) != logits.shape[0] or rows != list(range(len(rows))):
@@ -172,6 +188,7 @@ class LLMEngine:
             out = self._request_output(req, outs, finished)
             if finished:
                 del self.requests[rid]
+                self.ape.release(req)
             if req.on_output is not None:
                 req.on_output(out)
             outputs.append(out)
@@ -196,7 +213,8 @@ class LLMEngine:
         seqs = [seq]
         seed = req.params.seed
         for i in range(1, req.params.n):
-            child = Sequence(req, i, list(seq.token_ids), kv=self.kv.fork(seq.kv), num_computed=seq.num_computed)
+            child = Sequence(req, i, list(seq.token_ids), kv=self.kv.fork(seq.kv), num_computed=seq.num_computed,
+                             ape=seq.ape)
             self._init_decoding(child, seed=None if seed is None else seed + i)
             req.seqs.append(child)
             self.scheduler.add_running(child)
@@ -293,5 +311,11 @@ class LLMEngine:
             parallel_branches=self.multiverse.num_branches,
             parallel_tokens=self.multiverse.finished_tokens,
             parallel_depth=self.multiverse.finished_depth,
+            ape_context_hits=self.ape.hits,
+            ape_context_misses=self.ape.misses,
+            ape_context_evictions=self.ape.evictions,
+            ape_encoded_tokens=self.ape.encoded_tokens,
+            ape_cached_contexts=sum(e.ready for e in self.ape.entries.values()),
+            ape_cached_context_tokens=self.ape.cached_tokens,
         )
 
