@@ -8,14 +8,17 @@ asyncio.Queue with `call_soon_threadsafe`. Torch releases the GIL inside its ker
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import torch
 
+from .ape import ContextInfo
 from .config import EngineConfig
 from .engine import LLMEngine
 from .loader import load_model
@@ -25,6 +28,7 @@ from .sampling_params import InvalidParameterError, SamplingParams
 from .sequence import Request
 
 log = logging.getLogger("treadle.engine")
+T = TypeVar("T")
 
 
 class EngineRequestError(Exception):
@@ -115,6 +119,16 @@ class AsyncEngine:
                 if reject is None:
                     self.engine.abort(item)
                 continue
+            if kind == "call":
+                fn, fut = item
+                if reject is not None:
+                    fut.set_exception(reject)
+                    continue
+                try:
+                    fut.set_result(fn())
+                except Exception as exc:  # the caller gets it; the loop goes on
+                    fut.set_exception(exc)
+                continue
             req: Request = item
             if reject is not None:
                 req.on_output(reject)
@@ -135,6 +149,13 @@ class AsyncEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise InvalidParameterError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        if params.ape is not None:  # checked on the prompt as the engine will run it: the shared prefix first
+            store = self.engine.ape
+            prompt_token_ids = store.layout.request_ids(prompt_token_ids)
+            store.check(len(prompt_token_ids), params.ape, params.max_tokens)
+            if any(min(c) < 0 or max(c) >= vocab for c in params.ape.contexts):
+                raise InvalidParameterError(f"context token ids must be in [0, {vocab})", "contexts")
+            n = len(prompt_token_ids) + max(len(c) for c in params.ape.contexts)
         limit = self.max_model_len
         if n >= limit:
             raise PromptTooLongError(
@@ -187,3 +208,45 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
         self._wake.set()
+
+    # ---- APE cached contexts (engine/ape.py) -----------------------------------------------------------------
+    async def _on_engine_thread(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps (the context store is the engine thread's alone)."""
+        if not self.is_healthy:
+            raise EngineDeadError("the engine is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("call", (fn, fut)))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    async def create_context(self, token_ids: list[int]) -> ContextInfo:
+        """Register a context (kept until deleted) and start encoding it; the same tokens give the same id."""
+        vocab = self.model_config.vocab_size
+        if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab):
+            raise InvalidParameterError(f"context token ids must be in [0, {vocab})", "tokens")
+        store = self.engine.ape
+        store.check_context(token_ids)
+        return await self._on_engine_thread(lambda: store.info(store.put(token_ids, pinned=True)))
+
+    async def list_contexts(self) -> list[ContextInfo]:
+        store = self.engine.ape
+        return await self._on_engine_thread(lambda: [store.info(e) for e in store.entries.values() if e.pinned])
+
+    async def get_context(self, context_id: str) -> tuple[ContextInfo, list[int]] | None:
+        """A created context's info and tokens; None if unknown."""
+        store = self.engine.ape
+
+        def get():
+            entry = store.get(context_id.removeprefix("ctx_"))
+            return None if entry is None or not entry.pinned else (store.info(entry), list(entry.token_ids))
+
+        return await self._on_engine_thread(get)
+
+    async def delete_context(self, context_id: str) -> bool:
+        store = self.engine.ape
+
+        def delete():
+            entry = store.get(context_id.removeprefix("ctx_"))
+            return entry is not None and entry.pinned and store.delete(entry.key)
+
+        return await self._on_engine_thread(delete)
