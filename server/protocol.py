@@ -99,6 +99,20 @@ class ParallelOptions(_Closed):
         return dataclasses.replace(default or ParallelParams(), **self.model_dump(exclude_none=True))
 
 
+class InlineContext(_Closed):
+    """A context given by its text in the request: encoded on the fly and cached by content (engine/ape.py)."""
+
+    text: str = Field(min_length=1)
+
+
+class ApeOptions(_Closed):
+    """treadle's `ape` extra: temperature T and scale S of the cached contexts' attention (features brief B1);
+    unsent keys keep the served model's defaults (`ape_temperature`, `ape_scale` in the serve config)."""
+
+    temperature: float | None = Field(default=None, gt=0)
+    scale: float | None = Field(default=None, gt=0)
+
+
 class _GenerationRequest(_Request):
     """Fields shared by chat and text completions; None means "not sent", i.e. the OpenAI default."""
 
@@ -130,6 +144,10 @@ class _GenerationRequest(_Request):
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
     parallel: ParallelOptions | None = None
+    # APE cached contexts (server/contexts.py): ids from POST /v1/contexts or inline texts, encoded after the
+    # model's shared prefix; the request's own prompt after the prefix is the query.
+    contexts: list[str | InlineContext] | None = Field(default=None, min_length=1)
+    ape: ApeOptions | None = None
 
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
@@ -428,3 +446,31 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- cached contexts (treadle's APE extra) ----------------------------------------------------------------------
+class ContextCreateRequest(_Request):
+    """POST /v1/contexts: exactly one of `text` (encoded without special tokens) and `tokens`."""
+
+    model: str | None = None
+    text: str | None = None
+    tokens: list[int] | None = None
+
+
+class ContextObject(BaseModel):
+    id: str
+    object: Literal["context"] = "context"
+    created: int
+    tokens: int
+    cached: bool  # its KV is in the pool now (it is encoded again on next use otherwise)
+
+
+class ContextList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ContextObject]
+
+
+class ContextDeleted(BaseModel):
+    id: str
+    object: Literal["context.deleted"] = "context.deleted"
+    deleted: bool = True
