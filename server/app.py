@@ -16,6 +16,7 @@ from treadle.engine.sampling_params import ParallelParams
 from .auth import APIKeyMiddleware
 from .chat import create_chat_completion, render_chat
 from .completions import create_completion
+from .contexts import install_context_routes
 from .errors import APIError, bad_request, install_error_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
@@ -67,6 +68,7 @@ def build_app(
 
     app.post("/v1/chat/completions")(create_chat_completion)
     app.post("/v1/completions")(create_completion)
+    install_context_routes(app)
 
     @app.get("/v1/models")
     async def models(request: Request) -> ModelList:
