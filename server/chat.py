@@ -14,6 +14,7 @@ from treadle.engine.outputs import TokenLogprob
 from treadle.engine.tokenizer import ChatTemplateError, Tokenizer
 
 from . import sse
+from .contexts import attach_contexts, chat_query
 from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import bad_request, from_exception
 from .generation import GenerationRun, UsageTracker, path_models, run_to_end
@@ -40,13 +41,18 @@ from .tool_parsers import ContentDelta, Delta, MistralFormat, ToolCallFormat
 from .tools import plan_chat
 
 
+def render_chat_text(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                     tools: list[dict] | None = None) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    except ChatTemplateError as exc:
+        raise bad_request(str(exc), "messages") from None
+
+
 def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
                 tools: list[dict] | None = None) -> list[int]:
     """Token ids of the templated conversation; the template already holds the special tokens it wants."""
-    try:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
-    except ChatTemplateError as exc:
-        raise bad_request(str(exc), "messages") from None
+    text = render_chat_text(tokenizer, messages, add_generation_prompt, tools)
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -76,7 +82,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     plan = plan_chat(body, state.tool_setup, output_constraint(body))
     if params.parallel_enabled and (plan.grammar is not None or plan.tool_format is not None):
         raise bad_request("parallel generation does not support tools or structured outputs", "parallel")
-    prompt = render_chat(state.engine.tokenizer, plan.messages, body.add_generation_prompt, plan.template_tools)
+    await attach_contexts(state, body, params)
+    if params.ape is None:
+        prompt = render_chat(state.engine.tokenizer, plan.messages, body.add_generation_prompt, plan.template_tools)
+    else:
+        prompt = chat_query(state, render_chat_text(state.engine.tokenizer, plan.messages, body.add_generation_prompt,
+                                                    plan.template_tools))
     if isinstance(plan.tool_format, MistralFormat):
         params.skip_special_tokens = False  # [TOOL_CALLS] is a special token
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
