@@ -13,6 +13,7 @@ from treadle.engine.outputs import TokenLogprob
 from treadle.engine.tokenizer import Tokenizer
 
 from . import sse
+from .contexts import attach_contexts
 from .disconnect import ClientDisconnected, unless_disconnected
 from .errors import bad_request, from_exception
 from .generation import GenerationRun, UsageTracker, path_models, run_to_end
@@ -62,6 +63,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state.check_healthy()
     params = body.to_sampling_params(state.max_logprobs, state.parallel)
     prompts = prompt_token_ids(state.engine.tokenizer, body.prompt)
+    await attach_contexts(state, body, params)  # the engine puts the shared prefix in front of prompts without it
     constraint = output_constraint(body)
     if params.parallel_enabled and constraint is not None:
         raise bad_request("parallel generation does not support structured outputs", "parallel")
