@@ -117,6 +117,14 @@ class _EngineStatsCollector(Collector):
         yield counter("parallel_depth_tokens", "Positions used by finished parallel documents.", s.parallel_depth)
         yield gauge("parallelism", "Parallelism achieved: parallel_generation_tokens / parallel_depth_tokens.",
                     s.parallel_tokens / s.parallel_depth if s.parallel_depth else 0.0)
+        yield counter("ape_context_hits", "Request contexts found in the APE context cache.", s.ape_context_hits)
+        yield counter("ape_context_misses", "Request contexts that had to be encoded.", s.ape_context_misses)
+        yield counter("ape_context_evictions", "Cached contexts whose KV was dropped to make room.",
+                      s.ape_context_evictions)
+        yield counter("ape_context_prefill_tokens", "Tokens computed to encode contexts.", s.ape_encoded_tokens)
+        yield gauge("ape_cached_contexts", "Contexts whose KV is in the pool.", s.ape_cached_contexts)
+        yield gauge("ape_cached_context_tokens", "Tokens of the contexts whose KV is in the pool.",
+                    s.ape_cached_context_tokens)
         finished = CounterMetricFamily(PREFIX + "request_success", "Finished requests by finish reason.",
                                        labels=["model_name", "finished_reason"])
         for reason in sorted(set(s.finished_by_reason) | {"stop", "length", "abort"}):
