@@ -8,9 +8,10 @@ Each parallel request's prompt ends inside a `<Goal>` listing P outlines; a scri
 engine's offline seam) writes `</Goal>`, lets every path generate `--path-tokens` tokens, closes it with
 `</Path>`, and ends the document with EOS right after the conclusion header. So all P paths have equal length and
 decode in the same batches. The sequential baseline asks the same prompts for exactly as many tokens as the
-parallel document had, in one plain sequence each. Both are timed wall-clock from admission to the last output,
-prefill included, after one untimed run of the same configuration (one-time costs of new shapes: Triton JIT,
-allocator growth); `speedup` is sequential time / parallel time. Prints a table and writes JSON.
+parallel document had, in one plain sequence each, with the same tag-banning logits processor. Both are timed
+wall-clock from admission to the last output, prefill included, after one untimed run of the same configuration
+(one-time costs of new shapes: Triton JIT, allocator growth); `speedup` is sequential time / parallel time.
+Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -34,9 +35,12 @@ TAGS = MultiverseTags()
 class BlockScript:
     """Logits processor: `</Goal>` first, then `path_tokens` free tokens and `</Path>` in every path, then EOS.
 
-    It only looks at the last few tokens, so its cost per step stays negligible next to the model's."""
+    Free tokens may not contain `<`, so that no path writes a tag of its own (a nested block or an early close
+    would change the shape being timed). It only looks at the last few tokens, so its cost per step stays
+    negligible next to the model's."""
 
-    def __init__(self, encode, num_prompt: int, path_tokens: int, num_paths: int, eos: int):
+    def __init__(self, encode, num_prompt: int, path_tokens: int, num_paths: int, eos: int,
+                 banned: torch.Tensor):
         self.goal_end = encode(TAGS.goal_end)
         self.close = encode(TAGS.path_end)
         self.headers = [encode(TAGS.header(str(i + 1))) for i in range(num_paths)]
@@ -44,6 +48,7 @@ class BlockScript:
         self.num_prompt = num_prompt
         self.path_tokens = path_tokens
         self.eos = eos
+        self.banned = banned
 
     def forced(self, history: list[int]) -> int | None:
         n = len(history)
@@ -60,7 +65,7 @@ class BlockScript:
     def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
         tok = self.forced(history)
         if tok is None:
-            return logits
+            return logits.index_fill_(0, self.banned, float("-inf"))
         out = torch.full_like(logits, float("-inf"))
         out[tok] = 0.0
         return out
@@ -78,7 +83,14 @@ def run_batch(engine: LLMEngine, prompts: list[list[int]], params: list[Sampling
     return time.perf_counter() - start, list(finals.values())
 
 
-def bench(engine: LLMEngine, num_paths: int, batch: int, path_tokens: int) -> dict:
+def tag_like_tokens(engine: LLMEngine) -> torch.Tensor:
+    """Ids of the tokens whose text contains `<`, on the engine's device."""
+    tok = engine.tokenizer
+    ids = [i for i in range(tok.vocab_size) if "<" in tok.decode([i], skip_special_tokens=False)]
+    return torch.tensor(ids, device=engine.runner.device)
+
+
+def bench(engine: LLMEngine, num_paths: int, batch: int, path_tokens: int, banned: torch.Tensor) -> dict:
     tok = engine.tokenizer
     encode = lambda text: tok.encode(text, add_special_tokens=False)
     outline = "".join(f"{TAGS.outline} {i + 1}: part {i + 1} of the answer{TAGS.outline_end}\n"
@@ -88,7 +100,7 @@ def bench(engine: LLMEngine, num_paths: int, batch: int, path_tokens: int) -> di
                for b in range(batch)]
     parallel = [
         SamplingParams(temperature=0, max_tokens=1024,
-                       logits_processors=[BlockScript(encode, len(p), path_tokens, num_paths, tok.eos_token_ids[0])],
+                       logits_processors=[BlockScript(encode, len(p), path_tokens, num_paths, tok.eos_token_ids[0], banned)],
                        parallel=ParallelParams(max_paths=num_paths, min_fork_budget=0))
         for p in prompts
     ]
@@ -97,7 +109,9 @@ def bench(engine: LLMEngine, num_paths: int, batch: int, path_tokens: int) -> di
     depth = [f.depth for f in finals]
     if any(f.finish_reason != "stop" for f in finals) or engine.multiverse.num_forks == 0:
         raise RuntimeError("the parallel block did not run as scripted")
-    sequential = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in tokens]
+    ban = lambda history, logits: logits.index_fill_(0, banned, float("-inf"))  # the same per-row work as above
+    sequential = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logits_processors=[ban])
+                  for n in tokens]
     seq_s, _ = run_batch(engine, prompts, sequential)
     return {
         "paths": num_paths, "batch": batch, "path_tokens": path_tokens,
@@ -124,13 +138,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     engine = LLMEngine(cfg, load_model(cfg, progress=False))
     run_batch(engine, [engine.tokenizer.encode("Warm up.")], [SamplingParams(max_tokens=4, temperature=0)])
+    banned = tag_like_tokens(engine)
     rows = []
     print(f"{'paths':>5} {'batch':>5} {'tokens':>6} {'depth':>5} {'parallel s':>10} {'sequential s':>12} "
           f"{'speedup':>7} {'par tok/s':>9} {'seq tok/s':>9}")
     for batch in (int(b) for b in args.batches.split(",")):
         for num_paths in (int(p) for p in args.paths.split(",")):
-            bench(engine, num_paths, batch, args.path_tokens)  # untimed: first-use costs of the step's shapes
-            r = bench(engine, num_paths, batch, args.path_tokens)
+            bench(engine, num_paths, batch, args.path_tokens, banned)  # untimed: first-use costs of new shapes
+            r = bench(engine, num_paths, batch, args.path_tokens, banned)
             rows.append(r)
             print(f"{r['paths']:>5} {r['batch']:>5} {r['tokens']:>6} {r['depth']:>5} {r['parallel_s']:>10.2f} "
                   f"{r['sequential_s']:>12.2f} {r['speedup']:>7.2f} {r['parallel_tok_s']:>9.1f} "
