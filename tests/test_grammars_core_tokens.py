@@ -73,6 +73,11 @@ GRAMMARS = {
         ["id-0123456789abcdef0123 ABCDEFGHIJKLMNOPQRSTUVWXYZ"],
     ),
     "free_text_lines": ('root ::= line+\nline ::= [^\\n]* "\\n"', ["hello world\nsecond line, with punctuation!\n"]),
+    # counted classes walked along their count (far from and near the bounds), and a loop that may end
+    "counted_classes": (
+        'root ::= "id: " [a-z0-9 ]{0,40} ";" [A-Za-z ,.\'-]{1,200} "." tail\ntail ::= [a-z ]*',
+        ["id: abc 123 xyz; Reason, the data supports it, mostly. and more words", "id: ;x."],
+    ),
 }
 
 
@@ -270,6 +275,29 @@ def test_structural_tag_dispatch_masks_cover_free_text_and_trigger(env):
     inside = _bits(bm, info.vocab_size)
     assert inside.sum() < 50 and inside[tok.convert_tokens_to_ids("{")] and not inside[EOS]
     assert m.find_jump_forward_string() == '{"city'[: len(m.find_jump_forward_string())]
+
+
+@pytest.mark.parametrize("flags", [{}, {"at_least_one": True}])
+def test_structural_tag_masks_match_xgrammar(env, flags):
+    """Free text (whole trie subtrees accepted on the dispatch loop) and dispatched JSON, step by step.
+
+    Documented difference: JSON whitespace runs are capped at 20 bytes (xgrammar's are unbounded); the text
+    puts at most one whitespace byte in a slot, so whitespace-only tokens of 16+ bytes are left out."""
+    info, tok = env["info"], env["tok"]
+    m = GrammarMatcher(env["compiler"].compile_structural_tag(_triggered(**flags)))
+    x = xgr.GrammarMatcher(env["xcompiler"].compile_structural_tag(json.dumps(_triggered(**flags))))
+    ours, theirs = allocate_token_bitmask(1, info.vocab_size), xgr.allocate_token_bitmask(1, info.vocab_size)
+    keep = np.array([not (len(b) >= 16 and not b.strip(b" \t\n\r")) for b in info.decoded_vocab])
+    keep[env["special"]] = False
+    text = CALL_W + " Sure, <b>bold</b> text < 3 and " + CALL_A + " done."
+    for step, tid in enumerate(tok.encode(text, add_special_tokens=False) + [EOS]):
+        m.fill_next_token_bitmask(ours)
+        x.fill_next_token_bitmask(theirs)
+        a, b = _bits(ours, info.vocab_size), _bits(theirs, info.vocab_size)
+        diff = np.nonzero((a != b) & keep)[0]
+        assert not len(diff), (step, [info.decoded_vocab[i] for i in diff[:5]])
+        assert m.accept_token(tid) and x.accept_token(tid)
+    assert m.is_terminated() and x.is_terminated()
 
 
 def test_legacy_structural_tag_signature(env):
