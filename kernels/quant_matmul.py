@@ -14,6 +14,11 @@ Two Triton kernels read the packed weight of `quant_pack` once and never materia
 Both accumulate in fp32 and round once at the end, the math of `quant_matmul_reference`. Split-K programs write
 fp32 partials; the last program of each output tile (found with an atomic counter) sums them in a fixed order,
 so one launch does the whole product and results are deterministic.
+
+Where the GEMV's time goes (H100, benchmarks/quant_gemv.py): each weight costs ~3.5 instructions (the mask-OR,
+the FMA to an exact integer, the FMA with x, plus the per-slot activation load, conversion and sum shared by the
+thread's columns). At 4 bits and below that issue time is as long as the weight's DRAM time, so the largest
+8B layer streams at ~2 TB/s rather than 3, and 3-bit weights gain little over 4-bit ones.
 """
 
 from __future__ import annotations
@@ -338,13 +343,14 @@ GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows
 
 
 def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
-    """The tilings that won benchmarks/quant_gemv.py's H100 sweep on Llama-3.1-8B shapes (within ~10% of the
-    best everywhere), K split until the grid covers the GPU several times over. GEMV: 8 chunks x 128 columns
-    per step, words loaded straight into registers (no cp.async staging, no barrier per step), ~8 programs per
-    SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
+    """The tilings that won benchmarks/quant_gemv.py's H100 sweep on Llama-3.1-8B shapes (within ~5% of the best
+    on each at M = 1), K split until the grid covers the GPU many times over. GEMV: 2 chunks x 256 columns per
+    step, words double-buffered in registers (no cp.async staging, no barrier per step), ~16 programs per SM
+    over the launch: short programs keep the loads of many in flight. Tensor cores: one group per step, ~4
+    programs per SM at decode sizes."""
     if m <= GEMV_MAX_M:
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 128, 8, 1, 4, 1)
-        return with_split_k(cfg, m, n, qw, 8 * num_sms)
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=True)
+        return with_split_k(cfg, m, n, qw, 16 * num_sms)
     cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
     return with_split_k(cfg, m, n, qw, (4 if m <= 16 else 2) * num_sms)
 
