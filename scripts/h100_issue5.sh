@@ -32,7 +32,8 @@ for step in ${STEPS:-decode quant}; do
       run /tmp/new ${QSECS:-240} python3 benchmarks/quant_gemv.py --bits ${QBITS:-3 4} --m ${QM:-1 4} \
         --out "$OUT/quant_sweep.json" ;;
     qdefault)
-      run /tmp/new 200 python3 benchmarks/quant_gemv.py --no-sweep --out "$OUT/quant_default.json" ;;
+      run /tmp/new ${QDSECS:-300} python3 benchmarks/quant_gemv.py --no-sweep --m ${QM:-1 4 16 64} \
+        --out "$OUT/quant_default.json" ;;
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels_quant.py \
         tests/test_kernels_quant_linear.py tests/test_kernels_gemv.py tests/test_kernels_graph_runner.py ;;
