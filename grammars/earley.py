@@ -57,6 +57,7 @@ class Space:
         self.ir = ir
         self.configs: list[Config] = []
         self.index: dict[frozenset, int] = {}
+        self.closed: dict[frozenset, int] = {}
         self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
         self.can_end_arr = np.zeros(64, dtype=bool)
         self.contrib: dict = {}
@@ -178,7 +179,17 @@ class Space:
         return w
 
     def _close(self, items: list) -> int:
-        """Completes and expands scanned items into a kernel, interns it, and returns its id."""
+        """Completes and expands scanned items into a kernel, interns it, and returns its id.
+
+        Memoized by the scanned item set: half of all closures repeat one (another byte of the same class,
+        another configuration scanning the same items)."""
+        scanned = frozenset(items)
+        cid = self.closed.get(scanned)
+        if cid is None:
+            cid = self.closed[scanned] = self._closure(items)
+        return cid
+
+    def _closure(self, items: list) -> int:
         info = self.ir.item_info
         configs = self.configs
         seen: set = set()

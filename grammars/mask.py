@@ -79,10 +79,12 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
     while len(nodes):
         lvl = levels[depth]
         last = depth + 1 >= len(levels)
-        if len(nodes) <= SMALL_FRONTIER:
-            nodes, pc = _narrow_level(space, vocab, depth, nodes.tolist(), pc.tolist(), exits, cum,
-                                      singles, acc_lo, acc_hi, ex, all_bytes)
-            depth += 1
+        if len(nodes) <= SMALL_FRONTIER:  # stay in Python lists while the frontier stays narrow
+            nl, pl = nodes.tolist(), pc.tolist()
+            while nl and len(nl) <= SMALL_FRONTIER:
+                nl, pl = _narrow_level(space, vocab, depth, nl, pl, exits, cum, singles, acc_lo, acc_hi, ex, all_bytes)
+                depth += 1
+            nodes, pc = np.asarray(nl, dtype=np.int64), np.asarray(pl, dtype=np.int64)
             continue
         byt = lvl.byte[nodes]
         if depth and exits:
@@ -156,7 +158,8 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
 
 def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int], pcs: list[int], exits: bool,
                   cum, singles: list, acc_lo: list, acc_hi: list, ex: list, all_bytes: frozenset):
-    """One trie level of a few nodes, stepped in Python; returns the next level's (nodes, configurations)."""
+    """One trie level of a few nodes, stepped in Python; returns the next level's (nodes, configurations)
+    as lists."""
     levels = vocab.levels
     configs = space.configs
     byte_s, lo_a, hi_a, term_a, clo_a, chi_a, reach_a = levels[depth].py
@@ -201,7 +204,7 @@ def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int],
             if cum is None or cum[levels[depth + 1].hi[k]] > cum[levels[depth + 1].lo[k]]:
                 nxt_nodes.append(k)
                 nxt_pc.append(c)
-    return np.asarray(nxt_nodes, dtype=np.int64), np.asarray(nxt_pc, dtype=np.int64)
+    return nxt_nodes, nxt_pc
 
 
 _NO_CHAIN = ([], None, False)
