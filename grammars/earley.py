@@ -58,6 +58,7 @@ class Space:
         self.configs: list[Config] = []
         self.index: dict[frozenset, int] = {}
         self.closed: dict[frozenset, int] = {}
+        self._partitions: dict[tuple, list] = {}  # keyed by id()s of bnext dicts, which live as long as ir
         self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
         self.can_end_arr = np.zeros(64, dtype=bool)
         self.contrib: dict = {}
@@ -88,25 +89,25 @@ class Space:
 
     def _groups(self, cid: int) -> list[tuple[np.ndarray, list]]:
         """A configuration's bytes grouped by the items they scan to: [(bytes, items)], items empty for
-        bytes that lead nowhere. Sorting the bytes by their per-item targets does the grouping."""
+        bytes that lead nowhere. The partition depends only on the scanning states, so it is memoized by
+        them (a counted repetition repeats its states at every count, with other counts and origins)."""
         scan = self.configs[cid].scan
-        if not scan:
-            return [(np.arange(256), [])]
-        if len(scan) == 1:
-            (bn, o, c), = scan
-            groups = [(byts, [(t, o, c)]) for t, byts in self.ir.byte_groups(bn)]
-            if len(bn) < 256:
-                groups.append((np.flatnonzero(self.ir.byte_targets(bn) < 0), []))
-            return groups
-        targets = np.stack([self.ir.byte_targets(bn) for bn, _, _ in scan], axis=1)
+        key = tuple(id(bn) for bn, _, _ in scan)
+        part = self._partitions.get(key)
+        if part is None:
+            part = self._partitions[key] = self._partition([bn for bn, _, _ in scan])
+        return [(byts, [(t, o, c) for t, (_, o, c) in zip(targets, scan) if t >= 0]) for byts, targets in part]
+
+    def _partition(self, bnexts: list[dict]) -> list[tuple[np.ndarray, tuple]]:
+        """Bytes grouped by their tuple of per-state targets (-1: none), by sorting those tuples."""
+        if not bnexts:
+            return [(np.arange(256), ())]
+        targets = np.stack([self.ir.byte_targets(bn) for bn in bnexts], axis=1)
         order = np.lexsort(targets.T)
         rows = targets[order]
         starts = np.flatnonzero(np.concatenate([[True], (rows[1:] != rows[:-1]).any(axis=1)]))
         bounds = np.append(starts, 256).tolist()
-        return [
-            (order[a:b], [(t, o, c) for (_, o, c), t in zip(scan, rows[a].tolist()) if t >= 0])
-            for a, b in zip(bounds, bounds[1:])
-        ]
+        return [(order[a:b], tuple(rows[a].tolist())) for a, b in zip(bounds, bounds[1:])]
 
     def fill_row(self, cid: int) -> None:
         """Computes all of a configuration's byte transitions into `table`, closing each distinct scanned
