@@ -84,6 +84,7 @@ class ModelRunner:
             logits_indices=[last_row[i] for i, c in enumerate(chunks) if c.need_logits],
             device=self.device,
             ape_chunks=[chunks[i] for i in ape],
+            use_kernels=self.device.type == "cuda",
         )
         hidden = self.model(
             torch.tensor(ids, dtype=torch.long).to(self.device),

@@ -8,6 +8,10 @@ gather and one SDPA call with a length mask; each prefill chunk gets one SDPA ca
 GQA without repeating K/V: a decode row's query heads that share a KV head are laid out as that KV head's
 "query positions" ([B, kv_heads, group, head_dim]), which is exact because a single-token row has no causal mask.
 
+On CUDA the decode rows and prefill chunks instead go to the Triton prefill kernel in one call per layer
+(`KernelIndex`, kernels/attention_prefill.py): one SDPA call per chunk costs ~0.25 ms of launches and masks there,
+which made a step with many short chunks (e.g. forked Multiverse paths prefilling their headers) ~100 ms.
+
 APE sequences (engine/ape.py) come last in the batch, one call each: their tokens attend their own index causally
 (R) and the cached contexts' slots (C) with temperature T, and the two parts merge by log-sum-exp with C's LSE
 scaled by S·T (features brief B1). Every LSE here is in natural-log units, as the Triton kernels return theirs.
@@ -15,6 +19,7 @@ scaled by S·T (features brief B1). Every LSE here is in natural-log units, as t
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -47,6 +52,18 @@ class ApeSeq:
 
 
 @dataclass
+class KernelIndex:
+    """Decode rows and prefill chunks in the Triton kernels' CSR form: sequence i's new tokens are q rows
+    qo_indptr[i]..qo_indptr[i+1] and its KV index kv_indices[kv_indptr[i]:kv_indptr[i+1]]."""
+
+    qo_indptr: torch.Tensor  # [B+1] int32
+    kv_indptr: torch.Tensor  # [B+1] int32
+    kv_indices: torch.Tensor  # [nnz] int32
+    max_q_len: int
+    num_tokens: int
+
+
+@dataclass
 class AttentionMetadata:
     """Everything attention needs for one step; built once per step and shared by all layers."""
 
@@ -57,6 +74,7 @@ class AttentionMetadata:
     prefills: list[PrefillSeq]
     logits_indices: torch.Tensor  # rows whose hidden states the model returns, in output order
     ape: list[ApeSeq] = field(default_factory=list)  # after the prefill chunks
+    kernel_index: KernelIndex | None = None  # set: decode rows and prefill chunks go to the Triton kernel
 
     @staticmethod
     def build(
@@ -67,12 +85,17 @@ class AttentionMetadata:
         logits_indices: list[int],
         device: torch.device,
         ape_chunks: list | None = None,
+        use_kernels: bool = False,
     ) -> "AttentionMetadata":
         """Tensors from the per-sequence KV indices (decode rows first, then prefill chunks, then APE chunks
-        (engine.batch.SeqChunk with `ape` set), in batch order)."""
+        (engine.batch.SeqChunk with `ape` set), in batch order). `use_kernels`: a KernelIndex for the Triton
+        kernel instead of the SDPA layouts."""
         num_decode = len(decode_slots)
         dec_slots = dec_mask = None
-        if num_decode:
+        kernel_index = None
+        if use_kernels:
+            kernel_index = _kernel_index(decode_slots, prefill_slots, prefill_num_new, device)
+        elif num_decode:
             lengths = [len(s) for s in decode_slots]
             max_len = max(lengths)
             flat: list[int] = []
@@ -85,13 +108,15 @@ class AttentionMetadata:
             dec_mask = dec_mask.view(num_decode, 1, 1, max_len).to(device)
         prefills = []
         start = num_decode
-        for slots, num_new in zip(prefill_slots, prefill_num_new):
+        for slots, num_new in zip([] if use_kernels else prefill_slots, prefill_num_new):
             total = len(slots)
             mask = torch.arange(total) <= torch.arange(total - num_new, total)[:, None]
             prefills.append(
                 PrefillSeq(start, num_new, torch.tensor(slots, dtype=torch.long).to(device), mask.to(device))
             )
             start += num_new
+        if use_kernels:
+            start = num_decode + sum(prefill_num_new)
         ape = []
         for c in ape_chunks or ():
             total, num_new = len(c.kv_slots), len(c.token_ids)
@@ -110,7 +135,23 @@ class AttentionMetadata:
             prefills=prefills,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device),
             ape=ape,
+            kernel_index=kernel_index,
         )
+
+
+def _kernel_index(
+    decode_slots: list[list[int]], prefill_slots: list[list[int]], prefill_num_new: list[int], device: torch.device
+) -> KernelIndex | None:
+    seqs = decode_slots + prefill_slots
+    if not seqs:
+        return None
+    q_lens = [1] * len(decode_slots) + list(prefill_num_new)
+    kv_lens = [len(s) for s in seqs]
+    qo_indptr = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    kv_indptr = torch.tensor([0, *itertools.accumulate(kv_lens)], dtype=torch.int32)
+    kv_indices = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.int32)
+    return KernelIndex(qo_indptr.to(device), kv_indptr.to(device), kv_indices.to(device), max(q_lens),
+                       int(qo_indptr[-1]))
 
 
 def paged_attention(
@@ -128,7 +169,14 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     outs = []
-    if meta.num_decode:
+    ki = meta.kernel_index
+    if ki is not None:
+        from treadle.kernels.attention_prefill import paged_prefill_attention
+
+        o, _ = paged_prefill_attention(q[: ki.num_tokens], k_cache, v_cache, ki.qo_indptr, ki.kv_indptr,
+                                       ki.kv_indices, ki.max_q_len, scale)
+        outs.append(o.reshape(ki.num_tokens, num_heads * head_dim))
+    elif meta.num_decode:
         b = meta.num_decode
         qd = q[:b].view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
         kd = _gather(k_cache, meta.decode_slots)
