@@ -25,7 +25,7 @@ HASH_LIMIT_STATES = 400  # rules reaching more states are keyed per grammar inst
 _GRAMMAR_IDS = itertools.count()
 
 
-SMALL_FRONTIER = 12  # below this many trie nodes a level is stepped in Python, above with numpy
+SMALL_FRONTIER = 32  # below this many trie nodes a level is stepped in Python, above with numpy
 LOOP_MIN = 32  # byte classes smaller than this are not followed to accept whole subtrees
 SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
