@@ -7,8 +7,13 @@ For a kernel item at state s of rule R, the vocabulary is classified once, insid
 Classification keys on R's structural hash, so isomorphic sub-grammars share it across grammars, and on a
 clamped repetition count, so counted repetitions far from their bounds share one entry. A configuration's
 mask is the OR over its kernel items of accepted | (uncertain tokens that the full parser accepts from that
-item in its real context); that last check walks only the trie branches holding uncertain tokens, through
-memoized configuration transitions.
+item in its real context); that last check runs only the uncertain strings, through memoized configuration
+transitions.
+
+The first walk of a fresh grammar pays for every classification, so the walks are built to stay cheap:
+results are ranges of sorted strings rather than vocabulary-wide arrays, and a trie subtree whose bytes
+all stay on a configuration's main byte class (a string body's loop, a counted class `[a-z]{0,60}` count
+by count) is accepted whole without being visited.
 """
 
 from __future__ import annotations
