@@ -67,24 +67,26 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps): each thread holds 4 or 8 columns of one chunk, 2-4 warps per program;
-# words staged through cp.async (num_stages 2), loaded straight into registers (1), or double-buffered there.
-GEMV_TILES = ((128, 8, 4), (256, 2, 4), (512, 2, 4), (256, 4, 4), (512, 1, 2), (128, 16, 4))
+# GEMV tilings (block_n, chunks, warps), words double-buffered in registers: with the packed fp16 decode each
+# thread holds 4-16 columns (the activations' load and conversion are shared by a thread's columns); the last
+# tiling is the previous default, also timed with the portable decode for an A/B in the same run.
+GEMV_TILES = ((512, 1, 4), (1024, 1, 4), (1024, 1, 8), (512, 1, 2), (2048, 1, 8), (256, 2, 4))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
-    """default_config first, then (with `sweep`) GEMV tilings for small M and tensor-core tilings for all M."""
+    """default_config first, then (with `sweep`) GEMV tilings for small M and tensor-core tilings for M >= 4."""
     base = default_config(m, n, qw, sms)
     if not sweep:
         return [base]
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, st, pf) for bn, c, w in GEMV_TILES
-                  for st, pf in ((1, False), (2, False), (1, True))]
-    bm = max(16, min(64, triton.next_power_of_2(m)))
-    tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
-              ((64, 4), (128, 4), (128, 8))]
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, True) for bn, c, w in GEMV_TILES]
+        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, True, f16x2=False))
+    if m >= 4:
+        bm = max(16, min(64, triton.next_power_of_2(m)))
+        tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
+                  ((64, 4), (128, 4), (128, 8))]
     out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (2, 4, 8, 16)]
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
@@ -200,7 +202,8 @@ def main() -> int:
     for r in results:
         c = r.best_config
         tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
-                  f"w{c['num_warps']} " + ("pf" if c.get("prefetch") else f"st{c['num_stages']}"))
+                  f"w{c['num_warps']} " + ("pf" if c.get("prefetch") else f"st{c['num_stages']}")
+                  + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         table.add_row(r.shape, str(r.bits), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
                       f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)

@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .quant_f16x2 import PAIRS as _PAIRS
+from .quant_f16x2 import ptx
+from .quant_pack import SUPPORTED_BITS
 from .quantize import QuantizedWeight, dequantize
 
 # Slot decoding. A code q of BITS bits at bit offset s (s + BITS <= 23) of a word, OR-ed with the bits of the
@@ -161,6 +164,60 @@ def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: 
     return part * scale + xsum * zero
 
 
+PAIRS = tl.constexpr(_PAIRS)  # code pairs per chunk
+_CHUNK_PTX = {bits: ptx(bits) for bits in SUPPORTED_BITS}  # (asm, constraints) by width
+
+
+@triton.constexpr_function
+def _chunk_asm(bits):
+    return _CHUNK_PTX[bits][0]
+
+
+@triton.constexpr_function
+def _chunk_constraints(bits):
+    return _CHUNK_PTX[bits][1]
+
+
+@triton.jit
+def _f16x2(lo, hi):
+    """Two fp32 tensors -> one uint32 tensor of fp16 pairs (lo in the low half), one CVT per pair."""
+    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.uint32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr):
+    """`_gemv_step` on the GPU with the packed fp16 decode of quant_f16x2 (inline PTX, one block per chunk)."""
+    x_chunk = x_rows + chunk * 32
+    xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
+    xs = ()
+    for i in tl.static_range(PAIRS):
+        if EVEN_K:
+            lo = tl.load(x_chunk + i).to(tl.float32)
+            hi = tl.load(x_chunk + i + PAIRS).to(tl.float32)
+        else:
+            lo = tl.load(x_chunk + i, mask=chunk * 32 + i < K, other=0.0).to(tl.float32)
+            hi = tl.load(x_chunk + i + PAIRS, mask=chunk * 32 + i + PAIRS < K, other=0.0).to(tl.float32)
+        xsum += lo + hi
+        xs = xs + (_f16x2(lo, hi),)
+    part = tl.inline_asm_elementwise(_chunk_asm(BITS), _chunk_constraints(BITS), words + xs, dtype=tl.float32,
+                                     is_pure=True, pack=1)
+    group = (chunk * 32) // GROUP
+    scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    return part * (scale * (1 << BITS)) + xsum * zero
+
+
+@triton.jit
+def _step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr,
+          EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, F16X2: tl.constexpr):
+    if F16X2:
+        return _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS, GROUP, EVEN_K, BM, C)
+    else:
+        return _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K, BM, C, BN)
+
+
 @triton.jit
 def _gemv_kernel(
     x_ptr,
@@ -191,6 +248,7 @@ def _gemv_kernel(
     STAGES: tl.constexpr,
     REDUCE: tl.constexpr,
     PREFETCH: tl.constexpr,
+    F16X2: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
     offs_m = tl.program_id(2) * BM + tl.arange(0, BM)
@@ -211,16 +269,16 @@ def _gemv_kernel(
         for c0 in tl.range(begin, end, C, num_stages=1):
             next_chunk = tl.minimum(c0 + C + lane, end - 1)
             next_words = _load_words(w_ptr, next_chunk, n3, N, BITS)
-            acc += _gemv_step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP,
-                              EVEN_K, BM, C, BN)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
+                         BM, C, BN, F16X2)
             words = next_words
             chunk = next_chunk
     else:
         for c0 in tl.range(begin, end, C, num_stages=STAGES):
             chunk = tl.minimum(c0 + lane, end - 1)
             words = _load_words(w_ptr, chunk, n3, N, BITS)
-            acc += _gemv_step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP,
-                              EVEN_K, BM, C, BN)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
+                         BM, C, BN, F16X2)
     _epilogue(
         tl.sum(acc, axis=1),
         out_ptr,
@@ -337,6 +395,7 @@ class QuantMatmulConfig:
     num_warps: int = 4
     num_stages: int = 2
     prefetch: bool = False  # GEMV: double-buffer the words in registers (num_stages then unused)
+    f16x2: bool = True  # GEMV with 16-bit x on CUDA: the packed fp16 decode (quant_f16x2); else the portable one
 
 
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
@@ -349,13 +408,13 @@ def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMa
     over the launch: short programs keep the loads of many in flight. Tensor cores: one group per step, ~4
     programs per SM at decode sizes."""
     if m <= GEMV_MAX_M:
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=True)
-        return with_split_k(cfg, m, n, qw, 16 * num_sms)
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 1024 // m, 1, 1, 4, 1, prefetch=True)
+        return with_split_k(cfg, m, n, qw, 8 * num_sms)
     cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
     return with_split_k(cfg, m, n, qw, (4 if m <= 16 else 2) * num_sms)
 
 
-MAX_SPLIT_K = 32  # the last program of a tile sums the partials: more splits lengthen that tail
+MAX_SPLIT_K = 64  # the last program of a tile sums the partials: more splits lengthen that tail
 
 
 def with_split_k(cfg: QuantMatmulConfig, m: int, n: int, qw: QuantizedWeight, programs: int) -> QuantMatmulConfig:
@@ -370,6 +429,11 @@ def _reduce_width(split: int, cfg: QuantMatmulConfig) -> int:
     """Partials the split-K tail loads at once: all of them, unless that would hold more than ~64 registers."""
     per_thread = max(1, cfg.block_m * cfg.block_n // (32 * cfg.num_warps))
     return max(1, min(triton.next_power_of_2(split), max(4, 64 // per_thread)))
+
+
+def _use_f16x2(cfg: QuantMatmulConfig, x: torch.Tensor) -> bool:
+    """The inline PTX runs only on NVIDIA GPUs (not under TRITON_INTERPRET), and fp16 would round fp32 x."""
+    return cfg.f16x2 and x.is_cuda and torch.version.hip is None and x.dtype in (torch.float16, torch.bfloat16)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -446,7 +510,7 @@ def quant_matmul(
         REDUCE=_reduce_width(split, cfg),
         HAS_BIAS=bias is not None,
         STAGES=cfg.num_stages,
-        **({} if cfg.dot else {"PREFETCH": cfg.prefetch}),
+        **({} if cfg.dot else {"PREFETCH": cfg.prefetch, "F16X2": _use_f16x2(cfg, x)}),
         num_warps=cfg.num_warps,
         **extra,
     )

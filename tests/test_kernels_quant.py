@@ -20,6 +20,7 @@ from treadle.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_reference,
 )
+from treadle.kernels.quant_f16x2 import emulate, ptx
 from treadle.kernels.quant_pack import SUPPORTED_BITS, pack_bits, unpack_bits
 from treadle.kernels.quantize import dequantize, quantization_error, quantize_rtn
 
@@ -45,6 +46,20 @@ def test_pack_matches_numpy_little_endian_bitstream(bits):
         words = np.packbits(code_bits.astype(np.uint8).ravel(), bitorder="little").view("<u4")
         assert np.array_equal(words, packed[:, n].numpy().view(np.uint32))
     assert torch.equal(unpack_bits(packed, bits), q)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_f16x2_decode_plan_recovers_every_code(bits):
+    """The packed-fp16 decode program (run in NumPy: the PTX itself needs a GPU) gives every code of random
+    chunks exactly, including codes that straddle words and half-words."""
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 1 << bits, (32 * 6, 9), generator=gen, dtype=torch.int32)
+    q[:32, 0] = (1 << bits) - 1  # all ones: no field may leak into its neighbours
+    words = pack_bits(q, bits).numpy().view(np.uint32).reshape(6, bits, 9).transpose(1, 0, 2)
+    codes = emulate(words, bits).transpose(1, 0, 2).reshape(32 * 6, 9)
+    assert np.array_equal(codes, q.numpy())
+    asm, constraints = ptx(bits)
+    assert constraints.count("r") == 1 + bits + 16 and asm.count("fma.rn.f16x2") == 12
 
 
 def test_pack_rejects_bad_input():
@@ -162,8 +177,23 @@ def test_default_config_fills_the_gpu():
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
 def test_quant_matmul_llama8b_shapes_on_gpu(bits, k, n):
     qw = _case(bits, n=n, k=k, group=128, dtype=torch.bfloat16, seed=bits)
-    for m in (1, 4, 16, 64):
+    for m in (1, 2, 4, 16, 64):
         x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
         with nan_allocations():
             out = quant_matmul(x, qw)
         assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16], m
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the packed-fp16 decode is inline PTX")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
+    """Both GEMV decodes on the GPU at a real shape with a ragged K, activations far from 1 included."""
+    qw = _case(bits, n=4096, k=4000, group=128, dtype=dtype, seed=bits)
+    x = (torch.randn(1, 4000, device=DEVICE) * torch.logspace(-3, 2, 4000, device=DEVICE)).to(dtype)
+    ref = _ref64(x, qw)
+    for f16x2 in (True, False):
+        cfg = QuantMatmulConfig(False, 1, 1024, 1, 8, 4, 1, prefetch=True, f16x2=f16x2)
+        with nan_allocations():
+            out = quant_matmul(x, qw, config=cfg)
+        assert rel_err(out, ref) < TOL[dtype], f16x2
