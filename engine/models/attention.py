@@ -232,18 +232,23 @@ def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with its natural-log LSE, in float32: q [n, H, D], k/v [L, Hkv, D], mask [n, L] or None
-    -> (o [n, H, D], lse [n, H])."""
+    -> (o [n, H, D], lse [n, H]).
+
+    The query heads of a KV head are stacked into one [group * n, D] matrix, so each part is one batched matmul
+    over contiguous operands; one exp pass gives both the weights and the LSE (2-3x torch.logsumexp + softmax)."""
     n, heads, dim = q.shape
     kv_heads = k.shape[1]
-    qf = q.float().view(n, kv_heads, heads // kv_heads, dim).permute(1, 2, 0, 3)  # [Hkv, group, n, D]
-    kf = k.float().transpose(0, 1)[:, None]  # [Hkv, 1, L, D]
-    vf = v.float().transpose(0, 1)[:, None]
-    s = (qf @ kf.transpose(-1, -2)) * scale  # [Hkv, group, n, L]
+    group = heads // kv_heads
+    qf = q.float().view(n, kv_heads, group, dim).permute(1, 2, 0, 3).reshape(kv_heads, group * n, dim)
+    s = torch.bmm(qf, k.float().transpose(0, 1).transpose(1, 2)).mul_(scale)  # [Hkv, group * n, L]
     if mask is not None:
-        s = s.masked_fill(~mask, -math.inf)
-    lse = torch.logsumexp(s, dim=-1)
-    o = torch.softmax(s, dim=-1) @ vf
-    return o.permute(2, 0, 1, 3).reshape(n, heads, dim), lse.permute(2, 0, 1).reshape(n, heads)
+        s.view(kv_heads, group, n, -1).masked_fill_(~mask, -math.inf)
+    m = s.amax(dim=-1, keepdim=True)
+    e = s.sub_(m).exp_()
+    z = e.sum(dim=-1, keepdim=True)
+    o = torch.bmm(e, v.float().transpose(0, 1)).div_(z)
+    lse = (m + z.log()).view(kv_heads, group, n)
+    return o.view(kv_heads, group, n, dim).permute(2, 0, 1, 3).reshape(n, heads, dim), lse.permute(2, 0, 1).reshape(n, heads)
 
 
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
