@@ -34,7 +34,7 @@ from treadle.engine.sampling_params import ApeParams, SamplingParams
 from treadle.engine.sequence import Request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ape_quality.facts import build_set, exact_match  # noqa: E402
+from ape_quality.facts import build_set, exact_match
 
 QUESTION = "Which of the documents mentions a door code? Answer briefly."
 
@@ -66,7 +66,7 @@ def chat_parts(engine: LLMEngine, question: str) -> tuple[list[int], list[int]]:
 def make_contexts(engine: LLMEngine, num: int, length: int, seed: int = 11) -> list[list[int]]:
     """`num` distinct contexts of exactly `length` tokens, cut from fact-set documents built with `seed`."""
     docs = [d for item in build_set(num_items=400, num_docs=6, seed=seed) for d in item.documents]
-    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)
     out, i = [], 0
     for _ in range(num):
         ids: list[int] = []
@@ -79,24 +79,28 @@ def make_contexts(engine: LLMEngine, num: int, length: int, seed: int = 11) -> l
 
 def speed(engine: LLMEngine, args) -> list[dict]:
     prefix, query = chat_parts(engine, QUESTION)
-    greedy = dict(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
+    greedy = {"temperature": 0, "max_tokens": args.max_tokens, "ignore_eos": True}
     warm = make_contexts(engine, 2, 64, seed=12)
     run_one(engine, "warm-seq", prefix + warm[0] + query, SamplingParams(**greedy))
     run_one(engine, "warm-ape", prefix + query, SamplingParams(**greedy, ape=ApeParams(warm)))
     contexts = make_contexts(engine, args.contexts, args.context_tokens)
     seq_prompt = prefix + [t for c in contexts for t in c] + query
+    print(f"{'mode':<12} {'TTFT s':>9} {'prefill tokens':>15} {'speedup':>8}")
     rows = []
-    ttft, _ = run_one(engine, "seq", seq_prompt, SamplingParams(**greedy))
-    rows.append({"mode": "sequential", "ttft_s": ttft, "prefill_tokens": len(seq_prompt)})
+
+    def row(mode: str, ttft: float, prefill_tokens: int) -> None:
+        rows.append({"mode": mode, "ttft_s": ttft, "prefill_tokens": prefill_tokens,
+                     "speedup_vs_sequential": rows[0]["ttft_s"] / ttft if rows else 1.0})
+        r = rows[-1]
+        print(f"{mode:<12} {ttft:>9.3f} {prefill_tokens:>15} {r['speedup_vs_sequential']:>7.1f}x", flush=True)
+
+    row("sequential", run_one(engine, "seq", seq_prompt, SamplingParams(**greedy))[0], len(seq_prompt))
     before = engine.ape.encoded_tokens
     ape = SamplingParams(**greedy, ape=ApeParams(contexts))
     ttft, _ = run_one(engine, "ape-cold", prefix + query, ape)
-    rows.append({"mode": "ape cold", "ttft_s": ttft,
-                 "prefill_tokens": engine.ape.encoded_tokens - before + len(prefix) + len(query)})
+    row("ape cold", ttft, engine.ape.encoded_tokens - before + len(prefix) + len(query))
     times = [run_one(engine, f"ape-{i}", prefix + query, ape)[0] for i in range(args.repeats)]
-    rows.append({"mode": "ape cached", "ttft_s": statistics.median(times), "prefill_tokens": len(prefix) + len(query)})
-    for r in rows:
-        r["speedup_vs_sequential"] = rows[0]["ttft_s"] / r["ttft_s"]
+    row("ape cached", statistics.median(times), len(prefix) + len(query))
     return rows
 
 
@@ -105,7 +109,7 @@ def quality(engine: LLMEngine, args) -> list[dict]:
     cfg = engine.cfg
     modes = {"sequential": None, f"ape (T={cfg.ape_temperature}, S={cfg.ape_scale})":
              (cfg.ape_temperature, cfg.ape_scale), "naive parallel (T=S=1)": (1.0, 1.0)}
-    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    enc = lambda text: engine.tokenizer.encode(text, add_special_tokens=False)
     rows = []
     for mode, ts in modes.items():
         correct = 0
@@ -121,6 +125,7 @@ def quality(engine: LLMEngine, args) -> list[dict]:
             _, out = run_one(engine, f"q{mode}{i}", prompt, params)
             correct += exact_match(engine.tokenizer.decode(out), item.answer)
         rows.append({"mode": mode, "exact_match": correct / len(items), "items": len(items)})
+        print(f"{mode:<28} {rows[-1]['exact_match']:>6.3f}", flush=True)
     return rows
 
 
@@ -152,18 +157,11 @@ def main() -> None:
     result = {"model": loaded.name, "device": device, "dtype": args.dtype, "contexts": args.contexts,
               "context_tokens": args.context_tokens, "max_model_len": total}
     if not args.quality_only:
-        rows = speed(engine, args)
-        result["speed"] = rows
         print(f"\n{loaded.name} on {device}, {args.dtype}: {args.contexts} contexts x {args.context_tokens} tokens")
-        print(f"{'mode':<12} {'TTFT s':>9} {'prefill tokens':>15} {'speedup':>8}")
-        for r in rows:
-            print(f"{r['mode']:<12} {r['ttft_s']:>9.3f} {r['prefill_tokens']:>15} {r['speedup_vs_sequential']:>7.1f}x")
+        result["speed"] = speed(engine, args)
     if args.quality or args.quality_only:
-        rows = quality(engine, args)
-        result["quality"] = rows
-        print(f"\nfact retrieval, {rows[0]['items']} items, exact match")
-        for r in rows:
-            print(f"{r['mode']:<28} {r['exact_match']:>6.3f}")
+        print(f"\nfact retrieval, {args.quality_items} items, exact match")
+        result["quality"] = quality(engine, args)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
