@@ -67,10 +67,9 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps), words double-buffered in registers: with the packed fp16 decode each
-# thread holds 4-16 columns (the activations' load and conversion are shared by a thread's columns); the last
-# tiling is the previous default, also timed with the portable decode for an A/B in the same run.
-GEMV_TILES = ((512, 1, 4), (1024, 1, 4), (1024, 1, 8), (512, 1, 2), (2048, 1, 8), (256, 2, 4))
+# GEMV tilings (block_n, chunks, warps, steps loaded ahead) with the packed fp16 decode; the first is also timed
+# with the portable decode, for an A/B in the same run.
+GEMV_TILES = ((256, 2, 4, 1), (256, 2, 4, 2), (512, 1, 4, 1), (512, 1, 4, 2), (128, 4, 4, 1), (512, 2, 8, 1))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
@@ -81,8 +80,8 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, True) for bn, c, w in GEMV_TILES]
-        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, True, f16x2=False))
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, pf) for bn, c, w, pf in GEMV_TILES]
+        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, 1, f16x2=False))
     if m >= 4:
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
@@ -202,7 +201,7 @@ def main() -> int:
     for r in results:
         c = r.best_config
         tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
-                  f"w{c['num_warps']} " + ("pf" if c.get("prefetch") else f"st{c['num_stages']}")
+                  f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         table.add_row(r.shape, str(r.bits), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
                       f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)

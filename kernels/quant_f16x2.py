@@ -6,9 +6,10 @@ travel in the two halves of one 32-bit register, so one LOP3 (mask the two field
 "magic number" conversion of FasterTransformer and Marlin), one SUB.F16X2 (remove the magic) and one FMA.F16X2
 (times two activations) handle two weights.
 
-A pair is codes e and e + 16 of the chunk: they sit 16 * bits apart in the bitstream, so after one PRMT per
-word that puts bitstream half-words [16k, 16k+16) and [16(bits+k), ...) side by side, both codes of every pair
-have the same bit offset in the two halves of one register, for any width. A code whose field ends above bit 10
+At 2, 4 and 8 bits no code straddles a half-word, so the pairs are the codes at equal offsets in the two halves
+of each word. At 3, 5 and 6 bits a pair is codes e and e + 16 of the chunk: they sit 16 * bits apart in the
+bitstream, so after one PRMT per word that puts bitstream half-words k and bits + k side by side, both codes
+of every pair have the same bit offset in the two halves of one register. A code whose field ends above bit 10
 of its half (the fp16 mantissa) is first shifted down; shifts are shared by the fields of a register. A code that
 straddles two half-words (3, 5, 6 bits) is assembled from both with a funnel of two shifts and a select.
 
@@ -53,42 +54,55 @@ def _magic(bits: int, offset: int) -> int:
     return ((25 - offset - bits) << 10) * 0x10001
 
 
-def plan(bits: int) -> tuple[list[Op], list[str]]:
-    """The ops decoding a chunk's `bits` words, and the register holding pair i (codes i, i + 16) as fp16x2."""
+def plan(bits: int) -> tuple[list[Op], list[tuple[str, int, int]]]:
+    """The ops decoding a chunk's `bits` words, and for each pair the register holding it as fp16x2 with the
+    chunk indices of its low and high code."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     ops = []
-    for k in range(bits):  # r{k}: low half = bitstream half-word k, high half = half-word bits + k
-        lo, hi = k, bits + k
-        a, b = lo // 2, hi // 2
-        sel = (2 * (lo % 2)) | (2 * (lo % 2) + 1) << 4 | (4 + 2 * (hi % 2)) << 8 | (5 + 2 * (hi % 2)) << 12
-        ops.append(Op("prmt", f"r{k}", (f"w{a}", f"w{b}"), (sel,)))
-    shifted: dict[int, list[int]] = {k: [0] for k in range(bits)}  # shifts of r{k} made so far
+    if 16 % bits == 0:  # fields never straddle half-words: pair the two halves of each word, no PRMT
+        halves = [(2 * k, 2 * k + 1) for k in range(bits)]
+        regs = [f"w{k}" for k in range(bits)]
+    else:  # r{k}: low half = bitstream half-word k, high half = half-word bits + k (codes i and i + 16)
+        halves = [(k, bits + k) for k in range(bits)]
+        regs = [f"r{k}" for k in range(bits)]
+        for k, (lo, hi) in enumerate(halves):
+            sel = (2 * (lo % 2)) | (2 * (lo % 2) + 1) << 4 | (4 + 2 * (hi % 2)) << 8 | (5 + 2 * (hi % 2)) << 12
+            ops.append(Op("prmt", regs[k], (f"w{lo // 2}", f"w{hi // 2}"), (sel,)))
+    shifted: dict[int, list[int]] = {k: [0] for k in range(bits)}  # shifts of register k made so far
     pairs = []
-    for i in range(PAIRS):
-        k, o = divmod(i * bits, 16)
-        if o + bits > 16:  # straddles half-words k and k + 1: low part from r{k}, the rest from r{k+1}
-            low = 16 - o
+    for k in range(bits):
+        for o in range(-(-16 * k // bits) * bits - 16 * k, 16, bits):  # fields starting in the low half of k
+            i = len(pairs)
+            if o + bits > 16:  # straddles registers k and k + 1: low part from k, the rest from k + 1
+                low = 16 - o
+                ops += [
+                    Op("shr", f"s{i}a", (regs[k],), (o,)),
+                    Op("shl", f"s{i}b", (regs[k + 1],), (low,)),
+                    Op("select", f"s{i}", (f"s{i}a", f"s{i}b"), (_half_mask(low),)),
+                ]
+                src, offset = f"s{i}", 0
+            else:
+                sh = next((s for s in shifted[k] if s <= o and o - s + bits <= 10), None)
+                if sh is None:
+                    sh = o
+                    shifted[k].append(sh)
+                    ops.append(Op("shr", f"{regs[k]}_{sh}", (regs[k],), (sh,)))
+                src, offset = (regs[k] if sh == 0 else f"{regs[k]}_{sh}"), o - sh
+            magic = _magic(bits, offset)
             ops += [
-                Op("shr", f"s{i}a", (f"r{k}",), (o,)),
-                Op("shl", f"s{i}b", (f"r{k + 1}",), (low,)),
-                Op("select", f"s{i}", (f"s{i}a", f"s{i}b"), (_half_mask(low),)),
+                Op("field", f"f{i}", (src,), (_half_mask(bits, offset), magic)),
+                Op("unbias", f"p{i}", (f"f{i}",), (magic,)),
             ]
-            src, offset = f"s{i}", 0
-        else:
-            sh = next((s for s in shifted[k] if s <= o and o - s + bits <= 10), None)
-            if sh is None:
-                sh = o
-                shifted[k].append(sh)
-                ops.append(Op("shr", f"r{k}_{sh}", (f"r{k}",), (sh,)))
-            src, offset = (f"r{k}" if sh == 0 else f"r{k}_{sh}"), o - sh
-        magic = _magic(bits, offset)
-        ops += [
-            Op("field", f"f{i}", (src,), (_half_mask(bits, offset), magic)),
-            Op("unbias", f"p{i}", (f"f{i}",), (magic,)),
-        ]
-        pairs.append(f"p{i}")
+            lo_half, hi_half = halves[k]
+            pairs.append((f"p{i}", (16 * lo_half + o) // bits, (16 * hi_half + o) // bits))
+    assert len(pairs) == PAIRS and sorted(c for _, a, b in pairs for c in (a, b)) == list(range(32))
     return ops, pairs
+
+
+def pair_codes(bits: int) -> tuple[tuple[int, int], ...]:
+    """Chunk indices (low, high) of the codes of each pair, in the order of `ptx`'s activation operands."""
+    return tuple((lo, hi) for _, lo, hi in plan(bits)[1])
 
 
 def emulate(words: np.ndarray, bits: int) -> np.ndarray:
@@ -118,15 +132,15 @@ def emulate(words: np.ndarray, bits: int) -> np.ndarray:
             magic = np.array([op.imm[0]], dtype=np.uint32).view(np.float16)
             regs[op.dst] = (halves - magic).view(np.uint32).reshape(s[0].shape)
     out = np.empty((32, *words.shape[1:]), dtype=np.float64)
-    for i, name in enumerate(pairs):
+    for name, lo, hi in pairs:
         halves = regs[name].view(np.uint16).reshape(*regs[name].shape, 2).view(np.float16).astype(np.float64)
-        out[i], out[i + 16] = halves[..., 0] * 2.0**bits, halves[..., 1] * 2.0**bits
+        out[lo], out[hi] = halves[..., 0] * 2.0**bits, halves[..., 1] * 2.0**bits
     return out
 
 
 def ptx(bits: int) -> tuple[str, str]:
     """Inline PTX for one chunk and its constraints: $0 (f32 out) = sum over the 32 codes of x * q / 2**bits,
-    from $1..$bits (the chunk's words) and the 16 activation pairs (x[i], x[i + 16]) as fp16x2 after them."""
+    from $1..$bits (the chunk's words) and the 16 activation pairs (`pair_codes` order) as fp16x2 after them."""
     ops, pairs = plan(bits)
     names = {f"w{j}": f"${1 + j}" for j in range(bits)}
     temps = [op.dst for op in ops]
@@ -148,7 +162,7 @@ def ptx(bits: int) -> tuple[str, str]:
             body.append(f"mov.b32 %m, {op.imm[0]:#x};")
             body.append(f"sub.rn.f16x2 {d}, {s[0]}, %m;")
     x = [f"${1 + bits + i}" for i in range(PAIRS)]
-    for i, p in enumerate(pairs):
+    for i, (p, _, _) in enumerate(pairs):
         c = f"%c{i % CHAINS}"
         if i < CHAINS:
             body.append(f"mul.rn.f16x2 {c}, {names[p]}, {x[i]};")

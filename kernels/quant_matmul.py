@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .quant_f16x2 import PAIRS as _PAIRS
-from .quant_f16x2 import ptx
+from .quant_f16x2 import pair_codes, ptx
 from .quant_pack import SUPPORTED_BITS
 from .quantize import QuantizedWeight, dequantize
 
@@ -166,6 +166,12 @@ def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: 
 
 PAIRS = tl.constexpr(_PAIRS)  # code pairs per chunk
 _CHUNK_PTX = {bits: ptx(bits) for bits in SUPPORTED_BITS}  # (asm, constraints) by width
+_PAIR_CODES = {bits: pair_codes(bits) for bits in SUPPORTED_BITS}
+
+
+@triton.constexpr_function
+def _pair_code(bits, i, half):
+    return _PAIR_CODES[bits][i][half]
 
 
 @triton.constexpr_function
@@ -194,11 +200,13 @@ def _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS: t
     xs = ()
     for i in tl.static_range(PAIRS):
         if EVEN_K:
-            lo = tl.load(x_chunk + i).to(tl.float32)
-            hi = tl.load(x_chunk + i + PAIRS).to(tl.float32)
+            lo = tl.load(x_chunk + _pair_code(BITS, i, 0)).to(tl.float32)
+            hi = tl.load(x_chunk + _pair_code(BITS, i, 1)).to(tl.float32)
         else:
-            lo = tl.load(x_chunk + i, mask=chunk * 32 + i < K, other=0.0).to(tl.float32)
-            hi = tl.load(x_chunk + i + PAIRS, mask=chunk * 32 + i + PAIRS < K, other=0.0).to(tl.float32)
+            lo = tl.load(x_chunk + _pair_code(BITS, i, 0), mask=chunk * 32 + _pair_code(BITS, i, 0) < K,
+                         other=0.0).to(tl.float32)
+            hi = tl.load(x_chunk + _pair_code(BITS, i, 1), mask=chunk * 32 + _pair_code(BITS, i, 1) < K,
+                         other=0.0).to(tl.float32)
         xsum += lo + hi
         xs = xs + (_f16x2(lo, hi),)
     part = tl.inline_asm_elementwise(_chunk_asm(BITS), _chunk_constraints(BITS), words + xs, dtype=tl.float32,
@@ -263,7 +271,7 @@ def _gemv_kernel(
     acc = tl.zeros([BM, C, BN], dtype=tl.float32)
     begin = tl.program_id(1) * chunks_per_split
     end = tl.minimum(begin + chunks_per_split, n_chunks)
-    if PREFETCH:  # registers double-buffer the words: the next step's loads fly while this one computes
+    if PREFETCH == 1:  # registers double-buffer the words: the next step's loads fly while this one computes
         chunk = tl.minimum(begin + lane, end - 1)
         words = _load_words(w_ptr, chunk, n3, N, BITS)
         for c0 in tl.range(begin, end, C, num_stages=1):
@@ -273,6 +281,20 @@ def _gemv_kernel(
                          BM, C, BN, F16X2)
             words = next_words
             chunk = next_chunk
+    elif PREFETCH == 2:  # triple-buffered: two steps of loads in flight
+        chunk = tl.minimum(begin + lane, end - 1)
+        words = _load_words(w_ptr, chunk, n3, N, BITS)
+        chunk1 = tl.minimum(begin + C + lane, end - 1)
+        words1 = _load_words(w_ptr, chunk1, n3, N, BITS)
+        for c0 in tl.range(begin, end, C, num_stages=1):
+            chunk2 = tl.minimum(c0 + 2 * C + lane, end - 1)
+            words2 = _load_words(w_ptr, chunk2, n3, N, BITS)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
+                         BM, C, BN, F16X2)
+            words = words1
+            chunk = chunk1
+            words1 = words2
+            chunk1 = chunk2
     else:
         for c0 in tl.range(begin, end, C, num_stages=STAGES):
             chunk = tl.minimum(c0 + lane, end - 1)
@@ -394,7 +416,7 @@ class QuantMatmulConfig:
     split_k: int
     num_warps: int = 4
     num_stages: int = 2
-    prefetch: bool = False  # GEMV: double-buffer the words in registers (num_stages then unused)
+    prefetch: int = 0  # GEMV: steps of words loaded ahead into registers, 0-2 (0: num_stages staging)
     f16x2: bool = True  # GEMV with 16-bit x on CUDA: the packed fp16 decode (quant_f16x2); else the portable one
 
 
@@ -402,14 +424,13 @@ GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows
 
 
 def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
-    """The tilings that won benchmarks/quant_gemv.py's H100 sweep on Llama-3.1-8B shapes (within ~5% of the best
-    on each at M = 1), K split until the grid covers the GPU many times over. GEMV: 2 chunks x 256 columns per
-    step, words double-buffered in registers (no cp.async staging, no barrier per step), ~16 programs per SM
-    over the launch: short programs keep the loads of many in flight. Tensor cores: one group per step, ~4
-    programs per SM at decode sizes."""
+    """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. GEMV: 2 chunks x 256
+    columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more columns per thread
+    share the activations' conversion but cost registers and occupancy, and lost), words double-buffered in
+    registers, ~4 programs per SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
     if m <= GEMV_MAX_M:
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 1024 // m, 1, 1, 4, 1, prefetch=True)
-        return with_split_k(cfg, m, n, qw, 8 * num_sms)
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=1)
+        return with_split_k(cfg, m, n, qw, 4 * num_sms)
     cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
     return with_split_k(cfg, m, n, qw, (4 if m <= 16 else 2) * num_sms)
 
@@ -510,7 +531,7 @@ def quant_matmul(
         REDUCE=_reduce_width(split, cfg),
         HAS_BIAS=bias is not None,
         STAGES=cfg.num_stages,
-        **({} if cfg.dot else {"PREFETCH": cfg.prefetch, "F16X2": _use_f16x2(cfg, x)}),
+        **({} if cfg.dot else {"PREFETCH": int(cfg.prefetch), "F16X2": _use_f16x2(cfg, x)}),
         num_warps=cfg.num_warps,
         **extra,
     )

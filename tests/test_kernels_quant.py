@@ -106,12 +106,13 @@ def _case(bits: int, n: int, k: int, group: int, dtype: torch.dtype, seed: int):
     return quantize_rtn(w, bits, group).to(DEVICE)
 
 
-# (M, config): the CUDA-core GEMV with and without split-K, rows over the block, words double-buffered in
-# registers (several steps per split, a ragged last one), and the tensor-core kernel.
+# (M, config): the CUDA-core GEMV with and without split-K, rows over the block, words double- and
+# triple-buffered in registers (several steps per split, a ragged last one), and the tensor-core kernel.
 SMALL_CONFIGS = [
     (1, QuantMatmulConfig(False, 1, 32, 2, 1)),
     (3, QuantMatmulConfig(False, 4, 16, 1, 3)),
-    (2, QuantMatmulConfig(False, 2, 16, 2, 2, 4, 1, prefetch=True)),
+    (2, QuantMatmulConfig(False, 2, 16, 2, 2, 4, 1, prefetch=1)),
+    (1, QuantMatmulConfig(False, 1, 16, 1, 2, 4, 1, prefetch=2)),
     (5, QuantMatmulConfig(True, 16, 16, 2, 2)),
 ]
 
@@ -193,7 +194,7 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
     x = (torch.randn(1, 4000, device=DEVICE) * torch.logspace(-3, 2, 4000, device=DEVICE)).to(dtype)
     ref = _ref64(x, qw)
     for f16x2 in (True, False):
-        cfg = QuantMatmulConfig(False, 1, 1024, 1, 8, 4, 1, prefetch=True, f16x2=f16x2)
+        cfg = QuantMatmulConfig(False, 1, 256, 2, 8, 4, 1, prefetch=1, f16x2=f16x2)
         with nan_allocations():
             out = quant_matmul(x, qw, config=cfg)
         assert rel_err(out, ref) < TOL[dtype], f16x2
