@@ -427,13 +427,10 @@ def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMa
     """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. GEMV: 2 chunks x 256
     columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more columns per thread
     share the activations' conversion but cost registers and occupancy, and lost), words double-buffered in
-    registers, ~4 programs per SM. Two rows at 5-8 bits keep the portable decode at ~16 programs per SM: the
-    packed decode runs once per row (the inline PTX is elementwise over [rows, columns]), which at those widths
-    cost more than it saved. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
+    registers, ~4 programs per SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
     if m <= GEMV_MAX_M:
-        packed = m == 1 or qw.bits <= 4
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=1, f16x2=packed)
-        return with_split_k(cfg, m, n, qw, (4 if packed else 16) * num_sms)
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=1)
+        return with_split_k(cfg, m, n, qw, 4 * num_sms)
     cfg = QuantMatmulConfig(True, 16 if m <= 16 else 32 if m <= 32 else 64, 64, qw.group_size // 32, 1, 4, 3)
     return with_split_k(cfg, m, n, qw, (4 if m <= 16 else 2) * num_sms)
 
