@@ -2,23 +2,25 @@
 
 Two Triton kernels read the packed weight of `quant_pack` once and never materialize W_hat:
 
-- `_gemv_kernel` (small M, decode): CUDA cores. Each of the 32 element slots of a chunk is decoded with
-  compile-time masks into an exact fp32 integer (OR-ing the code into the mantissa of a power of two and
-  subtracting it, cheaper than an int-to-float conversion), then multiplied by the activation. Per group,
-  scale * sum(x*q) + min * sum(x) applies the scale once instead of once per weight.
+- `_gemv_kernel` (small M, decode): CUDA cores. On NVIDIA GPUs with 16-bit activations each 32-code chunk is
+  decoded by inline PTX two codes per instruction into fp16 and multiplied in packed fp16 (quant_f16x2), summed
+  to fp32 per chunk. The portable decode (CPU interpreter, fp32 activations, `f16x2=False`) turns each of the
+  32 slots into an exact fp32 integer with compile-time masks (OR-ing the code into the mantissa of a power of
+  two and subtracting it, cheaper than an int-to-float conversion), then multiplies by the activation. Per
+  group, scale * sum(x*q) + min * sum(x) applies the scale once instead of once per weight.
 - `_dot_kernel` (larger M, prefill): tensor cores. One group's codes are decoded into a [BLOCK_N, group] tile
   of exact integers in the activation dtype and multiplied as W^T x^T, so the weight tile is the MMA's
   M side (64+ rows, wgmma on Hopper) and the few tokens its N side; the scale and minimum are applied to the
   group's partial product, so the result is the same sum as the GEMV's.
 
-Both accumulate in fp32 and round once at the end, the math of `quant_matmul_reference`. Split-K programs write
+Both accumulate in fp32 (the packed decode sums each chunk's 32 products in fp16 first) and round once at the
+end, the math of `quant_matmul_reference`. Split-K programs write
 fp32 partials; the last program of each output tile (found with an atomic counter) sums them in a fixed order,
 so one launch does the whole product and results are deterministic.
 
-Where the GEMV's time goes (H100, benchmarks/quant_gemv.py): each weight costs ~3.5 instructions (the mask-OR,
-the FMA to an exact integer, the FMA with x, plus the per-slot activation load, conversion and sum shared by the
-thread's columns). At 4 bits and below that issue time is as long as the weight's DRAM time, so the largest
-8B layer streams at ~2 TB/s rather than 3, and 3-bit weights gain little over 4-bit ones.
+Where the GEMV's time goes (H100, benchmarks/quant_gemv.py, docs/benchmarks.md): the packed decode brought the
+main loop from ~4.5 to ~3.4 instructions per weight at 4 bits but the time only 5-16% (3-4 bits): the largest
+8B layer streams at ~2 TB/s rather than 3, and the small ones pay ~5 us of ramp, latency and split-K tail.
 """
 
 from __future__ import annotations

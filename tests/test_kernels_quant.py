@@ -13,6 +13,7 @@ import torch
 
 from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err  # noqa: I001  (sets up the interpreter first)
 
+from treadle.kernels.quant_f16x2 import emulate, ptx
 from treadle.kernels.quant_matmul import (
     GEMV_MAX_M,
     QuantMatmulConfig,
@@ -20,7 +21,6 @@ from treadle.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_reference,
 )
-from treadle.kernels.quant_f16x2 import emulate, ptx
 from treadle.kernels.quant_pack import SUPPORTED_BITS, pack_bits, unpack_bits
 from treadle.kernels.quantize import dequantize, quantization_error, quantize_rtn
 
