@@ -12,7 +12,8 @@ log-sum-exp with the context part scaled by S·T (engine/models/attention.py); P
 Store. Contexts are keyed by a hash of their token ids, so an inline text and a created context with the same
 tokens share one entry and one KV copy. An entry's KV is held by its encoder sequence (suspended once computed).
 Every request holds a use on each entry it attends; only entries without users are evicted, least recently used
-first, when the scheduler runs short of pages. Created (pinned) entries keep their record when their KV is evicted
+first, when the scheduler runs short of pages. If nothing can run at all because contexts held only by requests
+still waiting for other contexts fill the pool, one of those is dropped and queued for encoding again. Created (pinned) entries keep their record when their KV is evicted
 and are encoded again on next use; inline ones are forgotten. A request waits outside the scheduler until all its
 contexts are encoded. KV accounting stays exact: once every request has ended and every context is deleted,
 every page is free again.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -286,6 +287,20 @@ class ContextStore:
         for s in waiting:
             if s.ape.ready:
                 self.scheduler.add(s)
+
+    def relieve(self) -> bool:
+        """Nothing could be scheduled: contexts that only waiting requests hold may fill the pool while an encoder
+        those or other requests wait for finds no room. Drop the least recently used such context's KV and queue it
+        for encoding again, behind the encoders already waiting; True if one was dropped."""
+        held = Counter(e for s in self._parked for e in s.ape.contexts)
+        order = {e: i for i, e in enumerate(self.entries.values())}  # deleted entries (not in the LRU) go first
+        for entry in sorted(held, key=lambda e: order.get(e, -1)):
+            if entry.ready and entry.users == held[entry]:
+                self._drop_kv(entry)
+                self._encode(entry)
+                self.evictions += 1
+                return True
+        return False
 
     def reclaim(self, pages: int) -> None:
         """Free at least `pages` pages if possible by dropping the KV of contexts no request uses, LRU first."""

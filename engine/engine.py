@@ -122,7 +122,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         self.published_stats = self.snapshot_stats()  # gauges show the batch while the model computes it
         if not sched.chunks:
-            if self.scheduler.has_work():  # nothing fits: parallel documents hold the pool
+            # Nothing fits: contexts of requests still waiting for theirs, or parallel documents, hold the pool.
+            if self.scheduler.has_work() and not self.ape.relieve():
                 self.multiverse.relieve()
             return self._emit([])
         chunks = []

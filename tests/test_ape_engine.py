@@ -231,3 +231,27 @@ def test_abort_while_waiting_for_contexts_frees_everything(tiny):
     engine.abort("x")
     run(engine, [])
     delete_all(engine)
+
+
+def test_contexts_held_only_by_waiting_requests_give_way(tiny):
+    """X and Y are cached; R1 needs X and Z, R2 needs Y and W, and Z fits only if Y's pages go. Y is held by R2, which
+    cannot run before W is encoded: its KV is dropped and Y is encoded again later, so both requests finish."""
+    engine = engine_for(tiny, num_pages=24)
+    prefix = list(engine.ape.layout.prefix_ids)
+    query = enc(engine, QUERY)
+    x, y, z, w = (enc(engine, f"Document {name}. " + DOCS[i % 3] * 12)[:110] for i, name in enumerate("XYZW"))
+    for doc in (x, y):
+        engine.ape.put(doc, pinned=True)
+    run(engine, [])
+    requests = [request("r1", prefix + query, ApeParams([x, z])), request("r2", prefix + query, ApeParams([y, w]))]
+    for r in requests:
+        engine.add_request(r)
+    done: dict[str, list[int]] = {}
+    for _ in range(200):
+        if not engine.has_work():
+            break
+        for out in engine.step():
+            for c in out.outputs:
+                done.setdefault(out.request_id, []).extend(c.token_ids)
+    assert not engine.has_work() and sorted(done) == ["r1", "r2"]
+    delete_all(engine)
