@@ -67,8 +67,8 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps, steps loaded ahead) with the packed fp16 decode; the first is also timed
-# with the portable decode, for an A/B in the same run.
+# GEMV tilings (block_n, chunks, warps, steps loaded ahead) with the opt-in packed fp16 decode; the first is also
+# timed with the default portable decode, for an A/B in the same run.
 GEMV_TILES = ((256, 2, 4, 1), (256, 2, 4, 2), (512, 1, 4, 1), (512, 1, 4, 2), (128, 4, 4, 1), (512, 2, 8, 1))
 
 
@@ -80,8 +80,8 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, pf) for bn, c, w, pf in GEMV_TILES]
-        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, 1, f16x2=False))
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, pf, f16x2=True) for bn, c, w, pf in GEMV_TILES]
+        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, 1))
     if m >= 4:
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
