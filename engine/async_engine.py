@@ -56,6 +56,7 @@ class AsyncEngine:
         loaded = load_model(cfg, progress=progress)
         self.cfg = cfg
         self.engine = LLMEngine(cfg, loaded, multiverse_tags)
+        self.engine.runner.reserve_core_for_server()
         self.tokenizer = loaded.tokenizer
         self.model_config = loaded.config
         self.model_name = cfg.served_model_name or loaded.name
