@@ -12,11 +12,9 @@ import math
 
 import pytest
 import torch
-from multiverse_testing import save_tiny_llama
 from transformers import AttentionInterface, DynamicCache
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
-from treadle.engine.loader import load_model
 from treadle.engine.sampling_params import ApeParams, SamplingParams
 from treadle.engine.sequence import Request
 
@@ -24,20 +22,7 @@ QUERY = "<|im_start|>user\nWhich city is the capital?<|im_end|>\n<|im_start|>ass
 DOCS = ["The capital of Freedonia is Alba. ", "Rivers in Sylvania run north to the sea. ",
         "Bob keeps three green parrots named after kings, queens and jesters. "]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    reference = save_tiny_llama(path)
-    return load_model(EngineConfig(model=path, dtype="float32"), progress=False), reference
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def engine_for(tiny, num_pages: int = 256, page_size: int = 16) -> LLMEngine:

@@ -4,21 +4,16 @@ the `contexts` / `ape` extras with the official openai client (streaming, n, sto
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from inprocess_server import metric_samples, openai_client, serving
 from multiverse_testing import save_tiny_llama
-from prometheus_client.parser import text_string_to_metric_families
 from treadle.engine.async_engine import AsyncEngine
 from treadle.engine.config import EngineConfig
-from treadle.server.app import build_app
 
 DOC = "The capital of Freedonia is Alba. The river Oro runs north. "
 OTHER = "Bob keeps three green parrots named after kings. "
@@ -32,27 +27,18 @@ def server(tmp_path_factory) -> Iterator[tuple[str, AsyncEngine]]:
     save_tiny_llama(path)
     engine = AsyncEngine(EngineConfig(model=path, served_model_name="m", dtype="float32", num_pages=64,
                                        num_threads=1), progress=False)
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
-    sock = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(engine) as base_url:
+        yield base_url, engine
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server[0])
 
 
 def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-            if s.name.startswith("treadle:ape")}
+    return metric_samples(base_url, "treadle:ape")
 
 
 def test_context_routes_and_chat_with_contexts(server, client):

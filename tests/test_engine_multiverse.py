@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from multiverse_testing import Rule, Script, save_tiny_llama
+from multiverse_testing import Rule, Script
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
-from treadle.engine.loader import load_model
 from treadle.engine.multiverse import Block, PathNode, TagScanner
 from treadle.engine.multiverse_tags import MultiverseTags
 from treadle.engine.sampling_params import ParallelParams, SamplingParams
@@ -17,21 +16,7 @@ from treadle.engine.sequence import Request
 
 TAGS = MultiverseTags()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to share: extra threads only contend for the CI box's two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_llama"))
-    reference = save_tiny_llama(path)
-    return load_model(EngineConfig(model=path, dtype="float32"), progress=False), reference
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

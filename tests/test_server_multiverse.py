@@ -8,8 +8,6 @@ attached to parallel requests on the engine side: the offline seam, which HTTP c
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -17,14 +15,12 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
+from inprocess_server import metric_samples, openai_client, serving
 from multiverse_testing import Rule, Script, save_tiny_llama
-from prometheus_client.parser import text_string_to_metric_families
 from treadle.engine.async_engine import AsyncEngine
 from treadle.engine.config import EngineConfig
 from treadle.engine.multiverse_tags import MultiverseTags
 from treadle.engine.sampling_params import ParallelParams
-from treadle.server.app import build_app
 from treadle.server.serve_config import ConfigError, build_serve_config
 
 TAGS = MultiverseTags()
@@ -57,27 +53,18 @@ def server(tmp_path_factory) -> Iterator[tuple[str, AsyncEngine]]:
         add_request(req)
 
     engine.engine.add_request = add_scripted
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine), log_level="warning"))
-    sock = socket.create_server(("127.0.0.1", 0))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}", engine
-    uv.should_exit = True
-    thread.join(timeout=30)
+    with serving(engine) as base_url:
+        yield base_url, engine
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server[0])
 
 
 def metrics(base_url: str) -> dict[str, float]:
-    text = httpx.get(base_url + "/metrics", timeout=30).text
-    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
-            if s.name.startswith("treadle:")}
+    return metric_samples(base_url, "treadle:")
 
 
 def test_content_in_document_order_with_branches_and_depth(server, client):
