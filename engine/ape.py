@@ -244,9 +244,11 @@ class ContextStore:
     def attach(self, seq: Sequence, ape: ApeParams) -> None:
         """Give a request's sequence its contexts (encoding the missing ones) and schedule it once they are in."""
         entries: list[CachedContext] = []
+        req = seq.request
         for tokens in ape.contexts:
             known = self.entries.get(context_key(tokens))
-            if known is not None and known.encoder is not None:
+            hit = known is not None and known.encoder is not None
+            if hit:
                 self.hits += 1
             else:
                 self.misses += 1
@@ -254,6 +256,8 @@ class ContextStore:
             if entry not in entries:
                 entries.append(entry)
                 entry.users += 1
+                req.num_context_tokens += len(tokens)
+                req.num_cached_context_tokens += len(tokens) if hit else 0
         longest = max(e.num_tokens for e in entries)
         seq.ape = ApeState(self.prefix_len, longest, entries, ape.temperature, ape.scale)
         if seq.ape.ready:

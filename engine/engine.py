@@ -285,8 +285,8 @@ class LLMEngine:
         return RequestOutput(
             request_id=req.request_id,
             outputs=outs,
-            num_prompt_tokens=len(req.prompt_token_ids),
-            num_cached_tokens=req.num_cached_tokens,
+            num_prompt_tokens=len(req.prompt_token_ids) + req.num_context_tokens,
+            num_cached_tokens=req.num_cached_tokens + req.num_cached_context_tokens,
             finished=finished,
             arrival_time=req.arrival_time,
             first_token_time=req.first_token_time,

@@ -87,6 +87,8 @@ class Request:
     forked: bool = False  # n > 1 choices have been forked from the prompt's sequence
     first_token_time: float | None = None
     num_cached_tokens: int = 0
+    num_context_tokens: int = 0  # APE contexts the prompt attends: part of the prompt, as OpenAI's usage counts it
+    num_cached_context_tokens: int = 0  # of those, found already encoded
     arrival_order: int = field(default_factory=lambda: next(_arrivals))
 
     @property

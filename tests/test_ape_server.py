@@ -56,6 +56,11 @@ def test_context_routes_and_chat_with_contexts(server, client):
     extra = {"contexts": [created["id"], {"text": OTHER}], "ape": {"temperature": 0.8, "scale": 0.9}}
     kw = {"model": "m", "messages": USER, "temperature": 0, "max_tokens": 8, "extra_body": extra}
     answer = client.chat.completions.create(n=2, logprobs=True, top_logprobs=2, **kw)
+    # Usage counts the contexts as prompt tokens, the one found encoded as cached, as OpenAI counts cached prompts.
+    plain = client.chat.completions.create(model="m", messages=USER, max_tokens=1).usage.prompt_tokens
+    other_tokens = len(engine.tokenizer.encode(OTHER, add_special_tokens=False))
+    assert answer.usage.prompt_tokens == plain + created["tokens"] + other_tokens
+    assert answer.usage.prompt_tokens_details.cached_tokens >= created["tokens"]
     assert answer.choices[0].message.content == answer.choices[1].message.content
     assert len(answer.choices[0].logprobs.content) == answer.usage.completion_tokens // 2
     streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
