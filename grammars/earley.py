@@ -26,7 +26,7 @@ class Config:
     """One interned Earley set. `scan` lists (byte->state table, origin, count) of every item that can scan."""
 
     __slots__ = ("id", "kernel", "roots", "selfs", "scan", "can_end", "next", "waiters", "mask", "need_apply",
-                 "tok", "row_filled", "allowed", "main", "chain")
+                 "tok", "row_filled", "allowed", "main", "chain", "shape")
 
     def __init__(self, cid: int, kernel: tuple, roots: tuple, selfs: frozenset, scan: list, can_end: bool):
         self.id = cid
@@ -35,6 +35,7 @@ class Config:
         self.row_filled = False
         self.main: tuple[int, int] | None = None  # (bytes as a 256-bit int, target) of the largest byte group
         self.chain = None  # mask.py's memo of where `main` leads
+        self.shape: int | None = None  # mask.py's id of what the configuration can do within one token
         self.allowed: frozenset | None = None
         self.selfs = selfs
         self.scan = scan
@@ -62,6 +63,9 @@ class Space:
         self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
         self.can_end_arr = np.zeros(64, dtype=bool)
         self.contrib: dict = {}
+        self.shapes: dict[frozenset, int] = {}  # mask.py's interned configuration shapes and contexts
+        self.contexts: dict[tuple[int, int], object] = {}
+        self.shape_masks: dict[int, np.ndarray] = {}
         self.lock = threading.RLock()  # held by callers while they extend the memo
 
     def initial(self, state: int, count: int = 0, origin: int = ROOT) -> int:
@@ -153,6 +157,10 @@ class Space:
             if cid < 0:
                 return DEAD
         return cid
+
+    def waiters(self, cid: int) -> dict[int, list]:
+        cfg = self.configs[cid]
+        return cfg.waiters if cfg.waiters is not None else self._waiters(cfg)
 
     def _waiters(self, cfg: Config) -> dict[int, list]:
         """Items of cfg that wait on each rule, already advanced over it."""

@@ -34,6 +34,7 @@ SMALL_FRONTIER = 32  # below this many trie nodes a level is stepped in Python, 
 LOOP_MIN = 32  # byte classes smaller than this are not followed to accept whole subtrees
 SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
+MAX_CONTEXT_DEPTH = 64  # origin chains followed this deep to share masks; deeper ones stay exact
 
 
 class Walk(NamedTuple):
@@ -353,8 +354,47 @@ class Masker:
             self.cache[key] = hit
         return hit
 
+    def shape(self, cid: int) -> int:
+        """An id for what a configuration can do within one token: its kernel items with counts clamped as
+        in `_ckey` and origins replaced by their `context`. Configurations that differ only in counts out of
+        one token's reach of their bounds (the 7th vs the 8th element of `minItems: 200`) or in what their
+        origins hold besides the waiting items (the whitespace count before an object) share it, and with
+        it masks and contributions, which otherwise would be recomputed for each variant."""
+        cfg = self.space.configs[cid]
+        if cfg.shape is None:
+            rule_of = self.ir.rule_of
+            key = frozenset((s, self._ckey(s, c), self.context(o, rule_of[s])) for s, o, c in cfg.kernel)
+            cfg.shape = self._intern(key)
+        return cfg.shape
+
+    def context(self, o: int, r: int, depth: int = 0, busy: set | None = None):
+        """What rule r, started at configuration o, completes into: the interned set of o's items waiting
+        on r (clamped counts, their own contexts) -- all that closure ever reads of an origin. A cycle
+        (left recursion) or a chain deeper than MAX_CONTEXT_DEPTH keeps the origin itself: exact, unshared."""
+        if o < 0:
+            return ROOT
+        key = (o, r)
+        space = self.space
+        ctx = space.contexts.get(key)
+        if ctx is not None:
+            return ctx
+        busy = set() if busy is None else busy
+        if depth > MAX_CONTEXT_DEPTH or key in busy:
+            return ("at", o)
+        busy.add(key)
+        rule_of = self.ir.rule_of
+        items = frozenset((t, self._ckey(t, c), self.context(o2, rule_of[t], depth + 1, busy))
+                          for t, o2, c in space.waiters(o).get(r, ()))
+        busy.discard(key)
+        ctx = space.contexts[key] = self._intern(items)
+        return ctx
+
+    def _intern(self, key: frozenset) -> int:
+        shapes = self.space.shapes
+        return shapes.setdefault(key, len(shapes))
+
     def contribution(self, s: int, o: int, c: int):
-        key = (s, self._ckey(s, c), o)
+        key = (s, self._ckey(s, c), self.context(o, self.ir.rule_of[s]))
         w = self.space.contrib.get(key)
         if w is None:
             acc_words, unc = self.classification(s, c)
@@ -377,6 +417,16 @@ class Masker:
         cfg = self.space.configs[cid]
         if cfg.mask is not None:
             return cfg.mask
+        sid = self.shape(cid)
+        words = self.space.shape_masks.get(sid)
+        if words is None:
+            words = self.space.shape_masks[sid] = self._roots_mask(cfg)
+        cfg.mask = words
+        cfg.need_apply = not np.array_equal(words, self.full)
+        return words
+
+    def _roots_mask(self, cfg) -> np.ndarray:
+        """The OR of a configuration's kernel items' contributions (its roots cover the other items)."""
         ir = self.ir
         words = None
         owned = False
@@ -399,6 +449,4 @@ class Masker:
             words = self.empty
         if cfg.can_end:
             words = words | self.stop_words
-        cfg.mask = words
-        cfg.need_apply = not np.array_equal(words, self.full)
         return words
