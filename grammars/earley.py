@@ -3,8 +3,10 @@
 An Earley item is (state, origin, count). Instead of an input position, `origin` is the id of the interned
 configuration (Earley set) in which the item's rule instance started: a configuration is identified by its
 kernel items alone (predictions are a static function of them), so two parses that differ only in absolute
-positions share one configuration. That makes the parser a lazily built DFA over configurations: every
-(configuration, byte) transition is computed once and memoized, and masks are memoized per configuration.
+positions share one configuration; an origin is further replaced by a representative with the same items
+waiting on the item's rule (`Space.origin`), the only thing closure reads of it. That makes the parser a
+lazily built DFA over configurations: every (configuration, byte) transition is computed once and memoized,
+and masks are memoized per configuration.
 Origin -1 marks the bottom item (the grammar's root, or the rule whose tokens are being classified); it
 completing sets `can_end`.
 """
@@ -20,6 +22,7 @@ from .automata import GrammarIR
 DEAD = -1
 UNKNOWN = -2
 ROOT = -1
+MAX_ORIGIN_DEPTH = 64  # origin chains followed this deep to find a representative; deeper ones stay as they are
 
 
 class Config:
@@ -65,6 +68,8 @@ class Space:
         self.contrib: dict = {}
         self.shapes: dict[frozenset, int] = {}  # mask.py's interned configuration shapes and contexts
         self.contexts: dict[tuple[int, int], object] = {}
+        self.origins: dict[tuple[int, int], int] = {}  # (origin, rule) -> representative origin
+        self.waiting: dict[tuple[int, frozenset], int] = {}
         self.shape_masks: dict[int, np.ndarray] = {}
         self.lock = threading.RLock()  # held by callers while they extend the memo
 
@@ -158,6 +163,29 @@ class Space:
                 return DEAD
         return cid
 
+    def origin(self, o: int, r: int, depth: int = 0, busy: set | None = None) -> int:
+        """The representative of origin o for items of rule r: the first configuration whose items waiting
+        on r are the same (their own origins represented in turn). Closure reads nothing else of an origin,
+        so items that differ only there (an object started after 1 or after 2 spaces of a counted
+        whitespace run) are the same item, and configurations nested in them are built once. A cycle (left
+        recursion) or a chain deeper than MAX_ORIGIN_DEPTH keeps o itself."""
+        if o < 0:
+            return o
+        key = (o, r)
+        rep = self.origins.get(key)
+        if rep is not None:
+            return rep
+        busy = set() if busy is None else busy
+        if depth > MAX_ORIGIN_DEPTH or key in busy:
+            return o
+        busy.add(key)
+        rule_of = self.ir.rule_of
+        waiting = frozenset((t, self.origin(o2, rule_of[t], depth + 1, busy), c)
+                            for t, o2, c in self.waiters(o).get(r, ()))
+        busy.discard(key)
+        rep = self.origins[key] = self.waiting.setdefault((r, waiting), o)
+        return rep
+
     def waiters(self, cid: int) -> dict[int, list]:
         cfg = self.configs[cid]
         return cfg.waiters if cfg.waiters is not None else self._waiters(cfg)
@@ -231,6 +259,10 @@ class Space:
                     if nxt:
                         stack.extend(nxt)
                         direct.extend(nxt)
+        rule_of = self.ir.rule_of
+        origin = self.origin
+        kernel = {(s, origin(o, rule_of[s]), c) for s, o, c in kernel}
+        direct = [(s, origin(o, rule_of[s]), c) for s, o, c in direct]
         key = frozenset(kernel)
         cid = self.index.get(key)
         if cid is not None:

@@ -68,7 +68,6 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
     ex: list[tuple[int, int, int]] = []
     ex_arr: list = []
     levels = vocab.levels
-    configs = space.configs
     cum = None if cand is None else np.concatenate([[0], np.cumsum(cand, dtype=np.int64)])
     all_bytes = frozenset(range(256))
     first = space.allowed(start)

@@ -81,8 +81,8 @@ GRAMMARS = {
     # a counted list of objects with counted whitespace: masks are shared between elements far from the
     # lower bound and between origins that differ only in the whitespace before them, never near the bound
     "counted_items": (
-        'root ::= "[" ws item (ws "," ws item){30,} ws "]"\n'
-        'item ::= "{" ws "\\"a\\"" ws ":" ws [0-9]{1,3} ws "}"\nws ::= [ ]{0,20}',
+        ('root ::= "[" ws item (ws "," ws item){30,} ws "]"\n'
+         'item ::= "{" ws "\\"a\\"" ws ":" ws [0-9]{1,3} ws "}"\nws ::= [ ]{0,20}'),
         ["[" + ",".join(f'{" " * (i % 5)}{{ "a" :{" " * (i % 3)}{i * 7 % 1000} }}' for i in range(33)) + " ]"],
     ),
 }
