@@ -261,8 +261,8 @@ class Space:
                         direct.extend(nxt)
         rule_of = self.ir.rule_of
         origin = self.origin
+        roots = {(s, origin(o, rule_of[s]), c) for s, o, c in kernel.intersection(direct)}
         kernel = {(s, origin(o, rule_of[s]), c) for s, o, c in kernel}
-        direct = [(s, origin(o, rule_of[s]), c) for s, o, c in direct]
         key = frozenset(kernel)
         cid = self.index.get(key)
         if cid is not None:
@@ -276,7 +276,7 @@ class Space:
         bnext = ir.bnext
         scan = [(bnext[s], o, c) for s, o, c in kernel if bnext[s]]
         scan.extend((bnext[s], cid, 0) for s in ir.scanning(selfs))
-        configs.append(Config(cid, tuple(kernel), tuple(set(direct) & kernel), selfs, scan, can_end))
+        configs.append(Config(cid, tuple(kernel), tuple(roots), selfs, scan, can_end))
         if cid >= len(self.can_end_arr):
             grow = np.full((len(self.table), 256), UNKNOWN, dtype=np.int32)
             self.table = np.concatenate([self.table, grow])
