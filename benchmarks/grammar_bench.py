@@ -13,6 +13,9 @@ then geometric means per engine and treadle's ratios to the others. The per-step
 walk (issue 3: <= 3x xgrammar's geomean of per-case means); steady state is printed beside it.
 Scaling: compile and first-mask time of a tool-calling structural tag (triggered tags) over
 10 / 100 / 500 tools.
+Fresh walks (treadle): the schema of benchmarks/structured_overhead.py walked several times in a row from one
+cold compile, taking a random allowed token each step, fill and accept timed apart: what serving steps see
+on parser configurations not met before (later walks meet more of them in the memo).
 
 Prints tables and writes JSON (--out). Run it once, on an otherwise idle machine.
 """
@@ -39,6 +42,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch as llg_torch
+import numpy as np
 import torch
 import xgrammar as xgr
 
@@ -46,6 +50,19 @@ import treadle.grammars as tg
 
 SUITE = Path(__file__).parent / "grammar_suite"
 ENGINES = ("treadle", "xgrammar", "llguidance")
+FRESH_SCHEMA = {  # benchmarks/structured_overhead.py's SCHEMA, kept in step by hand
+    "type": "array",
+    "minItems": 200,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "role": {"enum": ["admin", "editor", "viewer"]},
+        },
+        "required": ["name", "age", "role"],
+    },
+}
 
 
 def load_tokenizer():
@@ -319,8 +336,49 @@ def run_scaling(engines: list, sizes: list[int]) -> list[dict]:
     return rows
 
 
+def run_fresh_walks(engine: Treadle, walks: int, steps: int, seed: int = 0) -> list[dict]:
+    """Per-walk fill and accept µs (mean / p50 / p99) of random walks through FRESH_SCHEMA, one cold compile."""
+    engine.compiler.clear_cache()
+    compiled = engine.compiler.compile_json_schema(FRESH_SCHEMA)
+    stop = np.asarray(engine.compiler.tokenizer_info.stop_token_ids)
+    bitmask = tg.allocate_token_bitmask(1, engine.vocab)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for w in range(walks):
+        matcher = tg.GrammarMatcher(compiled)
+        fills, accepts, rejected = [], [], 0
+        for _ in range(steps):
+            start = time.perf_counter()
+            matcher.fill_next_token_bitmask(bitmask)
+            fills.append((time.perf_counter() - start) * 1e6)
+            bits = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")[: engine.vocab]
+            allowed = np.flatnonzero(bits)
+            token = int(rng.choice(allowed[~np.isin(allowed, stop)]))
+            start = time.perf_counter()
+            ok = matcher.accept_token(token)
+            accepts.append((time.perf_counter() - start) * 1e6)
+            if not ok:
+                rejected += 1
+                break
+        row = {"walk": w, "steps": len(accepts), "wrong_rejects": rejected}
+        for name, values in (("fill", sorted(fills)), ("accept", sorted(accepts))):
+            row[f"{name}_mean_us"] = statistics.fmean(values)
+            row[f"{name}_p50_us"] = percentile(values, 0.5)
+            row[f"{name}_p99_us"] = percentile(values, 0.99)
+        rows.append(row)
+    return rows
+
+
 def fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_fresh_walks(rows: list[dict]) -> None:
+    print()
+    print(f"{'fresh walk':12s} {'fill µs m/p50/p99':>26s} {'accept µs m/p50/p99':>24s} {'wrong rejects':>14s}")
+    for r in rows:
+        cols = ["/".join(fmt(r[f"{n}_{k}_us"]) for k in ("mean", "p50", "p99")) for n in ("fill", "accept")]
+        print(f"{r['walk']:<12d} {cols[0]:>26s} {cols[1]:>24s} {r['wrong_rejects']:>14d}")
 
 
 def print_report(results: list[CaseResult], summary: dict, scaling: list[dict]) -> None:
@@ -411,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", help="run only these suite cases (default: all)")
     parser.add_argument("--tools", type=int, nargs="*", default=[10, 100, 500], help="structural-tag tool counts")
+    parser.add_argument("--fresh-walks", type=int, default=4, help="walks through FRESH_SCHEMA (0: skip)")
+    parser.add_argument("--fresh-steps", type=int, default=300, help="tokens per fresh walk")
     parser.add_argument("--out", default=None, help="JSON path (default: bench_results/grammar_bench-<time>.json)")
     args = parser.parse_args(argv)
 
@@ -428,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results)
     scaling = run_scaling(engines, args.tools)
     print_report(results, summary, scaling)
+    fresh = run_fresh_walks(engines[0], args.fresh_walks, args.fresh_steps)
+    print_fresh_walks(fresh)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("bench_results") / f"grammar_bench-{stamp}.json"
@@ -440,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": [asdict(r) for r in results],
         "summary": summary,
         "structural_tag_scaling": scaling,
+        "fresh_walks": fresh,
     }
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out}")
