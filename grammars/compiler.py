@@ -60,7 +60,7 @@ class CompiledGrammar:
     def memory_size_bytes(self) -> int:
         """A rough size of the grammar automata and the memo grown so far."""
         sp = self.space
-        masks = sum(c.mask.nbytes for c in sp.configs if c.mask is not None)
+        masks = sum(m.nbytes for m in {id(c.mask): c.mask for c in sp.configs if c.mask is not None}.values())
         return int(sp.table.nbytes + masks + 200 * self.ir.n_states + 300 * len(sp.configs))
 
 
