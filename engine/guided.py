@@ -169,6 +169,8 @@ class GuidedDecoder:
         self._compiler_future: concurrent.futures.Future | None = None
         self._matchers: weakref.WeakKeyDictionary[Sequence, GrammarMatcher] = weakref.WeakKeyDictionary()
         self._failed: weakref.WeakSet[GrammarMatcher] = weakref.WeakSet()
+        # Sampled tokens not yet accepted: applied on the worker in front of the matcher's next fill (see accept).
+        self._pending: weakref.WeakKeyDictionary[GrammarMatcher, list[int]] = weakref.WeakKeyDictionary()
         self._warmed: weakref.WeakSet[CompiledGrammar] = weakref.WeakSet()
         self._over_budget: OrderedDict[str, float] = OrderedDict()  # event loop side
         self._validated: OrderedDict[str, None] = OrderedDict()  # worker side: specs that compiled
@@ -276,6 +278,10 @@ class GuidedDecoder:
                 buf[i] = -1
                 continue
             try:
+                if not self._catch_up(m):
+                    self._failed.add(m)  # here, not in finish_masks: a step that samples nothing never calls it
+                    buf[i] = -1
+                    continue
                 restricts |= m.fill_next_token_bitmask(buf, i)
             except Exception:
                 log.exception("filling a token mask failed; the sequence is aborted")
@@ -300,15 +306,29 @@ class GuidedDecoder:
     def accept(self, seq: Sequence, token_id: int) -> str | None:
         """Advance the sequence's matcher; a finish reason when the grammar ends the sequence, else None.
 
-        "stop" once a stop token completed the grammar; "abort" if the matcher failed or the token breaks the
-        grammar (only possible when another rule, such as min_tokens, banned every token the grammar allowed).
+        "stop" once a stop token completed the grammar; "abort" if the matcher failed or a token broke the grammar
+        (only possible when another rule, such as min_tokens, banned every token the grammar allowed). Only a stop
+        token can end a grammar, so other tokens are accepted later, on the worker, in front of the matcher's next
+        mask fill, where the work overlaps the model's forward instead of following it; a token that breaks the
+        grammar is then reported on the sequence's next token.
         """
         m = self._matchers.get(seq)
         if m is None:
             return None
         if m in self._failed:
             return "abort"
-        if not m.accept_token(token_id):
+        if token_id not in m.stop_token_ids:
+            self._pending.setdefault(m, []).append(token_id)
+            return None
+        if not (self._catch_up(m) and m.accept_token(token_id)):
             log.warning("sampled token %d violates the request's grammar; the sequence is aborted", token_id)
             return "abort"
         return "stop" if m.is_terminated() else None
+
+    def _catch_up(self, m: GrammarMatcher) -> bool:
+        """Accept the matcher's pending tokens; False (logged) if one breaks the grammar."""
+        for tok in self._pending.pop(m, ()):
+            if not m.accept_token(tok):
+                log.warning("sampled token %d violates the request's grammar; the sequence is aborted", tok)
+                return False
+        return True
