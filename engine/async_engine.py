@@ -80,6 +80,7 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
+        self.engine.close()
 
     @property
     def is_healthy(self) -> bool:

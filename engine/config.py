@@ -56,6 +56,9 @@ class EngineConfig:
     quantization: str | None = None  # "wNa16": weight-only N-bit linear layers, quantized at load time
     quant_bits: int = 4  # N of wNa16: 2, 3, 4, 5, 6 or 8
     quant_group_size: int = 128  # weights sharing one scale and zero point
+    # Processes holding the matchers of structured-output requests (engine/grammar_procs.py); 0 = a thread of the
+    # server process, which suits a CPU box whose cores the model uses.
+    grammar_workers: int = 0
     # APE cached contexts (engine/ape.py). The serve config is per deployment, so these are the served model's
     # defaults. Shared prefix: "chat" = the chat template rendered up to where the first user message's content
     # begins; "bos" = the BOS token alone (or nothing if the model has none).

@@ -13,6 +13,11 @@ A compile has a time budget, counted from when the worker starts it (queueing be
 Python threads cannot be killed, so an over-budget compile is interrupted by raising an exception inside the
 worker thread (`PyThreadState_SetAsyncExc`), which frees the worker for the masks of running requests: a
 pathological grammar delays their steps by at most the budget, and it is remembered so that retries fail at once.
+
+With `workers` > 0 (the GPU default) matchers live in worker processes instead (grammar_procs.py): there the
+engine's own host work is a large part of each step, and a fill on a thread of this process would take turns with
+it on the GIL rather than overlap it. Compiling stays here, where its budget and errors are enforced, and each
+compiled grammar is broadcast to the workers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from treadle.grammars import (
     allocate_token_bitmask,
 )
 
+from .grammar_procs import GrammarProcessPool, ProcessMaskJob
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -62,6 +68,20 @@ class GrammarSpec:
 
     def key(self) -> str:
         return f"{self.kind}\0{self.value if isinstance(self.value, str) else json.dumps(self.value)}"
+
+
+def compile_spec(compiler: GrammarCompiler, spec: GrammarSpec) -> CompiledGrammar:
+    """Compile (or fetch from the compiler's cache) what a GrammarSpec describes."""
+    kind, value = spec.kind, spec.value
+    if kind == "json_schema":
+        return compiler.compile_json_schema(value)
+    if kind == "regex":
+        return compiler.compile_regex(value)
+    if kind == "grammar":
+        return compiler.compile_grammar(value)
+    if kind == "structural_tag":
+        return compiler.compile_structural_tag(value)
+    raise ValueError(f"unknown grammar kind {kind!r}")
 
 
 class GrammarCompileTimeout(Exception):
@@ -159,12 +179,19 @@ class MaskJob:
 
 class GuidedDecoder:
     """The engine's grammar side: compiles GrammarSpecs, tracks a matcher per constrained sequence, builds the
-    batched bitmask for the sampler and advances matchers on sampled tokens."""
+    batched bitmask for the sampler and advances matchers on sampled tokens.
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+    `workers` > 0 keeps the matchers in that many processes; `max_rows` sizes their shared bitmask (the most
+    sequences one step samples)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, workers: int = 0, max_rows: int = 64):
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
+        self._num_workers = workers
+        self._max_rows = max_rows
+        self._pool: GrammarProcessPool | None = None  # started with the compiler
+        self._specs: weakref.WeakKeyDictionary[CompiledGrammar, GrammarSpec] = weakref.WeakKeyDictionary()
         self._worker = GrammarWorker()
         self._compiler_future: concurrent.futures.Future | None = None
         self._matchers: weakref.WeakKeyDictionary[Sequence, GrammarMatcher] = weakref.WeakKeyDictionary()
@@ -222,6 +249,9 @@ class GuidedDecoder:
             def build() -> GrammarCompiler:
                 info = TokenizerInfo.from_huggingface(
                     self._tokenizer.hf, vocab_size=self.vocab_size, stop_token_ids=self._tokenizer.eos_token_ids)
+                if self._num_workers > 0:
+                    self._pool = GrammarProcessPool(info, self._num_workers, self._max_rows, GRAMMAR_CACHE_BYTES,
+                                                    compile_spec)
                 return GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
             self._compiler_future = self._worker.submit(build)
@@ -232,17 +262,7 @@ class GuidedDecoder:
     ) -> CompiledGrammar:
         if validate is not None and key not in self._validated:
             validate()
-        kind, value = spec.kind, spec.value
-        if kind == "json_schema":
-            compiled = compiler.compile_json_schema(value)
-        elif kind == "regex":
-            compiled = compiler.compile_regex(value)
-        elif kind == "grammar":
-            compiled = compiler.compile_grammar(value)
-        elif kind == "structural_tag":
-            compiled = compiler.compile_structural_tag(value)
-        else:
-            raise ValueError(f"unknown grammar kind {kind!r}")
+        compiled = compile_spec(compiler, spec)
         if compiled not in self._warmed:
             # The first mask is the costliest one of a new grammar: pay it here, inside the budget, rather than
             # in a step. A grammar seen before may have live matchers, so it is not touched again.
@@ -251,16 +271,28 @@ class GuidedDecoder:
         self._validated[key] = None
         while len(self._validated) > _MEMORY:
             self._validated.popitem(last=False)
+        if self._pool is not None:
+            self._specs[compiled] = spec
+            self._pool.prepare(key, spec)
         return compiled
 
     # ---- decoding (engine thread side) -----------------------------------------------------------------------
     def add(self, seq: Sequence, grammar: CompiledGrammar | None) -> None:
         """Start a matcher for a new sequence (each choice of an n > 1 request gets its own)."""
-        if grammar is not None:
+        if grammar is None:
+            return
+        if self._pool is None:
             self._matchers[seq] = GrammarMatcher(grammar)
+            return
+        spec = self._specs.get(grammar)
+        if spec is None:
+            raise ValueError("a grammar for worker processes must come from this decoder's compile()")
+        self._pool.add(seq, spec)
 
-    def start_masks(self, seqs: list[Sequence]) -> MaskJob | None:
+    def start_masks(self, seqs: list[Sequence]) -> MaskJob | ProcessMaskJob | None:
         """Submit the mask fill for the sequences about to get logits (None when none is constrained)."""
+        if self._pool is not None:
+            return self._pool.start(seqs)
         matchers = [self._matchers.get(s) for s in seqs]
         if not any(m is not None for m in matchers):
             return None
@@ -289,14 +321,17 @@ class GuidedDecoder:
                 buf[i] = -1
         return (buf[:n] if restricts else None), failed
 
-    def finish_masks(self, job: MaskJob | None, rows: list[int]) -> torch.Tensor | None:
+    def finish_masks(self, job: MaskJob | ProcessMaskJob | None, rows: list[int]) -> torch.Tensor | None:
         """The bitmask for the sampler, one row per sampled sequence; `rows[i]` is its row in the job (forked
         choices of one prompt share their parent's row: their matchers all start at the same state)."""
         if job is None:
             return None
-        bitmask, failed = job.future.result()
-        for i in failed:
-            self._failed.add(job.matchers[i])
+        if isinstance(job, ProcessMaskJob):
+            bitmask = self._pool.finish(job)
+        else:
+            bitmask, failed = job.future.result()
+            for i in failed:
+                self._failed.add(job.matchers[i])
         if bitmask is None:
             return None
         if rows != list(range(bitmask.shape[0])):
@@ -312,6 +347,8 @@ class GuidedDecoder:
         mask fill, where the work overlaps the model's forward instead of following it; a token that breaks the
         grammar is then reported on the sequence's next token.
         """
+        if self._pool is not None:
+            return self._pool.accept(seq, token_id)
         m = self._matchers.get(seq)
         if m is None:
             return None
@@ -332,3 +369,8 @@ class GuidedDecoder:
                 log.warning("sampled token %d violates the request's grammar; the sequence is aborted", tok)
                 return False
         return True
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (the worker thread is a daemon and idles)."""
+        if self._pool is not None:
+            self._pool.close()

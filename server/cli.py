@@ -47,6 +47,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="quantize the linear layers' weights to --bits bits at load time (activations stay 16-bit)")
     p.add_argument("--bits", dest="quant_bits", type=int, choices=[2, 3, 4, 5, 6, 8], help="N of wNa16 (default 4)")
     p.add_argument("--quant-group-size", type=int, help="weights sharing one scale and zero point (default 128)")
+    p.add_argument("--grammar-workers", type=int, metavar="N",
+                   help="processes that build structured-output token masks beside the engine; 0 = a thread of the "
+                        "server (default: 4 on cuda, 0 on cpu)")
     p.add_argument("--num-threads", type=int, help="torch threads on CPU (default: all cores)")
     p.add_argument("--weights-cache-dir", help="where converted weights are cached (default ~/.cache/treadle)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -5,6 +5,7 @@ each sequence's matcher right, and the grammar worker stops over-budget compiles
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import threading
@@ -16,7 +17,7 @@ import xgrammar
 
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
-from treadle.engine.guided import GrammarCompileTimeout, GrammarSpec, GrammarWorker
+from treadle.engine.guided import GrammarCompileTimeout, GrammarSpec, GrammarWorker, GuidedDecoder
 from treadle.engine.loader import load_model
 from treadle.engine.sampling_params import SamplingParams
 from treadle.engine.sequence import Request
@@ -121,6 +122,52 @@ def test_preemption_and_chunked_prefill_keep_matchers_in_step(loaded, reference)
     again = run(engine, constrained)
     assert engine.scheduler.num_preemptions > 0
     assert again == {k: v for k, v in tokens.items() if k[0] in ("json", "sampled")}
+
+
+def test_worker_processes_give_the_same_tokens_and_free_their_matchers(loaded, reference):
+    """Matchers in worker processes (the GPU default): the same tokens as the in-process thread, the n = 2 forks
+    included; a stop token is accepted at once; matchers go with their sequences, and the processes with close()."""
+    tokens, _, _ = reference
+    engine = make_engine(loaded, grammar_workers=2, max_num_seqs=8)
+    guided = engine.guided
+    grammars = [asyncio.run(guided.compile(GrammarSpec(k, v), 60)) for k, v in (("json_schema", SCHEMA),
+                                                                                 ("regex", REGEX))]
+    try:
+        assert run(engine, requests(engine, *grammars)) == tokens
+        gc.collect()
+        assert guided._pool.live_matchers() == 0
+        processes = [w.process for w in guided._pool._workers]
+    finally:
+        engine.close()
+    assert all(not p.is_alive() for p in processes)
+
+
+class _Seq:
+    """Stands in for an engine Sequence: the decoder only keys matchers by it."""
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_token_outside_the_grammar_aborts_the_sequence_one_token_later(loaded, workers):
+    tok = loaded.tokenizer
+    guided = GuidedDecoder(tok, loaded.config.vocab_size, workers, max_rows=2)
+    try:
+        compiled = asyncio.run(guided.compile(GrammarSpec("regex", "[a-z]+"), 60))
+        (good,), (bad,), eos = tok.encode("abc", add_special_tokens=False), tok.encode("7", add_special_tokens=False), \
+            tok.eos_token_ids[0]
+        seqs = [_Seq(), _Seq()]
+        for s in seqs:
+            guided.add(s, compiled)
+        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
+        allowed = lambda row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
+        assert allowed(0, good) and not allowed(0, bad) and not allowed(1, eos)
+        assert guided.accept(seqs[0], good) is None
+        assert guided.accept(seqs[1], bad) is None  # accepted with the next fill, which finds it breaks the grammar
+        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
+        assert allowed(0, eos) and allowed(1, good) and allowed(1, bad)  # a failed row is left unmasked
+        assert guided.accept(seqs[1], good) == "abort"
+        assert guided.accept(seqs[0], eos) == "stop"
+    finally:
+        guided.close()
 
 
 def test_worker_interrupts_only_interruptible_running_jobs():
