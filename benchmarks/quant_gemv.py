@@ -11,14 +11,17 @@ Triton protocols, without the flush kernel). The graph is warmed up, replayed --
 events, and the median replay divided by R is the time of one call. Graphs are how decode runs, and they keep
 Python's launch overhead (tens of microseconds, more than these kernels take) out of the numbers.
 
-Besides `default_config`, each case tries a few other tilings (`candidates`) and reports the best, which is
-what `default_config` is tuned from. Compiling the unrolled kernels one by one takes minutes, so `--jobs`
-worker processes compile them first into Triton's on-disk cache.
+Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0 is the flat [K-rows, N] layout,
+8 or 16 the row-blocked decode layout with that many columns per block), so old and new layouts are compared in
+the same run. Besides `default_config`, each case in a row-blocked layout tries a few other tilings
+(`candidates`) and reports the best, which is what `default_config` is tuned from. Compiling the unrolled
+kernels one by one takes minutes, so `--jobs` worker processes compile them first into Triton's on-disk cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -34,7 +37,6 @@ import torch
 import triton
 from rich.console import Console
 from rich.table import Table
-
 from treadle.kernels.quant_matmul import (
     QuantMatmulConfig,
     default_config,
@@ -57,6 +59,7 @@ class Result:
     n: int
     bits: int
     m: int
+    block_n: int  # weight layout (QuantizedWeight.block_n)
     default_us: float
     best_us: float
     best_config: dict
@@ -67,26 +70,27 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings (block_n, chunks, warps, steps loaded ahead) with the opt-in packed fp16 decode; the first is also
-# timed with the default portable decode, for an A/B in the same run.
-GEMV_TILES = ((256, 2, 4, 1), (256, 2, 4, 2), (512, 1, 4, 1), (512, 1, 4, 2), (128, 4, 4, 1), (512, 2, 8, 1))
+# GEMV tilings on the row-blocked layout: (columns per program in blocks of the layout, chunks per step, warps,
+# steps loaded ahead), portable decode; the first is also timed with the opt-in packed fp16 decode.
+BLOCKED_TILES = ((1, 64, 4, 1), (1, 64, 4, 2), (1, 32, 2, 1), (1, 16, 1, 1), (2, 32, 4, 1), (1, 128, 8, 1))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
-    """default_config first, then (with `sweep`) GEMV tilings for small M and tensor-core tilings for M >= 4."""
+    """default_config first, then (with `sweep`, row-blocked layouts only: the flat layout's tilings were swept
+    before) GEMV tilings for small M and tensor-core tilings for M >= 4."""
     base = default_config(m, n, qw, sms)
-    if not sweep:
+    if not sweep or not qw.block_n:
         return [base]
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, pf, f16x2=True) for bn, c, w, pf in GEMV_TILES]
-        tiles.append(QuantMatmulConfig(False, bm, 256, 2, 1, 4, 1, 1))
+        tiles += [QuantMatmulConfig(False, bm, b * qw.block_n, c, 1, w, 1, pf) for b, c, w, pf in BLOCKED_TILES]
+        tiles.append(dataclasses.replace(tiles[0], f16x2=True))
     if m >= 4:
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
                   ((64, 4), (128, 4), (128, 8))]
-    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (2, 4, 8, 16)]
+    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4, 8)]
     return [base] + [c for c in dict.fromkeys(out) if c != base]
 
 
@@ -120,18 +124,17 @@ def copies(nbytes: int) -> int:
 
 
 def _clone(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(qw.packed.clone(), qw.scales.clone(), qw.mins.clone(), qw.bits, qw.group_size,
-                           qw.in_features, qw.out_features)
+    return dataclasses.replace(qw, packed=qw.packed.clone(), scales=qw.scales.clone(), mins=qw.mins.clone())
 
 
 def _nbytes(qw: QuantizedWeight) -> int:
     return sum(t.numel() * t.element_size() for t in (qw.packed, qw.scales, qw.mins))
 
 
-def _compile_job(job: tuple[int, int, int, int, int, list[QuantMatmulConfig]]) -> int:
+def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig]]) -> int:
     """Worker: run each config once on data of the real shapes, which compiles it into Triton's disk cache."""
-    k, n, bits, group, m, configs = job
-    qw = quantize_rtn(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, bits, group)
+    k, n, bits, group, block_n, m, configs = job
+    qw = quantize_rtn(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02, bits, group, block_n)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     for cfg in configs:
         quant_matmul(x, qw, config=cfg)
@@ -145,6 +148,7 @@ def main() -> int:
     p.add_argument("--m", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--shapes", nargs="+", default=[s[0] for s in LLAMA_8B], choices=[s[0] for s in LLAMA_8B])
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--layouts", type=int, nargs="+", default=[0, 8], help="QuantizedWeight.block_n values")
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time default_config alone")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
@@ -158,13 +162,14 @@ def main() -> int:
     shapes = [s for s in LLAMA_8B if s[0] in args.shapes]
 
     plan = {}
-    for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m):
-        probe = QuantizedWeight(torch.empty(0), torch.empty(-(-k // args.group_size), 0), torch.empty(0), bits,
-                                args.group_size, k, n)
-        plan[name, bits, m] = candidates(m, n, probe, sms, args.sweep)
+    cases = list(itertools.product(shapes, args.bits, args.layouts, args.m))
+    for (name, k, n), bits, lb, m in cases:
+        groups = -(-k // args.group_size)
+        probe = QuantizedWeight(torch.empty(0), torch.empty(groups, 0) if not lb else torch.empty(0, groups * lb),
+                                torch.empty(0), bits, args.group_size, k, n, lb)
+        plan[name, bits, lb, m] = candidates(m, n, probe, sms, args.sweep)
     if args.jobs > 1:
-        jobs = [(k, n, bits, args.group_size, m, plan[name, bits, m])
-                for (name, k, n), bits, m in itertools.product(shapes, args.bits, args.m)]
+        jobs = [(k, n, bits, args.group_size, lb, m, plan[name, bits, lb, m]) for (name, k, n), bits, lb, m in cases]
         with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
             print(f"compiled {sum(pool.map(_compile_job, jobs))} kernel variants in {args.jobs} workers", flush=True)
 
@@ -172,54 +177,60 @@ def main() -> int:
     for name, k, n in shapes:
         weight = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         w_ts = [weight.t()] + [weight.clone().t() for _ in range(copies(weight.numel() * 2) - 1)]
-        for bits in args.bits:
-            qw = quantize_rtn(weight, bits, args.group_size)
-            errors.append({"shape": name, "bits": bits, **asdict(quantization_error(weight, qw))})
+        xs = {m: torch.randn(m, k, device=dev, dtype=torch.bfloat16) for m in args.m}
+        bf16 = {m: graph_time_us([lambda w=w, x=x: torch.matmul(x, w) for w in w_ts], args.replays)
+                for m, x in xs.items()}  # once per shape and M: every layout is compared with the same baseline
+        for bits, lb in itertools.product(args.bits, args.layouts):
+            qw = quantize_rtn(weight, bits, args.group_size, lb)
+            if lb == args.layouts[0]:
+                errors.append({"shape": name, "bits": bits, **asdict(quantization_error(weight, qw))})
             qws = [qw] + [_clone(qw) for _ in range(copies(_nbytes(qw)) - 1)]
             for m in args.m:
-                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-                bf16_us = graph_time_us([lambda w=w: torch.matmul(x, w) for w in w_ts], args.replays)
+                x, bf16_us = xs[m], bf16[m]
                 ref = quant_matmul_reference(x, qw).float()
                 tried = []
-                for cfg in plan[name, bits, m]:
+                for cfg in plan[name, bits, lb, m]:
                     err = float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm())
-                    us = graph_time_us([lambda q=q, c=cfg: quant_matmul(x, q, config=c) for q in qws], args.replays)
+                    us = graph_time_us([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws], args.replays)
                     tried.append((cfg, us, err))
                 cfg, us, err = min(tried, key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
-                results.append(Result(name, k, n, bits, m, tried[0][1], us, asdict(cfg), bf16_us, bf16_us / us,
+                results.append(Result(name, k, n, bits, m, lb, tried[0][1], us, asdict(cfg), bf16_us, bf16_us / us,
                                       nbytes / us / 1e3, err, [[asdict(c), t] for c, t, _ in tried]))
-                print(f"{name} bits={bits} m={m}: default {tried[0][1]:.1f} us, best {us:.1f} us "
+                print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, best {us:.1f} us "
                       f"(bf16 {bf16_us:.1f} us) {cfg}", flush=True)
         del weight, w_ts
 
     console = Console(width=150)
     table = Table(title=f"quantized matmul vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, "
                         f"group {args.group_size}, us per call")
-    for col in ("shape", "bits", "M", "default", "best", "bf16", "speedup", "GB/s", "rel err", "best tiling"):
+    for col in ("shape", "bits", "layout", "M", "default", "best", "bf16", "speedup", "GB/s", "rel err",
+                "best tiling"):
         table.add_column(col)
     for r in results:
         c = r.best_config
         tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
-        table.add_row(r.shape, str(r.bits), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
+        table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
                       f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)
 
-    summary = Table(title="per layer: sum over the shapes (best tiling per shape)")
-    for col in ("bits", "M", "ours us", "bf16 us", "speedup", "target", "weight rel err"):
+    summary = Table(title="per layer: sum over the shapes (default tiling, and best tiling per shape)")
+    for col in ("bits", "layout", "M", "default us", "best us", "bf16 us", "speedup (default)", "target",
+                "weight rel err"):
         summary.add_column(col)
     layer = []
-    for bits, m in itertools.product(args.bits, args.m):
-        rows = [r for r in results if r.bits == bits and r.m == m]
-        ours, base = sum(r.best_us for r in rows), sum(r.bf16_us for r in rows)
+    for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
+        rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
+        default, best = sum(r.default_us for r in rows), sum(r.best_us for r in rows)
+        base = sum(r.bf16_us for r in rows)
         err = max(e["relative"] for e in errors if e["bits"] == bits)
         target = TARGETS.get(bits) if m == 1 else None
-        layer.append({"bits": bits, "m": m, "us": ours, "bf16_us": base, "speedup": base / ours, "target": target,
-                      "weight_rel_err": err})
-        summary.add_row(str(bits), str(m), f"{ours:.1f}", f"{base:.1f}", f"{base / ours:.2f}x",
-                        f">= {target}x" if target else "", f"{err:.4f}")
+        layer.append({"bits": bits, "block_n": lb, "m": m, "default_us": default, "us": best, "bf16_us": base,
+                      "speedup": base / default, "target": target, "weight_rel_err": err})
+        summary.add_row(str(bits), str(lb), str(m), f"{default:.1f}", f"{best:.1f}", f"{base:.1f}",
+                        f"{base / default:.2f}x", f">= {target}x" if target else "", f"{err:.4f}")
     console.print(summary)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ class QuantLinear(nn.Module):
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = qw.in_features, qw.out_features
-        self.bits, self.group_size = qw.bits, qw.group_size
+        self.bits, self.group_size, self.block_n = qw.bits, qw.group_size, qw.block_n
         self.register_buffer("packed", qw.packed)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("mins", qw.mins)
@@ -28,14 +28,15 @@ class QuantLinear(nn.Module):
         self._dense: torch.Tensor | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128) -> QuantLinear:
+    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128, block_n: int = 0) -> QuantLinear:
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantize_rtn(linear.weight, bits, group_size), bias)
+        return cls(quantize_rtn(linear.weight, bits, group_size, block_n), bias)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
         return QuantizedWeight(
-            self.packed, self.scales, self.mins, self.bits, self.group_size, self.in_features, self.out_features
+            self.packed, self.scales, self.mins, self.bits, self.group_size, self.in_features, self.out_features,
+            self.block_n,
         )
 
     def _apply(self, fn, recurse=True):
@@ -60,7 +61,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, bias={self.bias is not None}"
+            f"group_size={self.group_size}, block_n={self.block_n}, bias={self.bias is not None}"
         )
 
 

@@ -136,18 +136,49 @@ def _epilogue(
 
 
 @triton.jit
-def _load_words(w_ptr, chunk, cols, N, BITS: tl.constexpr):
+def _word_ptrs(w_ptr, chunk, cols, N, G, BITS: tl.constexpr, GROUP: tl.constexpr, LB: tl.constexpr):
+    """Word 0 of each chunk in `chunk` for columns `cols`; word j follows at j * `_word_step`. LB = 0: the flat
+    [K-rows, N] layout; else row blocks of LB columns, runs of GROUP / 32 chunks (quant_pack.to_row_blocks)."""
+    if LB == 0:
+        return w_ptr + chunk * (BITS * N) + cols
+    else:
+        RUN: tl.constexpr = GROUP // 32
+        return (w_ptr + (cols // LB) * (G * RUN * BITS * LB) + (chunk // RUN) * (RUN * BITS * LB)
+                + (chunk % RUN) * LB + cols % LB)
+
+
+@triton.jit
+def _word_step(N, GROUP: tl.constexpr, LB: tl.constexpr):
+    if LB == 0:
+        return N
+    else:
+        return GROUP // 32 * LB
+
+
+@triton.jit
+def _group_ptrs(s_ptr, group, cols, N, G, LB: tl.constexpr):
+    """Scale (or minimum) of `group` for columns `cols`, in the layout of LB (see `_word_ptrs`)."""
+    if LB == 0:
+        return s_ptr + group * N + cols
+    else:
+        return s_ptr + (cols // LB) * (G * LB) + group * LB + cols % LB
+
+
+@triton.jit
+def _load_words(w_ptr, chunk, cols, N, G, BITS: tl.constexpr, GROUP: tl.constexpr, LB: tl.constexpr):
     """The BITS words of each chunk in `chunk` for columns `cols`, as a tuple of uint32 tensors."""
-    rows = w_ptr + chunk * (BITS * N) + cols
+    rows = _word_ptrs(w_ptr, chunk, cols, N, G, BITS, GROUP, LB)
+    step = _word_step(N, GROUP, LB)
     words = ()
     for j in tl.static_range(BITS):
-        words = words + (tl.load(rows + j * N).to(tl.uint32, bitcast=True),)
+        words = words + (tl.load(rows + j * step).to(tl.uint32, bitcast=True),)
     return words
 
 
 @triton.jit
-def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr,
-               EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, BN: tl.constexpr):
+def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS: tl.constexpr,
+               GROUP: tl.constexpr, LB: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr,
+               BN: tl.constexpr):
     """sum over the chunks' 32 slots of x * W_hat for one step, [BM, C, BN]; `live` masks clamped chunks."""
     x_chunk = x_rows + chunk * 32
     part = tl.zeros([BM, C, BN], dtype=tl.float32)
@@ -161,8 +192,8 @@ def _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: 
             part += xe * _decode_slot(words[j - 1 if j > 0 else 0], words[j], magic, e, j, BITS)
             xsum += xe
     group = (chunk * 32) // GROUP
-    scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    scale = tl.load(_group_ptrs(s_ptr, group, n3, N, G, LB), mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(_group_ptrs(z_ptr, group, n3, N, G, LB), mask=live, other=0.0).to(tl.float32)
     return part * scale + xsum * zero
 
 
@@ -194,8 +225,8 @@ def _f16x2(lo, hi):
 
 
 @triton.jit
-def _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr):
+def _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, G, K, BITS: tl.constexpr,
+                     GROUP: tl.constexpr, LB: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr):
     """`_gemv_step` on the GPU with the packed fp16 decode of quant_f16x2 (inline PTX, one block per chunk)."""
     x_chunk = x_rows + chunk * 32
     xsum = tl.zeros([BM, C, 1], dtype=tl.float32)
@@ -214,18 +245,20 @@ def _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS: t
     part = tl.inline_asm_elementwise(_chunk_asm(BITS), _chunk_constraints(BITS), words + xs, dtype=tl.float32,
                                      is_pure=True, pack=1)
     group = (chunk * 32) // GROUP
-    scale = tl.load(s_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group * N + n3, mask=live, other=0.0).to(tl.float32)
+    scale = tl.load(_group_ptrs(s_ptr, group, n3, N, G, LB), mask=live, other=0.0).to(tl.float32)
+    zero = tl.load(_group_ptrs(z_ptr, group, n3, N, G, LB), mask=live, other=0.0).to(tl.float32)
     return part * (scale * (1 << BITS)) + xsum * zero
 
 
 @triton.jit
-def _step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr,
-          EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, BN: tl.constexpr, F16X2: tl.constexpr):
+def _step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS: tl.constexpr, GROUP: tl.constexpr,
+          LB: tl.constexpr, EVEN_K: tl.constexpr, BM: tl.constexpr, C: tl.constexpr, BN: tl.constexpr,
+          F16X2: tl.constexpr):
     if F16X2:
-        return _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, BITS, GROUP, EVEN_K, BM, C)
+        return _gemv_step_f16x2(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, G, K, BITS, GROUP, LB, EVEN_K, BM, C)
     else:
-        return _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K, BM, C, BN)
+        return _gemv_step(words, chunk, live, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS, GROUP, LB, EVEN_K, BM,
+                          C, BN)
 
 
 @triton.jit
@@ -241,6 +274,7 @@ def _gemv_kernel(
     M,
     N,
     K,
+    G,
     n_chunks,
     chunks_per_split,
     stride_xm,
@@ -248,6 +282,7 @@ def _gemv_kernel(
     magic,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    LB: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     C: tl.constexpr,
@@ -275,24 +310,24 @@ def _gemv_kernel(
     end = tl.minimum(begin + chunks_per_split, n_chunks)
     if PREFETCH == 1:  # registers double-buffer the words: the next step's loads fly while this one computes
         chunk = tl.minimum(begin + lane, end - 1)
-        words = _load_words(w_ptr, chunk, n3, N, BITS)
+        words = _load_words(w_ptr, chunk, n3, N, G, BITS, GROUP, LB)
         for c0 in tl.range(begin, end, C, num_stages=1):
             next_chunk = tl.minimum(c0 + C + lane, end - 1)
-            next_words = _load_words(w_ptr, next_chunk, n3, N, BITS)
-            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
-                         BM, C, BN, F16X2)
+            next_words = _load_words(w_ptr, next_chunk, n3, N, G, BITS, GROUP, LB)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS, GROUP, LB,
+                         EVEN_K, BM, C, BN, F16X2)
             words = next_words
             chunk = next_chunk
     elif PREFETCH == 2:  # triple-buffered: two steps of loads in flight
         chunk = tl.minimum(begin + lane, end - 1)
-        words = _load_words(w_ptr, chunk, n3, N, BITS)
+        words = _load_words(w_ptr, chunk, n3, N, G, BITS, GROUP, LB)
         chunk1 = tl.minimum(begin + C + lane, end - 1)
-        words1 = _load_words(w_ptr, chunk1, n3, N, BITS)
+        words1 = _load_words(w_ptr, chunk1, n3, N, G, BITS, GROUP, LB)
         for c0 in tl.range(begin, end, C, num_stages=1):
             chunk2 = tl.minimum(c0 + 2 * C + lane, end - 1)
-            words2 = _load_words(w_ptr, chunk2, n3, N, BITS)
-            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
-                         BM, C, BN, F16X2)
+            words2 = _load_words(w_ptr, chunk2, n3, N, G, BITS, GROUP, LB)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS, GROUP, LB,
+                         EVEN_K, BM, C, BN, F16X2)
             words = words1
             chunk = chunk1
             words1 = words2
@@ -300,9 +335,9 @@ def _gemv_kernel(
     else:
         for c0 in tl.range(begin, end, C, num_stages=STAGES):
             chunk = tl.minimum(c0 + lane, end - 1)
-            words = _load_words(w_ptr, chunk, n3, N, BITS)
-            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, K, magic, BITS, GROUP, EVEN_K,
-                         BM, C, BN, F16X2)
+            words = _load_words(w_ptr, chunk, n3, N, G, BITS, GROUP, LB)
+            acc += _step(words, chunk, c0 + lane < end, x_rows, s_ptr, z_ptr, n3, N, G, K, magic, BITS, GROUP, LB,
+                         EVEN_K, BM, C, BN, F16X2)
     _epilogue(
         tl.sum(acc, axis=1),
         out_ptr,
@@ -350,6 +385,7 @@ def _dot_kernel(
     M,
     N,
     K,
+    G,
     n_chunks,
     chunks_per_split,
     stride_xm,
@@ -357,6 +393,7 @@ def _dot_kernel(
     magic,
     BITS: tl.constexpr,
     GROUP: tl.constexpr,
+    LB: tl.constexpr,
     BM: tl.constexpr,
     BN: tl.constexpr,
     C: tl.constexpr,
@@ -377,14 +414,15 @@ def _dot_kernel(
         cols = tl.minimum(offs_n, N - 1)
     begin = tl.program_id(1) * chunks_per_split
     end = tl.minimum(begin + chunks_per_split, n_chunks)
-    w_rows = w_ptr + (begin + tl.arange(0, T))[:, None] * (BITS * N) + cols[None, :]
+    step = _word_step(N, GROUP, LB)
     xt_rows = x_ptr + tl.minimum(offs_m, M - 1)[None, :] * stride_xm + begin * 32 + offs_g[:, None]
     ones = tl.full([BN, GROUP], 1.0, dtype=tl.float32).to(x_ptr.dtype.element_ty)
     acc = tl.zeros([BN, BM], dtype=tl.float32)
     for c0 in tl.range(begin, end, T, num_stages=STAGES):
+        w_rows = _word_ptrs(w_ptr, (c0 + tl.arange(0, T))[:, None], cols[None, :], N, G, BITS, GROUP, LB)
         words = ()
         for j in tl.static_range(BITS):
-            words = words + (tl.load(w_rows + j * N).to(tl.uint32, bitcast=True),)
+            words = words + (tl.load(w_rows + j * step).to(tl.uint32, bitcast=True),)
         q = tl.reshape(_decode_tree(words, magic, 0, 1, 32, BITS), T, BN, 32)
         a = tl.reshape(tl.permute(q, 1, 0, 2), BN, GROUP).to(x_ptr.dtype.element_ty)
         if EVEN_K:
@@ -398,10 +436,9 @@ def _dot_kernel(
             part = tl.dot(a, xt)
             xsum = tl.dot(ones, xt)  # the columns' sums of x^T, already broadcast over the tile's rows
         group = c0 // T
-        scale = tl.load(s_ptr + group * N + cols).to(tl.float32)
-        zero = tl.load(z_ptr + group * N + cols).to(tl.float32)
+        scale = tl.load(_group_ptrs(s_ptr, group, cols, N, G, LB)).to(tl.float32)
+        zero = tl.load(_group_ptrs(z_ptr, group, cols, N, G, LB)).to(tl.float32)
         acc += part * scale[:, None] + xsum * zero[:, None]
-        w_rows += T * BITS * N
         xt_rows += GROUP
     acc = tl.trans(acc)
     _epilogue(acc, out_ptr, ws_ptr, cnt_ptr, bias_ptr, offs_m, offs_n, M, N, stride_om, SPLIT_K, HAS_BIAS, REDUCE)
@@ -432,6 +469,9 @@ def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMa
     columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more columns per thread
     share the activations' conversion but cost registers and occupancy, and lost), words double-buffered in
     registers, ~4 programs per SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
+    if m <= GEMV_MAX_M and qw.block_n:
+        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), qw.block_n, 512 // qw.block_n, 1, 4, 1, prefetch=1)
+        return with_split_k(cfg, m, n, qw, 2 * num_sms)
     if m <= GEMV_MAX_M:
         cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=1)
         return with_split_k(cfg, m, n, qw, 4 * num_sms)
@@ -521,6 +561,7 @@ def quant_matmul(
         m,
         n,
         qw.in_features,
+        qw.groups,
         n_chunks,
         per_split,
         x.stride(0),
@@ -528,6 +569,7 @@ def quant_matmul(
         MAGIC,
         BITS=qw.bits,
         GROUP=qw.group_size,
+        LB=qw.block_n,
         BM=cfg.block_m,
         BN=cfg.block_n,
         C=cfg.chunks,

@@ -6,6 +6,12 @@ value may straddle two words; the matmul kernel decodes each of the 32 element s
 masks (a funnel shift for the few straddling slots), which costs fewer ALU operations per weight than the
 bit-plane alternative (one mask-and-convert per plane, two planes at 3, 5 and 6 bits), while moving the same
 bytes. Rows of words are contiguous along N so a tile of columns loads as wide coalesced vectors.
+
+`to_row_blocks` rearranges such a [K-rows, N] array into the decode layout: blocks of `block_n` output columns,
+each block's words contiguous along K. A GEMV program that owns a few columns then streams one contiguous slab
+instead of rows N * 4 bytes apart, so no split-K is needed to fill the GPU; inside a block the words of
+`chunks` consecutive chunks that share a word index j sit side by side, so lanes working on neighbouring chunks
+issue one coalesced vector load per word.
 """
 
 from __future__ import annotations
@@ -65,3 +71,29 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
             v = v | (words[:, j + 1] << (32 - s))
         out[:, e] = (v & mask).to(torch.int32)
     return out.view(k, n)
+
+
+def to_row_blocks(t: torch.Tensor, block_n: int, chunks: int = 1, words: int = 1) -> torch.Tensor:
+    """[R, N] (R = runs of `chunks` chunks of `words` rows each) -> [ceil(N / block_n), R * block_n].
+
+    Row r = (run * chunks + c) * words + j of column n lands in block n // block_n at
+    ((run * words + j) * chunks + c) * block_n + n % block_n; columns past N are zero-filled.
+    """
+    if t.dim() != 2 or block_n < 1 or t.shape[0] % (chunks * words):
+        raise ValueError(f"cannot block {tuple(t.shape)} into runs of {chunks} x {words} rows, {block_n} columns")
+    r, n = t.shape
+    blocks = -(-n // block_n)
+    if blocks * block_n != n:
+        t = torch.cat([t, t.new_zeros(r, blocks * block_n - n)], 1)
+    runs = t.view(r // (chunks * words), chunks, words, blocks, block_n)
+    return runs.permute(3, 0, 2, 1, 4).reshape(blocks, r * block_n)
+
+
+def from_row_blocks(t: torch.Tensor, n: int, block_n: int, chunks: int = 1, words: int = 1) -> torch.Tensor:
+    """Inverse of `to_row_blocks`: [ceil(n / block_n), R * block_n] -> [R, n]."""
+    blocks = t.shape[0]
+    if t.dim() != 2 or blocks != -(-n // block_n) or t.shape[1] % (block_n * chunks * words):
+        raise ValueError(f"{tuple(t.shape)} is not a row-blocked array of {n} columns")
+    r = t.shape[1] // block_n
+    runs = t.view(blocks, r // (chunks * words), words, chunks, block_n)
+    return runs.permute(1, 3, 2, 0, 4).reshape(r, blocks * block_n)[:, :n]

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .quant_pack import CHUNK, SUPPORTED_BITS, pack_bits, unpack_bits
+from .quant_pack import (
+    CHUNK,
+    SUPPORTED_BITS,
+    from_row_blocks,
+    pack_bits,
+    to_row_blocks,
+    unpack_bits,
+)
 
 SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -25,7 +32,9 @@ SCALE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class QuantizedWeight:
     """A [out_features, in_features] linear weight as packed b-bit codes, transposed to K-major.
 
-    packed: [K_pad * bits / 32, N] int32 (see quant_pack); scales, mins: [K_pad / group_size, N]. K_pad is
+    block_n = 0: packed [K_pad * bits / 32, N] int32 (see quant_pack); scales, mins: [K_pad / group_size, N].
+    block_n > 0: the same arrays in quant_pack's row-blocked decode layout (`to_row_blocks` with block_n
+    columns per block; the words in runs of group_size / 32 chunks), [ceil(N / block_n), ...]. K_pad is
     in_features rounded up to a multiple of group_size; the padding codes repeat the last real input feature and
     meet zeros in the activations, so they never contribute.
     """
@@ -37,10 +46,15 @@ class QuantizedWeight:
     group_size: int
     in_features: int
     out_features: int
+    block_n: int = 0
+
+    @property
+    def groups(self) -> int:
+        return self.scales.shape[1] // self.block_n if self.block_n else self.scales.shape[0]
 
     @property
     def padded_in_features(self) -> int:
-        return self.scales.shape[0] * self.group_size
+        return self.groups * self.group_size
 
     def to(self, device: torch.device | str) -> QuantizedWeight:
         return QuantizedWeight(
@@ -51,6 +65,7 @@ class QuantizedWeight:
             self.group_size,
             self.in_features,
             self.out_features,
+            self.block_n,
         )
 
 
@@ -77,8 +92,46 @@ def _outward(values: torch.Tensor, dtype: torch.dtype, direction: float) -> torc
     return torch.where(wrong, step, rounded)
 
 
-def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> QuantizedWeight:
-    """Quantize a linear weight [out_features, in_features] with round-to-nearest codes per group."""
+def row_blocked(qw: QuantizedWeight, block_n: int) -> QuantizedWeight:
+    """`qw` in the layout of `block_n` (0: the flat one, else row blocks of block_n columns): same values."""
+    if block_n < 0 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be 0 or a power of two, got {block_n}")
+    if block_n == qw.block_n:
+        return qw
+    if qw.block_n:
+        qw = flat(qw)
+    run = qw.group_size // CHUNK
+    return QuantizedWeight(
+        to_row_blocks(qw.packed, block_n, run, qw.bits),
+        to_row_blocks(qw.scales, block_n),
+        to_row_blocks(qw.mins, block_n),
+        qw.bits,
+        qw.group_size,
+        qw.in_features,
+        qw.out_features,
+        block_n,
+    )
+
+
+def flat(qw: QuantizedWeight) -> QuantizedWeight:
+    """`qw` in the flat [K-rows, N] layout."""
+    if not qw.block_n:
+        return qw
+    n, b, run = qw.out_features, qw.block_n, qw.group_size // CHUNK
+    return QuantizedWeight(
+        from_row_blocks(qw.packed, n, b, run, qw.bits).contiguous(),
+        from_row_blocks(qw.scales, n, b).contiguous(),
+        from_row_blocks(qw.mins, n, b).contiguous(),
+        qw.bits,
+        qw.group_size,
+        qw.in_features,
+        n,
+    )
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128, block_n: int = 0) -> QuantizedWeight:
+    """Quantize a linear weight [out_features, in_features] with round-to-nearest codes per group, stored in
+    the layout of `block_n` (see QuantizedWeight)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     check_group_size(group_size)
@@ -98,11 +151,12 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int = 128) -> Quan
     scales = _outward(torch.where(span > 0, span, torch.ones_like(span)), weight.dtype, 1.0)
     q = torch.round((groups - mins.float()[:, None]) / scales.float()[:, None]).clamp_(0, levels)
     packed = pack_bits(q.to(torch.int32).view(k_pad, n), bits)
-    return QuantizedWeight(packed, scales, mins, bits, group_size, k, n)
+    return row_blocked(QuantizedWeight(packed, scales, mins, bits, group_size, k, n), block_n)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """The weight the kernel multiplies by, in fp32 and K-major: [in_features, out_features] = q * scale + min."""
+    qw = flat(qw)
     q = unpack_bits(qw.packed, qw.bits).float()
     groups = q.view(-1, qw.group_size, qw.out_features)
     w = groups * qw.scales.float()[:, None] + qw.mins.float()[:, None]

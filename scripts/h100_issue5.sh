@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree (.clean.tar, and .base.tar for
 # an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
-# and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM),
-# qdefault (quant_gemv.py default_config only, every bit width, $QDM), tests (kernel tests at real shapes),
+# and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
+# weight layouts $QLAYOUTS), qdefault (quant_gemv.py default_config only, every bit width, $QDM, layouts
+# $QDLAYOUTS: flat and row-blocked by default), tests (kernel tests at real shapes),
 # parity (gpu_parity.py + decode_parity.py).
 set -u
 export PYTHONUNBUFFERED=1
@@ -30,10 +31,10 @@ for step in ${STEPS:-decode quant}; do
         --batches ${DBATCH:-1 8} --out "$OUT/decode_base.json" ;;
     quant)
       run /tmp/new ${QSECS:-240} python3 benchmarks/quant_gemv.py --bits ${QBITS:-3 4} --m ${QM:-1 4} \
-        --out "$OUT/quant_sweep.json" ;;
+        --layouts ${QLAYOUTS:-8} --out "$OUT/quant_sweep.json" ;;
     qdefault)
       run /tmp/new ${QDSECS:-300} python3 benchmarks/quant_gemv.py --no-sweep --m ${QDM:-1 2 4 16 64} \
-        --out "$OUT/quant_default.json" ;;
+        --layouts ${QDLAYOUTS:-0 8} --out "$OUT/quant_default.json" ;;
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/test_kernels_quant.py \
         tests/test_kernels_quant_linear.py ;;

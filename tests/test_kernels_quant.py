@@ -7,6 +7,8 @@ TRITON_INTERPRET=1 on small odd shapes; on a GPU the same tests also run at Llam
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -21,8 +23,8 @@ from treadle.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_reference,
 )
-from treadle.kernels.quant_pack import SUPPORTED_BITS, pack_bits, unpack_bits
-from treadle.kernels.quantize import dequantize, quantization_error, quantize_rtn
+from treadle.kernels.quant_pack import SUPPORTED_BITS, from_row_blocks, pack_bits, to_row_blocks, unpack_bits
+from treadle.kernels.quantize import dequantize, flat, quantization_error, quantize_rtn, row_blocked
 
 BITS = list(SUPPORTED_BITS)
 # Output tolerance vs the fp64 product of the dequantized weight: one rounding to the activation dtype, plus
@@ -60,6 +62,38 @@ def test_f16x2_decode_plan_recovers_every_code(bits):
     assert np.array_equal(codes, q.numpy())
     asm, constraints = ptx(bits)
     assert constraints.count("r") == 1 + bits + 16 and asm.count("fma.rn.f16x2") == 12
+
+
+def test_row_blocks_put_each_word_where_the_kernels_look():
+    """Row r = (run * chunks + c) * words + j of column n sits in block n // B at ((run * words + j) * chunks + c)
+    * B + n % B, the address `_word_ptrs` computes; the padding columns are zeros; the inverse restores it."""
+    gen = torch.Generator().manual_seed(0)
+    chunks, words, block, n = 4, 3, 8, 13
+    t = torch.randint(-(2**31), 2**31 - 1, (2 * chunks * words, n), generator=gen, dtype=torch.int32)
+    blocked = to_row_blocks(t, block, chunks, words)
+    assert blocked.shape == (2, t.shape[0] * block)
+    for r, col in itertools.product(range(t.shape[0]), range(n)):
+        run, c, j = r // (chunks * words), r // words % chunks, r % words
+        assert blocked[col // block, ((run * words + j) * chunks + c) * block + col % block] == t[r, col]
+    assert not blocked[1].view(-1, block)[:, n % block:].any()
+    assert torch.equal(from_row_blocks(blocked, n, block, chunks, words), t)
+    with pytest.raises(ValueError, match="runs"):
+        to_row_blocks(t[:5], block, chunks, words)
+
+
+@pytest.mark.parametrize("block_n", [8, 16])
+def test_row_blocked_weight_has_the_same_values(block_n):
+    w = torch.randn(37, 200, generator=torch.Generator().manual_seed(block_n)).half()
+    qw = quantize_rtn(w, 3, 64)
+    blocked = quantize_rtn(w, 3, 64, block_n)
+    assert blocked.block_n == block_n and blocked.packed.shape == (-(-37 // block_n), 256 * 3 // 32 * block_n)
+    assert blocked.groups == qw.groups == 4 and blocked.padded_in_features == 256
+    assert torch.equal(dequantize(blocked), dequantize(qw))
+    back = flat(blocked)
+    assert all(torch.equal(a, b) for a, b in zip((back.packed, back.scales, back.mins), (qw.packed, qw.scales, qw.mins)))
+    assert row_blocked(row_blocked(qw, 16), block_n).packed.equal(blocked.packed)
+    with pytest.raises(ValueError, match="power of two"):
+        row_blocked(qw, 12)
 
 
 def test_pack_rejects_bad_input():
@@ -130,6 +164,26 @@ def test_quant_matmul_matches_fp64_reference(bits):
         assert rel_err(out, _ref64(x, qw)) < TOL[dtype], (m, cfg)
 
 
+# (M, config) on the row-blocked layout (block_n 8 or 16): a program's columns one block, two blocks or half a
+# block, words double-buffered, split-K with a ragged last split, and the tensor-core kernel across blocks.
+BLOCKED_CONFIGS = [
+    (1, QuantMatmulConfig(False, 1, 16, 4, 1, 4, 1, prefetch=1)),
+    (2, QuantMatmulConfig(False, 2, 8, 2, 3)),
+    (5, QuantMatmulConfig(True, 16, 32, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quant_matmul_on_row_blocked_layout_matches_fp64_reference(bits):
+    dtype = torch.float16
+    qw = row_blocked(_case(bits, n=37, k=200, group=64, dtype=dtype, seed=bits), 8 if bits % 2 else 16)
+    for m, cfg in BLOCKED_CONFIGS:
+        x = torch.randn(m, 200, device=DEVICE).to(dtype)
+        with nan_allocations():
+            out = quant_matmul(x, qw, config=cfg)
+        assert rel_err(out, _ref64(x, qw)) < TOL[dtype], (m, cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("dot", [False, True])
 def test_quant_matmul_dtypes_bias_and_even_shapes(dtype, dot):
@@ -164,20 +218,24 @@ def test_quant_matmul_rejects_bad_input():
     assert quant_matmul(torch.randn(0, 64, device=DEVICE), qw).shape == (0, 8)
 
 
-def test_default_config_fills_the_gpu():
-    qw = _case(4, n=64, k=4096, group=128, dtype=torch.float32, seed=0)
+@pytest.mark.parametrize("block_n", [0, 8])
+def test_default_config_fills_the_gpu(block_n):
+    qw = row_blocked(_case(4, n=64, k=4096, group=128, dtype=torch.float32, seed=0), block_n)
     for m in (1, 4, 16, 64):
         cfg = default_config(m, 4096, qw, num_sms=132)
         assert cfg.dot == (m > GEMV_MAX_M)
         tiles = -(-4096 // cfg.block_n) * -(-m // cfg.block_m)
         assert tiles * cfg.split_k >= 132
+        if block_n and not cfg.dot:  # a program streams whole rows of its block: no split-K at 8B widths
+            assert cfg.block_n == block_n and cfg.split_k == 1
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real shapes need a GPU")
+@pytest.mark.parametrize("block_n", [0, 8])
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
-def test_quant_matmul_llama8b_shapes_on_gpu(bits, k, n):
-    qw = _case(bits, n=n, k=k, group=128, dtype=torch.bfloat16, seed=bits)
+def test_quant_matmul_llama8b_shapes_on_gpu(bits, k, n, block_n):
+    qw = row_blocked(_case(bits, n=n, k=k, group=128, dtype=torch.bfloat16, seed=bits), block_n)
     for m in (1, 2, 4, 16, 64):
         x = torch.randn(m, k, device=DEVICE).to(torch.bfloat16)
         with nan_allocations():
@@ -189,12 +247,14 @@ def test_quant_matmul_llama8b_shapes_on_gpu(bits, k, n):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
-    """Both GEMV decodes on the GPU at a real shape with a ragged K, activations far from 1 included."""
+    """Both GEMV decodes on the GPU at a real shape with a ragged K, activations far from 1 included, on both
+    layouts."""
     qw = _case(bits, n=4096, k=4000, group=128, dtype=dtype, seed=bits)
     x = (torch.randn(1, 4000, device=DEVICE) * torch.logspace(-3, 2, 4000, device=DEVICE)).to(dtype)
     ref = _ref64(x, qw)
-    for f16x2 in (True, False):
-        cfg = QuantMatmulConfig(False, 1, 256, 2, 8, 4, 1, prefetch=1, f16x2=f16x2)
+    for f16x2, block_n in itertools.product((True, False), (0, 8)):
+        cfg = QuantMatmulConfig(False, 1, 256 if not block_n else 8, 2 if not block_n else 64, 8 if not block_n else 1,
+                                4, 1, prefetch=1, f16x2=f16x2)
         with nan_allocations():
-            out = quant_matmul(x, qw, config=cfg)
-        assert rel_err(out, ref) < TOL[dtype], f16x2
+            out = quant_matmul(x, row_blocked(qw, block_n), config=cfg)
+        assert rel_err(out, ref) < TOL[dtype], (f16x2, block_n)

@@ -17,11 +17,12 @@ from treadle.kernels.quant_linear import QuantLinear, quantize_model_
 from treadle.kernels.quantize import dequantize
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_quant_linear_is_linear_on_the_dequantized_weight(bias):
+@pytest.mark.parametrize("bias,block_n", [(False, 0), (True, 8)])
+def test_quant_linear_is_linear_on_the_dequantized_weight(bias, block_n):
     torch.manual_seed(0)
     linear = nn.Linear(200, 24, bias=bias)
-    q = QuantLinear.from_linear(linear, bits=4, group_size=64)
+    q = QuantLinear.from_linear(linear, bits=4, group_size=64, block_n=block_n)
+    assert q.quantized_weight.block_n == block_n
     x = torch.randn(2, 3, 200)
     w_hat = dequantize(q.quantized_weight).t()
     expected = nn.functional.linear(x, w_hat, linear.bias)
@@ -80,6 +81,9 @@ def test_quantize_model_replaces_every_projection_but_the_lm_head():
 
 @pytest.mark.skipif(not ON_GPU, reason="the fused kernel path runs on CUDA")
 def test_quant_linear_on_gpu_matches_its_cpu_path():
-    q = QuantLinear.from_linear(nn.Linear(4096, 1024, bias=True), bits=4, group_size=128).to(torch.bfloat16)
-    x = torch.randn(3, 4096).bfloat16()
-    assert rel_err(q.to(DEVICE)(x.to(DEVICE)), q.cpu()(x)) < 1e-2
+    for block_n in (0, 8):
+        linear = nn.Linear(4096, 1024, bias=True)
+        q = QuantLinear.from_linear(linear, bits=4, group_size=128, block_n=block_n).to(torch.bfloat16)
+        for m in (1, 3):
+            x = torch.randn(m, 4096).bfloat16()
+            assert rel_err(q.to(DEVICE)(x.to(DEVICE)), q.cpu()(x)) < 1e-2, (block_n, m)
