@@ -72,7 +72,7 @@ class Result:
 
 # GEMV tilings on the row-blocked layout: (columns per program in blocks of the layout, chunks per step, warps,
 # steps loaded ahead), portable decode; the first is also timed with the opt-in packed fp16 decode.
-BLOCKED_TILES = ((1, 64, 4, 1), (1, 64, 4, 2), (1, 32, 2, 1), (1, 16, 1, 1), (2, 32, 4, 1), (1, 128, 8, 1))
+BLOCKED_TILES = ((1, 64, 4, 1), (1, 64, 4, 2), (1, 32, 4, 1), (1, 128, 8, 1), (2, 32, 4, 1), (2, 64, 8, 1))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:

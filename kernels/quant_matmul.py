@@ -465,13 +465,16 @@ GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows
 
 
 def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
-    """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. GEMV: 2 chunks x 256
-    columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more columns per thread
-    share the activations' conversion but cost registers and occupancy, and lost), words double-buffered in
-    registers, ~4 programs per SM. Tensor cores: one group per step, ~4 programs per SM at decode sizes."""
-    if m <= GEMV_MAX_M and qw.block_n:
-        cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), qw.block_n, 512 // qw.block_n, 1, 4, 1, prefetch=1)
-        return with_split_k(cfg, m, n, qw, 2 * num_sms)
+    """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. GEMV on the flat
+    layout: 2 chunks x 256 columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more
+    columns per thread share the activations' conversion but cost registers and occupancy, and lost), words
+    double-buffered in registers, ~4 programs per SM. On the row-blocked layout a program streams whole rows of
+    16 (M = 1) or 32 (M = 2) columns, split-K only where that leaves fewer than ~M programs per SM. Tensor
+    cores: one group per step, ~4 programs per SM at decode sizes."""
+    if m <= GEMV_MAX_M and qw.block_n:  # row-blocked layout: 16 columns x 64 chunks per step at M = 1, 32 x 32 at 2
+        bn = max(16, qw.block_n) * m
+        cfg = QuantMatmulConfig(False, m, bn, 1024 // bn, 1, 4, 1, prefetch=1)
+        return with_split_k(cfg, m, n, qw, m * num_sms)
     if m <= GEMV_MAX_M:
         cfg = QuantMatmulConfig(False, triton.next_power_of_2(m), 256, 2, 1, 4, 1, prefetch=1)
         return with_split_k(cfg, m, n, qw, 4 * num_sms)
