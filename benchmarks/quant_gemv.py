@@ -70,9 +70,9 @@ class Result:
     tried: list  # [config, us] for every candidate
 
 
-# GEMV tilings on the row-blocked layout: (columns per program in blocks of the layout, chunks per step, warps,
-# steps loaded ahead), portable decode; the first is also timed with the opt-in packed fp16 decode.
-BLOCKED_TILES = ((1, 64, 4, 1), (1, 64, 4, 2), (1, 32, 4, 1), (1, 128, 8, 1), (2, 32, 4, 1), (2, 64, 8, 1))
+# GEMV tilings on the row-blocked layout: (columns per program, chunks per step, warps, steps loaded ahead),
+# portable decode; the first is also timed with the opt-in packed fp16 decode.
+BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1), (32, 32, 4, 1), (32, 64, 8, 1))
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
@@ -84,7 +84,7 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
-        tiles += [QuantMatmulConfig(False, bm, b * qw.block_n, c, 1, w, 1, pf) for b, c, w, pf in BLOCKED_TILES]
+        tiles += [QuantMatmulConfig(False, bm, bn, c, 1, w, 1, pf) for bn, c, w, pf in BLOCKED_TILES]
         tiles.append(dataclasses.replace(tiles[0], f16x2=True))
     if m >= 4:
         bm = max(16, min(64, triton.next_power_of_2(m)))

@@ -472,7 +472,7 @@ def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMa
     16 (M = 1) or 32 (M = 2) columns, split-K only where that leaves fewer than ~M programs per SM. Tensor
     cores: one group per step, ~4 programs per SM at decode sizes."""
     if m <= GEMV_MAX_M and qw.block_n:  # row-blocked layout: 16 columns x 64 chunks per step at M = 1, 32 x 32 at 2
-        bn = max(16, qw.block_n) * m
+        bn = 16 * m
         cfg = QuantMatmulConfig(False, m, bn, 1024 // bn, 1, 4, 1, prefetch=1)
         return with_split_k(cfg, m, n, qw, m * num_sms)
     if m <= GEMV_MAX_M:

@@ -164,8 +164,8 @@ def test_quant_matmul_matches_fp64_reference(bits):
         assert rel_err(out, _ref64(x, qw)) < TOL[dtype], (m, cfg)
 
 
-# (M, config) on the row-blocked layout (block_n 8 or 16): a program's columns one block, two blocks or half a
-# block, words double-buffered, split-K with a ragged last split, and the tensor-core kernel across blocks.
+# (M, config) on the row-blocked layout (block_n 8, 16 or 64): a program's columns one block, several blocks or
+# part of one, words double-buffered, split-K with a ragged last split, and the tensor-core kernel across blocks.
 BLOCKED_CONFIGS = [
     (1, QuantMatmulConfig(False, 1, 16, 4, 1, 4, 1, prefetch=1)),
     (2, QuantMatmulConfig(False, 2, 8, 2, 3)),
@@ -176,7 +176,7 @@ BLOCKED_CONFIGS = [
 @pytest.mark.parametrize("bits", BITS)
 def test_quant_matmul_on_row_blocked_layout_matches_fp64_reference(bits):
     dtype = torch.float16
-    qw = row_blocked(_case(bits, n=37, k=200, group=64, dtype=dtype, seed=bits), 8 if bits % 2 else 16)
+    qw = row_blocked(_case(bits, n=37, k=200, group=64, dtype=dtype, seed=bits), (8, 16, 64)[bits % 3])
     for m, cfg in BLOCKED_CONFIGS:
         x = torch.randn(m, 200, device=DEVICE).to(dtype)
         with nan_allocations():
