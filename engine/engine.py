@@ -106,6 +106,7 @@ class LLMEngine:
             if not seq.finished:
                 self.multiverse.drop(seq)
                 self.scheduler.remove(seq)
+                self.guided.release(seq)
                 seq.finish_reason = "abort"
                 outs.append(CompletionOutput(seq.index, "", [], finish_reason="abort",
                                              num_generated_tokens=seq.num_generated))
@@ -262,6 +263,7 @@ class LLMEngine:
                 tail, late_match = seq.stop_checker.feed(seq.detokenizer.flush())
                 text += tail if late_match else tail + seq.stop_checker.flush()
             self.scheduler.remove(seq)
+            self.guided.release(seq)
             self._count_finish(seq.finish_reason)
         return CompletionOutput(
             index=seq.index,

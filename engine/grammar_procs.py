@@ -16,9 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import pickle
-import queue
+import signal
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ CompileSpec = Callable[[GrammarCompiler, Any], CompiledGrammar]
 def _serve(conn: Connection, info_blob: bytes, bitmask: torch.Tensor, cache_bytes: int, compile_spec: CompileSpec
            ) -> None:
     """A worker process: owns matchers by sequence id and answers the engine's messages in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the server stops us after it
     torch.set_num_threads(1)
     compiler = GrammarCompiler(pickle.loads(info_blob), cache_limit_bytes=cache_bytes)
     matchers: dict[int, GrammarMatcher] = {}
@@ -103,8 +103,8 @@ class _Worker:
     process: Any
     conn: Connection
     send_lock: threading.Lock = field(default_factory=threading.Lock)  # compiles broadcast from another thread
-    live: int = 0  # sequences assigned and not yet dropped
-    drops: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ids of collected sequences
+    live: int = 0  # sequences assigned and not yet released
+    drops: list[int] = field(default_factory=list)  # ids of released sequences, sent with the next message
     dead: bool = False
 
     def send(self, msg: tuple) -> None:
@@ -120,6 +120,7 @@ class _Entry:
     sid: int
     spec: Any  # sent with the first fill, which creates the matcher; None afterwards
     pending: list[int] = field(default_factory=list)
+    failed: bool = False
 
 
 @dataclass
@@ -145,9 +146,10 @@ class GrammarProcessPool:
         self.bitmask = torch.zeros(rows, self.words, dtype=torch.int32).share_memory_()
         self._prepared: OrderedDict[str, None] = OrderedDict()  # grammars broadcast lately (not again)
         self._workers = [self._start() for _ in range(workers)]
-        self._entries: weakref.WeakKeyDictionary[Sequence, _Entry] = weakref.WeakKeyDictionary()
-        self._failed: weakref.WeakSet[Sequence] = weakref.WeakSet()
+        self._entries: dict[Sequence, _Entry] = {}
+        self._by_sid: dict[int, _Entry] = {}
         self._ids = itertools.count()
+        self._closing = False
 
     def _start(self) -> _Worker:
         parent, child = self._ctx.Pipe()
@@ -173,10 +175,15 @@ class GrammarProcessPool:
         worker.live += 1
         entry = _Entry(worker, next(self._ids), spec)
         self._entries[seq] = entry
-        weakref.finalize(seq, worker.drops.put, entry.sid)
+        self._by_sid[entry.sid] = entry
 
-    def constrained(self, seq: Sequence) -> bool:
-        return seq in self._entries
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished: its matcher goes with the worker's next message."""
+        entry = self._entries.pop(seq, None)
+        if entry is not None:
+            del self._by_sid[entry.sid]
+            entry.worker.live -= 1
+            entry.worker.drops.append(entry.sid)
 
     def start(self, seqs: list[Sequence]) -> ProcessMaskJob | None:
         """Send the fills of one step's rows (`seqs[i]` is row i); None when no row is constrained."""
@@ -186,7 +193,7 @@ class GrammarProcessPool:
         free_rows = []
         for row, seq in enumerate(seqs):
             entry = self._entries.get(seq)
-            if entry is None or seq in self._failed:
+            if entry is None or entry.failed:
                 free_rows.append(row)
             else:
                 per_worker.setdefault(entry.worker, []).append((row, entry))
@@ -218,9 +225,10 @@ class GrammarProcessPool:
                     self.bitmask[row] = -1
                 continue
             restricts |= row_restricts
-            if failed:
-                failed_ids = set(failed)
-                self._failed.update(s for s, e in list(self._entries.items()) if e.sid in failed_ids)
+            for sid in failed:
+                entry = self._by_sid.get(sid)
+                if entry is not None:
+                    entry.failed = True
         if not restricts:
             return None
         if job.free_rows:
@@ -232,7 +240,7 @@ class GrammarProcessPool:
         entry = self._entries.get(seq)
         if entry is None:
             return None
-        if seq in self._failed:
+        if entry.failed:
             return "abort"
         entry.pending.append(token_id)
         if token_id not in self.stop_token_ids:
@@ -253,7 +261,7 @@ class GrammarProcessPool:
         return "stop" if terminated else None
 
     def live_matchers(self) -> int:
-        """Matchers alive in the workers, after dropping those of collected sequences (for leak checks)."""
+        """Matchers alive in the workers, after dropping those of released sequences (for leak checks)."""
         total = 0
         for w in self._workers:
             if self._send(w, ("fill", self._drain(w), [])):
@@ -263,6 +271,7 @@ class GrammarProcessPool:
         return total
 
     def close(self) -> None:
+        self._closing = True
         for w in self._workers:
             self._send(w, ("stop",))
         for w in self._workers:
@@ -274,13 +283,8 @@ class GrammarProcessPool:
 
     # ---- internals -----------------------------------------------------------------------------------------
     def _drain(self, worker: _Worker) -> list[int]:
-        drops = []
-        while True:
-            try:
-                drops.append(worker.drops.get_nowait())
-            except queue.Empty:
-                worker.live -= len(drops)
-                return drops
+        drops, worker.drops = worker.drops, []
+        return drops
 
     def _send(self, worker: _Worker, msg: tuple) -> bool:
         if worker.dead:
@@ -297,14 +301,19 @@ class GrammarProcessPool:
         if worker.dead:
             return
         worker.dead = True
+        if self._closing:  # killed with the server (a signal to its process group), not lost
+            return
         log.error("grammar worker process %s died (exit code %s); its sequences are aborted",
                   worker.process.pid, worker.process.exitcode)
-        self._failed.update(s for s, e in list(self._entries.items()) if e.worker is worker)
+        for e in self._entries.values():
+            if e.worker is worker:
+                e.failed = True
         self._workers[self._workers.index(worker)] = self._start()
 
-    def _fail_rows(self, rows: list[tuple[int, _Entry]]) -> None:
-        sids = {e.sid for _, e in rows}
-        self._failed.update(s for s, e in list(self._entries.items()) if e.sid in sids)
+    @staticmethod
+    def _fail_rows(rows: list[tuple[int, _Entry]]) -> None:
+        for _, e in rows:
+            e.failed = True
 
     def _grow(self, rows: int) -> None:
         """More rows than the shared bitmask holds (never at the engine's own batch limits): a bigger one."""

@@ -362,6 +362,15 @@ class GuidedDecoder:
             return "abort"
         return "stop" if m.is_terminated() else None
 
+    def release(self, seq: Sequence) -> None:
+        """The sequence finished or was aborted: drop its matcher."""
+        if self._pool is not None:
+            self._pool.release(seq)
+            return
+        m = self._matchers.pop(seq, None)
+        if m is not None:
+            self._pending.pop(m, None)
+
     def _catch_up(self, m: GrammarMatcher) -> bool:
         """Accept the matcher's pending tokens; False (logged) if one breaks the grammar."""
         for tok in self._pending.pop(m, ()):

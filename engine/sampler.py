@@ -101,6 +101,8 @@ class Sampler:
         # Bias (0 allowed, -inf banned) of the 8 tokens of each bitmask byte value, bit j = token j of the byte.
         bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
         self._byte_bias = torch.zeros(256, 8).masked_fill_(bits == 0, -math.inf).to(self.device)
+        self._staging: torch.Tensor | None = None  # pinned host copy of the bitmask (CUDA)
+        self._staged: torch.cuda.Event | None = None  # its upload, which must end before the next overwrite
 
     # ---- public API ------------------------------------------------------------------------------------------
     def sample(
@@ -238,8 +240,29 @@ class Sampler:
         words = (self.vocab_size + 31) // 32
         if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, words):
             raise ValueError(f"bitmask must be int32 [{batch}, {words}], got {bitmask.dtype} {list(bitmask.shape)}")
-        row_bytes = bitmask.to(self.device).contiguous().view(torch.uint8).reshape(-1).long()
+        row_bytes = self._upload(bitmask).view(torch.uint8).reshape(-1).long()
         return self._byte_bias.index_select(0, row_bytes).view(batch, words * 32)[:, : self.vocab_size]
+
+    def _upload(self, bitmask: torch.Tensor) -> torch.Tensor:
+        """The bitmask on the sampling device, without waiting for the GPU.
+
+        A blocking copy from pageable memory synchronizes the stream, so the host would wait for the whole
+        forward pass before queueing the rest of sampling; through a pinned buffer the copy is queued behind it.
+        """
+        if self.device.type != "cuda":
+            return bitmask.contiguous()
+        n = bitmask.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(n, dtype=torch.int32, pin_memory=True)
+            self._staged = None
+        if self._staged is not None:
+            self._staged.synchronize()
+        staged = self._staging[:n].view(bitmask.shape)
+        staged.copy_(bitmask)
+        on_device = staged.to(self.device, non_blocking=True)
+        self._staged = torch.cuda.Event()
+        self._staged.record()
+        return on_device
 
     def _draw_rows(self, x: torch.Tensor, states: list[SeqSamplingState]) -> torch.Tensor:
         """One token per (non-greedy) row."""

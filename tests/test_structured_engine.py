@@ -5,7 +5,6 @@ each sequence's matcher right, and the grammar worker stops over-budget compiles
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import re
 import threading
@@ -126,7 +125,8 @@ def test_preemption_and_chunked_prefill_keep_matchers_in_step(loaded, reference)
 
 def test_worker_processes_give_the_same_tokens_and_free_their_matchers(loaded, reference):
     """Matchers in worker processes (the GPU default): the same tokens as the in-process thread, the n = 2 forks
-    included; a stop token is accepted at once; matchers go with their sequences, and the processes with close()."""
+    included; a stop token is accepted at once; matchers go when their sequences finish or are aborted, and the
+    processes with close()."""
     tokens, _, _ = reference
     engine = make_engine(loaded, grammar_workers=2, max_num_seqs=8)
     guided = engine.guided
@@ -134,8 +134,14 @@ def test_worker_processes_give_the_same_tokens_and_free_their_matchers(loaded, r
                                                                                  ("regex", REGEX))]
     try:
         assert run(engine, requests(engine, *grammars)) == tokens
-        gc.collect()
         assert guided._pool.live_matchers() == 0
+        engine.add_request(Request("gone", prompt(engine, "Describe a person as JSON."),
+                                   SamplingParams(temperature=0, max_tokens=40, grammar=grammars[0])))
+        for _ in range(3):
+            engine.step()
+        assert guided._pool.live_matchers() == 1
+        engine.abort("gone")
+        assert guided._pool.live_matchers() == 0 and engine.kv.num_free_pages == engine.kv.num_pages
         processes = [w.process for w in guided._pool._workers]
     finally:
         engine.close()
