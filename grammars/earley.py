@@ -63,6 +63,7 @@ class Space:
         self.index: dict[frozenset, int] = {}
         self.closed: dict[frozenset, int] = {}
         self._partitions: dict[tuple, list] = {}  # keyed by id()s of bnext dicts, which live as long as ir
+        self._mains: dict[tuple, tuple] = {}  # the same keys: the largest live byte group, for `main`
         self.table = np.full((64, 256), UNKNOWN, dtype=np.int32)
         self.can_end_arr = np.zeros(64, dtype=bool)
         self.contrib: dict = {}
@@ -71,6 +72,7 @@ class Space:
         self.origins: dict[tuple[int, int], int] = {}  # (origin, rule) -> representative origin
         self.waiting: dict[tuple[int, frozenset], int] = {}
         self.shape_masks: dict[int, np.ndarray] = {}
+        self.chain_rows: dict[int, np.ndarray] = {}  # mask.py's chains as arrays, for the configurations that need them
         self.lock = threading.RLock()  # held by callers while they extend the memo
 
     def initial(self, state: int, count: int = 0, origin: int = ROOT) -> int:
@@ -137,20 +139,36 @@ class Space:
 
     def main(self, cid: int) -> tuple[int, int]:
         """The largest group of bytes that lead from a configuration to one configuration:
-        (bytes as a 256-bit int, target), or (0, DEAD). Only that group is closed."""
+        (bytes as a 256-bit int, target), or (0, DEAD). Only that group is closed; which group it is
+        depends only on the scanning states, so it is memoized by them (a counted repetition repeats
+        them at every count)."""
         cfg = self.configs[cid]
         if cfg.main is None:
-            groups = [(byts, items) for byts, items in self._groups(cid) if items]
-            if not groups:
+            scan = cfg.scan
+            key = tuple(id(bn) for bn, _, _ in scan)
+            m = self._mains.get(key)
+            if m is None:
+                part = self._partitions.get(key)
+                if part is None:
+                    part = self._partitions[key] = self._partition([bn for bn, _, _ in scan])
+                groups = [(byts, targets) for byts, targets in part if any(t >= 0 for t in targets)]
+                if groups:
+                    byts, targets = max(groups, key=lambda g: len(g[0]))
+                    bits = np.zeros(256, dtype=bool)
+                    bits[byts] = True
+                    m = (int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little"), byts, targets)
+                else:
+                    m = (0, None, None)
+                self._mains[key] = m
+            bits, byts, targets = m
+            if byts is None:
                 cfg.main = (0, DEAD)
             else:
-                byts, items = max(groups, key=lambda g: len(g[0]))
                 known = self.table[cid, byts[0]]
-                target = int(known) if known != UNKNOWN else self._close(items)
+                target = int(known) if known != UNKNOWN else self._close(
+                    [(t, o, c) for t, (_, o, c) in zip(targets, scan) if t >= 0])
                 self.table[cid, byts] = target
-                bits = np.zeros(256, dtype=bool)
-                bits[byts] = True
-                cfg.main = (int.from_bytes(np.packbits(bits, bitorder="little").tobytes(), "little"), target)
+                cfg.main = (bits, target)
         return cfg.main
 
     def run(self, cid: int, data: bytes) -> int:
@@ -229,6 +247,11 @@ class Space:
     def _closure(self, items: list) -> int:
         info = self.ir.item_info
         configs = self.configs
+        if len(items) == 1:  # the common case of one item that neither ends nor skips a rule: itself
+            it = items[0]
+            others, fin, keep, _, rep = info(it[0])
+            if rep is None and keep and not fin and not others:
+                return self._intern({it}, {it}, False)
         seen: set = set()
         kernel: set = set()
         can_end = False
@@ -259,10 +282,16 @@ class Space:
                     if nxt:
                         stack.extend(nxt)
                         direct.extend(nxt)
+        return self._intern(kernel, kernel.intersection(direct), can_end)
+
+    def _intern(self, kernel: set, roots: set, can_end: bool) -> int:
+        """The id of the configuration with these kernel items (origins not yet represented), built if new."""
+        configs = self.configs
         rule_of = self.ir.rule_of
         origin = self.origin
-        roots = {(s, origin(o, rule_of[s]), c) for s, o, c in kernel.intersection(direct)}
-        kernel = {(s, origin(o, rule_of[s]), c) for s, o, c in kernel}
+        reps = {it: it if it[1] < 0 else (it[0], origin(it[1], rule_of[it[0]]), it[2]) for it in kernel}
+        roots = {reps[it] for it in roots}
+        kernel = set(reps.values())
         key = frozenset(kernel)
         cid = self.index.get(key)
         if cid is not None:

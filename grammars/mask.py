@@ -119,10 +119,16 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
         reach = lvl.reach[nodes]
         span = lvl.hi[nodes] - lvl.lo[nodes]
         for k in np.unique(cfg[span >= SKIP_SPAN]).tolist():
-            ints, arr, closed = chain(space, k, vocab.max_len)
-            if not ints:
+            if len(space.allowed(k)) < LOOP_MIN:
                 continue
             sel = np.flatnonzero(cfg == k)
+            if space.configs[k].chain is None and (
+                    lvl.below[nodes[sel]] & ~_rows([space.main(k)[0]])[0]).any(axis=1).all():
+                continue  # no subtree lies within the main class, so none within the chain
+            ints, closed = chain(space, k, vocab.max_len)
+            if not ints:
+                continue
+            arr = chain_rows(space, k)
             d = reach[sel]
             ok = (d >= 1) & ((d <= len(ints)) | closed)
             at = arr[np.clip(d, 1, len(ints)) - 1]
@@ -192,10 +198,11 @@ def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int],
         cc = configs[c]
         need = all_bytes if exits and cc.can_end else space.allowed(c)
         if hi_a[node] - lo_a[node] >= SKIP_SPAN and len(space.allowed(c)) >= LOOP_MIN:
-            ints, _, closed = chain(space, c, vocab.max_len)
+            bits = int.from_bytes(below[node].tobytes(), "little")
+            ints, closed = cc.chain if cc.chain is not None else (
+                chain(space, c, vocab.max_len) if not bits & ~space.main(c)[0] else _NO_CHAIN)
             d = reach_a[node]
-            if ints and (d <= len(ints) or closed) and not (
-                    int.from_bytes(below[node].tobytes(), "little") & ~ints[min(d, len(ints)) - 1]):
+            if ints and (d <= len(ints) or closed) and not bits & ~ints[min(d, len(ints)) - 1]:
                 lo, hi = lo_a[node] + (t >= 0), hi_a[node]
                 if lo < hi:
                     acc_lo.append(np.asarray([lo], dtype=np.int64))
@@ -212,16 +219,19 @@ def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int],
     return nxt_nodes, nxt_pc
 
 
-_NO_CHAIN = ([], None, False)
+_NO_CHAIN = ([], False)
 
 
-def chain(space: Space, cid: int, horizon: int) -> tuple[list[int], np.ndarray | None, bool]:
-    """Where a configuration's main byte class leads: (ints, arr, closed), ints[j] being the bytes that
-    keep every string of j + 1 bytes on the main path (the intersection of the first j + 1 main classes),
-    arr the same as 4 x uint64 rows, closed when the path ends in a loop (ints[-1] then holds forever).
+def chain(space: Space, cid: int, horizon: int) -> tuple[list[int], bool]:
+    """Where a configuration's main byte class leads: (ints, closed), ints[j] being the bytes that keep
+    every string of j + 1 bytes on the main path (the intersection of the first j + 1 main classes),
+    closed when the path ends in a loop (ints[-1] then holds forever).
 
     A trie subtree whose bytes all lie in ints[depth - 1] is accepted whole: a loop (string body) and a
     counted repetition (`[a-z]{0,60}`: the count moves the path through distinct configurations) alike.
+    Callers follow a chain only for a subtree within its first class, ints[0] (the main class): the rest
+    cannot be accepted whole, and following a counted class `[a-z]{0,200}` builds a configuration per count
+    to the vocabulary's longest token.
     """
     configs = space.configs
     path: list[tuple[int, int]] = []
@@ -242,15 +252,24 @@ def chain(space: Space, cid: int, horizon: int) -> tuple[list[int], np.ndarray |
             cfg.chain = _NO_CHAIN
             break
         if nxt == c:
-            tail = cfg.chain = ([group], _rows([group]), True)
+            tail = cfg.chain = ([group], True)
             break
         path.append((c, group))
         c = nxt
-    ints, closed = tail[0], tail[2]
+    ints, closed = tail
     for c, group in reversed(path):
         ints = [group] + [group & x for x in ints[: horizon - 1]]
-        configs[c].chain = (ints, _rows(ints), closed)
+        configs[c].chain = (ints, closed)
     return configs[cid].chain if configs[cid].chain is not None else _NO_CHAIN
+
+
+def chain_rows(space: Space, cid: int) -> np.ndarray:
+    """A configuration's chain (already followed) as 4 x uint64 rows, built on first use: the numpy walk
+    needs them, a narrow walk does not, and along a counted path each configuration has its own."""
+    rows = space.chain_rows.get(cid)
+    if rows is None:
+        rows = space.chain_rows[cid] = _rows(space.configs[cid].chain[0])
+    return rows
 
 
 def _rows(ints: list[int]) -> np.ndarray:
