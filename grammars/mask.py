@@ -208,6 +208,16 @@ def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int],
                     acc_lo.append(np.asarray([lo], dtype=np.int64))
                     acc_hi.append(np.asarray([hi], dtype=np.int64))
                 continue
+        allowed = space.allowed(c)
+        if exits and cc.can_end and len(allowed) * 4 < chi - clo:
+            # children the configuration cannot scan only record their exit (walks with exits have no
+            # candidate filter): stepping them leads nowhere
+            nxt_lo, nxt_hi = levels[depth + 1].py[1], levels[depth + 1].py[2]
+            for k in range(clo, chi):
+                x = nxt_bytes[k]
+                if x not in allowed:
+                    ex.append((nxt_lo[k], nxt_hi[k], x))
+            need = allowed
         if len(need) * 4 < chi - clo:
             picked = [clo + i for i in (nxt_bytes.find(x, clo, chi) - clo for x in need) if i >= 0]
         else:
