@@ -191,7 +191,8 @@ def main() -> int:
                 tried = []
                 for cfg in plan[name, bits, lb, m]:
                     err = float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm())
-                    us = graph_time_us([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws], args.replays)
+                    calls = [lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]
+                    us = graph_time_us(calls, args.replays)
                     tried.append((cfg, us, err))
                 cfg, us, err = min(tried, key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
@@ -212,8 +213,8 @@ def main() -> int:
         tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
-        table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}", f"{r.bf16_us:.1f}",
-                      f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
+        table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}",
+                      f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)
 
     summary = Table(title="per layer: sum over the shapes (default tiling, and best tiling per shape)")

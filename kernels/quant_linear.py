@@ -3,6 +3,12 @@
 On CUDA the forward pass is the fused Triton kernel. Elsewhere there is no fused kernel, so the module
 dequantizes once (fp32, the values the kernel multiplies by) and caches that: the numerics are those of the
 kernel, the speed and memory those of the unquantized fp32 model.
+
+The weight's layout (QuantizedWeight.block_n) is chosen per bit width from H100 runs of benchmarks/quant_gemv.py
+(docs/benchmarks.md): row blocks of 16 columns where they made decode (M <= 2) 5-17% faster and cost the
+tensor-core kernel at M = 4-16 under ~2% on average (2 bits: 3% at M = 16, for 14-17% at M <= 2); the flat
+layout where decode gained little (4, 6 bits) or lost (8 bits at M = 2) and M = 4-16 lost 2-7% (4 bits).
+Both layouts hold the same bytes, so the choice costs no memory.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from torch import nn
 
 from .quant_matmul import quant_matmul
 from .quantize import QuantizedWeight, dequantize, quantize_rtn
+
+DEFAULT_BLOCK_N = {2: 16, 3: 16, 4: 0, 5: 16, 6: 0, 8: 0}  # layout by bit width, see the module docstring
 
 
 class QuantLinear(nn.Module):
@@ -28,9 +36,13 @@ class QuantLinear(nn.Module):
         self._dense: torch.Tensor | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128, block_n: int = 0) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, bits: int, group_size: int = 128, block_n: int | None = None
+    ) -> QuantLinear:
+        """`block_n`: the weight layout (QuantizedWeight.block_n); None picks DEFAULT_BLOCK_N for `bits`."""
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(quantize_rtn(linear.weight, bits, group_size, block_n), bias)
+        layout = DEFAULT_BLOCK_N.get(bits, 0) if block_n is None else block_n
+        return cls(quantize_rtn(linear.weight, bits, group_size, layout), bias)
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
@@ -66,7 +78,11 @@ class QuantLinear(nn.Module):
 
 
 def quantize_model_(
-    model: nn.Module, bits: int, group_size: int = 128, skip: tuple[str, ...] = ("lm_head",)
+    model: nn.Module,
+    bits: int,
+    group_size: int = 128,
+    skip: tuple[str, ...] = ("lm_head",),
+    block_n: int | None = None,
 ) -> list[str]:
     """Replace every nn.Linear of `model` in place by a QuantLinear; returns the names replaced.
 
@@ -77,6 +93,6 @@ def quantize_model_(
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and name not in skip:
-                setattr(parent, name, QuantLinear.from_linear(child, bits, group_size))
+                setattr(parent, name, QuantLinear.from_linear(child, bits, group_size, block_n))
                 replaced.append(f"{parent_name}.{name}" if parent_name else name)
     return replaced

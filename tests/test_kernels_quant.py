@@ -90,7 +90,8 @@ def test_row_blocked_weight_has_the_same_values(block_n):
     assert blocked.groups == qw.groups == 4 and blocked.padded_in_features == 256
     assert torch.equal(dequantize(blocked), dequantize(qw))
     back = flat(blocked)
-    assert all(torch.equal(a, b) for a, b in zip((back.packed, back.scales, back.mins), (qw.packed, qw.scales, qw.mins)))
+    for a, b in zip((back.packed, back.scales, back.mins), (qw.packed, qw.scales, qw.mins)):
+        assert torch.equal(a, b)
     assert row_blocked(row_blocked(qw, 16), block_n).packed.equal(blocked.packed)
     with pytest.raises(ValueError, match="power of two"):
         row_blocked(qw, 12)

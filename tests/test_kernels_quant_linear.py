@@ -33,6 +33,15 @@ def test_quant_linear_is_linear_on_the_dequantized_weight(bias, block_n):
         q(torch.randn(2, 199))
 
 
+def test_quant_linear_layout_follows_the_bit_width_unless_given():
+    linear = nn.Linear(64, 48)
+    assert {b: QuantLinear.from_linear(linear, b, 32).block_n for b in (3, 4)} == {3: 16, 4: 0}
+    q = QuantLinear.from_linear(linear, 3, 32, block_n=0)
+    assert q.block_n == 0 and q.packed.shape == (6, 48)
+    blocked = QuantLinear.from_linear(linear, 3, 32).quantized_weight
+    assert torch.equal(dequantize(q.quantized_weight), dequantize(blocked))
+
+
 def test_quant_linear_state_moves_and_casts():
     q = QuantLinear.from_linear(nn.Linear(64, 8), bits=3, group_size=32)
     q(torch.randn(1, 64))
