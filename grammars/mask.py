@@ -35,6 +35,7 @@ LOOP_MIN = 32  # byte classes smaller than this are not followed to accept whole
 SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
 MAX_CONTEXT_DEPTH = 64  # origin chains followed this deep to share masks; deeper ones stay exact
+_ALL_BYTES = frozenset(range(256))
 
 
 class Walk(NamedTuple):
@@ -69,7 +70,6 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
     ex_arr: list = []
     levels = vocab.levels
     cum = None if cand is None else np.concatenate([[0], np.cumsum(cand, dtype=np.int64)])
-    all_bytes = frozenset(range(256))
     first = space.allowed(start)
     if len(first) <= SMALL_FRONTIER:
         nodes = vocab.first_node[sorted(first)]
@@ -87,7 +87,7 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
         if len(nodes) <= SMALL_FRONTIER:  # stay in Python lists while the frontier stays narrow
             nl, pl = nodes.tolist(), pc.tolist()
             while nl and len(nl) <= SMALL_FRONTIER:
-                nl, pl = _narrow_level(space, vocab, depth, nl, pl, exits, cum, singles, acc_lo, acc_hi, ex, all_bytes)
+                nl, pl = _narrow_level(space, vocab, depth, nl, pl, exits, cum, singles, acc_lo, acc_hi, ex)
                 depth += 1
             nodes, pc = np.asarray(nl, dtype=np.int64), np.asarray(pl, dtype=np.int64)
             continue
@@ -168,7 +168,7 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
 
 
 def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int], pcs: list[int], exits: bool,
-                  cum, singles: list, acc_lo: list, acc_hi: list, ex: list, all_bytes: frozenset):
+                  cum, singles: list, acc_lo: list, acc_hi: list, ex: list):
     """One trie level of a few nodes, stepped in Python; returns the next level's (nodes, configurations)
     as lists."""
     levels = vocab.levels
@@ -196,7 +196,7 @@ def _narrow_level(space: Space, vocab: VocabIndex, depth: int, nodes: list[int],
         if clo == chi:
             continue
         cc = configs[c]
-        need = all_bytes if exits and cc.can_end else space.allowed(c)
+        need = _ALL_BYTES if exits and cc.can_end else space.allowed(c)
         if hi_a[node] - lo_a[node] >= SKIP_SPAN and len(space.allowed(c)) >= LOOP_MIN:
             bits = int.from_bytes(below[node].tobytes(), "little")
             ints, closed = cc.chain if cc.chain is not None else (
