@@ -13,6 +13,9 @@ Two Triton kernels read the packed weight of `quant_pack` once and never materia
   M side (64+ rows, wgmma on Hopper) and the few tokens its N side; the scale and minimum are applied to the
   group's partial product, so the result is the same sum as the GEMV's.
 
+Both read either weight layout of QuantizedWeight (`block_n`): the flat [K-rows, N] words, or row blocks whose
+words are contiguous along K, where a GEMV program owning 16-32 columns streams whole rows without split-K.
+
 Both accumulate in fp32 (the packed decode sums each chunk's 32 products in fp16 first) and round once at the
 end, the math of `quant_matmul_reference`. Split-K programs write
 fp32 partials; the last program of each output tile (found with an atomic counter) sums them in a fixed order,
@@ -20,7 +23,8 @@ so one launch does the whole product and results are deterministic.
 
 Where the GEMV's time goes (H100, benchmarks/quant_gemv.py, docs/benchmarks.md): the packed decode brought the
 main loop from ~4.5 to ~3.4 instructions per weight at 4 bits but the time only 5-16% (3-4 bits): the largest
-8B layer streams at ~2 TB/s rather than 3, and the small ones pay ~5 us of ramp, latency and split-K tail.
+8B layer streams at ~2 TB/s rather than 3 (in either layout), and the small ones pay ~5 us of ramp, latency and
+split-K tail, ~1 us of which the row-blocked layout removes.
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ def _word_ptrs(w_ptr, chunk, cols, N, G, BITS: tl.constexpr, GROUP: tl.constexpr
 
 @triton.jit
 def _word_step(N, GROUP: tl.constexpr, LB: tl.constexpr):
+    """Distance between words j and j + 1 of a chunk."""
     if LB == 0:
         return N
     else:
