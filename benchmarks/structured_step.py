@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
-
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
 from treadle.engine.guided import GrammarSpec
@@ -44,7 +42,7 @@ PHASES = (("forward", "runner", "execute"), ("start", "guided", "start_masks"), 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ints = lambda s: [int(c) for c in s.split(",")]  # noqa: E731
+    ints = lambda s: [int(c) for c in s.split(",")]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="model path (default: the embedded SmolLM2)")
     p.add_argument("--device", default="cpu")
@@ -138,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
                               *(f"{row.get(p[0], 0.0):.3f}" for p in PHASES))
     console.print(table)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
+                            cwd=Path(__file__).parent, check=False).stdout.strip()
     Path(args.out).write_text(json.dumps({
         "date": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "commit": commit,
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

@@ -37,6 +37,23 @@ _MEMORY = 4096  # grammars remembered as already broadcast to the workers
 CompileSpec = Callable[[GrammarCompiler, Any], CompiledGrammar]
 
 
+def fill_row(m: GrammarMatcher, tokens: list[int], bitmask: torch.Tensor, row: int) -> bool | None:
+    """Accept the tokens sampled since the last fill, then write the matcher's mask into `row`: whether it
+    restricts anything, or None (logged; the row allows everything) if a token broke the grammar or the fill
+    failed, which aborts the sequence."""
+    try:
+        for t in tokens:
+            if not m.accept_token(t):
+                log.warning("sampled token %d violates the request's grammar; the sequence is aborted", t)
+                bitmask[row] = -1
+                return None
+        return m.fill_next_token_bitmask(bitmask, row)
+    except Exception:
+        log.exception("filling a token mask failed; the sequence is aborted")
+        bitmask[row] = -1
+        return None
+
+
 def _serve(conn: Connection, info_blob: bytes, bitmask: torch.Tensor, cache_bytes: int, compile_spec: CompileSpec
            ) -> None:
     """A worker process: owns matchers by sequence id and answers the engine's messages in order."""
@@ -62,20 +79,19 @@ def _serve(conn: Connection, info_blob: bytes, bitmask: torch.Tensor, cache_byte
                 matchers.pop(sid, None)
             restricts, failed = False, []
             for row, sid, spec, tokens in entries:
-                try:
-                    if spec is not None:
+                if spec is not None:
+                    try:
                         matchers[sid] = GrammarMatcher(compile_spec(compiler, spec))
-                    m = matchers[sid]
-                    if not all(m.accept_token(t) for t in tokens):
-                        log.warning("a sampled token violates the request's grammar; the sequence is aborted")
+                    except Exception:
+                        log.exception("compiling a grammar in a worker process failed; the sequence is aborted")
                         failed.append(sid)
                         bitmask[row] = -1
                         continue
-                    restricts |= m.fill_next_token_bitmask(bitmask, row)
-                except Exception:
-                    log.exception("filling a token mask failed; the sequence is aborted")
+                filled = fill_row(matchers[sid], tokens, bitmask, row)
+                if filled is None:
                     failed.append(sid)
-                    bitmask[row] = -1
+                else:
+                    restricts |= filled
             conn.send((restricts, failed))
         elif kind == "accept":  # a stop token, after the tokens still pending
             _, sid, spec, tokens = msg

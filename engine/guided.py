@@ -45,7 +45,7 @@ from treadle.grammars import (
     allocate_token_bitmask,
 )
 
-from .grammar_procs import GrammarProcessPool, ProcessMaskJob
+from .grammar_procs import GrammarProcessPool, ProcessMaskJob, fill_row
 from .sequence import Sequence
 from .tokenizer import Tokenizer
 
@@ -173,8 +173,7 @@ class GrammarWorker:
 class MaskJob:
     """Masks being filled for one step: one row per sequence that gets logits, in logits-row order."""
 
-    future: concurrent.futures.Future  # -> (bitmask [rows, words] or None when no row restricts anything, failed rows)
-    matchers: list[GrammarMatcher | None]
+    future: concurrent.futures.Future  # -> bitmask [rows, words], or None when no row restricts anything
 
 
 class GuidedDecoder:
@@ -296,42 +295,31 @@ class GuidedDecoder:
         matchers = [self._matchers.get(s) for s in seqs]
         if not any(m is not None for m in matchers):
             return None
-        return MaskJob(self._worker.submit(lambda: self._fill(matchers)), matchers)
+        return MaskJob(self._worker.submit(lambda: self._fill(matchers)))
 
-    def _fill(self, matchers: list[GrammarMatcher | None]) -> tuple[torch.Tensor | None, list[int]]:
+    def _fill(self, matchers: list[GrammarMatcher | None]) -> torch.Tensor | None:
         n = len(matchers)
         if self._buffer.shape[0] < n:
             self._buffer = allocate_token_bitmask(max(n, 2 * self._buffer.shape[0]), self.vocab_size)
         buf = self._buffer
         restricts = False
-        failed = []
         for i, m in enumerate(matchers):
             if m is None:
                 buf[i] = -1
                 continue
-            try:
-                if not self._catch_up(m):
-                    self._failed.add(m)  # here, not in finish_masks: a step that samples nothing never calls it
-                    buf[i] = -1
-                    continue
-                restricts |= m.fill_next_token_bitmask(buf, i)
-            except Exception:
-                log.exception("filling a token mask failed; the sequence is aborted")
-                failed.append(i)
-                buf[i] = -1
-        return (buf[:n] if restricts else None), failed
+            filled = fill_row(m, self._pending.pop(m, []), buf, i)
+            if filled is None:
+                self._failed.add(m)
+            else:
+                restricts |= filled
+        return buf[:n] if restricts else None
 
     def finish_masks(self, job: MaskJob | ProcessMaskJob | None, rows: list[int]) -> torch.Tensor | None:
         """The bitmask for the sampler, one row per sampled sequence; `rows[i]` is its row in the job (forked
         choices of one prompt share their parent's row: their matchers all start at the same state)."""
         if job is None:
             return None
-        if isinstance(job, ProcessMaskJob):
-            bitmask = self._pool.finish(job)
-        else:
-            bitmask, failed = job.future.result()
-            for i in failed:
-                self._failed.add(job.matchers[i])
+        bitmask = self._pool.finish(job) if isinstance(job, ProcessMaskJob) else job.future.result()
         if bitmask is None:
             return None
         if rows != list(range(bitmask.shape[0])):
@@ -357,9 +345,10 @@ class GuidedDecoder:
         if token_id not in m.stop_token_ids:
             self._pending.setdefault(m, []).append(token_id)
             return None
-        if not (self._catch_up(m) and m.accept_token(token_id)):
-            log.warning("sampled token %d violates the request's grammar; the sequence is aborted", token_id)
-            return "abort"
+        for tok in (*self._pending.pop(m, ()), token_id):
+            if not m.accept_token(tok):
+                log.warning("sampled token %d violates the request's grammar; the sequence is aborted", tok)
+                return "abort"
         return "stop" if m.is_terminated() else None
 
     def release(self, seq: Sequence) -> None:
@@ -370,14 +359,6 @@ class GuidedDecoder:
         m = self._matchers.pop(seq, None)
         if m is not None:
             self._pending.pop(m, None)
-
-    def _catch_up(self, m: GrammarMatcher) -> bool:
-        """Accept the matcher's pending tokens; False (logged) if one breaks the grammar."""
-        for tok in self._pending.pop(m, ()):
-            if not m.accept_token(tok):
-                log.warning("sampled token %d violates the request's grammar; the sequence is aborted", tok)
-                return False
-        return True
 
     def close(self) -> None:
         """Stop the worker processes, if any (the worker thread is a daemon and idles)."""
