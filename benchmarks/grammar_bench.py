@@ -47,22 +47,10 @@ import torch
 import xgrammar as xgr
 
 import treadle.grammars as tg
+from structured_schema import SCHEMA
 
 SUITE = Path(__file__).parent / "grammar_suite"
 ENGINES = ("treadle", "xgrammar", "llguidance")
-FRESH_SCHEMA = {  # benchmarks/structured_overhead.py's SCHEMA, kept in step by hand
-    "type": "array",
-    "minItems": 200,
-    "items": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 16},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "role": {"enum": ["admin", "editor", "viewer"]},
-        },
-        "required": ["name", "age", "role"],
-    },
-}
 
 
 def load_tokenizer():
@@ -337,9 +325,9 @@ def run_scaling(engines: list, sizes: list[int]) -> list[dict]:
 
 
 def run_fresh_walks(engine: Treadle, walks: int, steps: int, seed: int = 0) -> list[dict]:
-    """Per-walk fill and accept µs (mean / p50 / p99) of random walks through FRESH_SCHEMA, one cold compile."""
+    """Per-walk fill and accept µs (mean / p50 / p99) of random walks through SCHEMA, one cold compile."""
     engine.compiler.clear_cache()
-    compiled = engine.compiler.compile_json_schema(FRESH_SCHEMA)
+    compiled = engine.compiler.compile_json_schema(SCHEMA)
     stop = np.asarray(engine.compiler.tokenizer_info.stop_token_ids)
     bitmask = tg.allocate_token_bitmask(1, engine.vocab)
     rng = np.random.default_rng(seed)
@@ -469,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="*", help="run only these suite cases (default: all)")
     parser.add_argument("--tools", type=int, nargs="*", default=[10, 100, 500], help="structural-tag tool counts")
-    parser.add_argument("--fresh-walks", type=int, default=4, help="walks through FRESH_SCHEMA (0: skip)")
+    parser.add_argument("--fresh-walks", type=int, default=4, help="walks through SCHEMA (0: skip)")
     parser.add_argument("--fresh-steps", type=int, default=300, help="tokens per fresh walk")
     parser.add_argument("--out", default=None, help="JSON path (default: bench_results/grammar_bench-<time>.json)")
     args = parser.parse_args(argv)

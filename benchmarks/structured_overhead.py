@@ -31,20 +31,8 @@ from treadle.server import bench_serve as bs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_serving import free_port, server_process
+from structured_schema import SCHEMA
 
-SCHEMA = {
-    "type": "array",
-    "minItems": 200,
-    "items": {
-        "type": "object",
-        "properties": {
-            "name": {"type": "string", "maxLength": 16},
-            "age": {"type": "integer", "minimum": 0, "maximum": 120},
-            "role": {"enum": ["admin", "editor", "viewer"]},
-        },
-        "required": ["name", "age", "role"],
-    },
-}
 TARGET_AT_16 = 5.0  # percent
 
 

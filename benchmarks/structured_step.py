@@ -34,7 +34,7 @@ from treadle.engine.sampling_params import SamplingParams
 from treadle.engine.sequence import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from structured_overhead import SCHEMA
+from structured_schema import SCHEMA
 
 PHASES = (("forward", "runner", "execute"), ("start", "guided", "start_masks"), ("finish", "guided", "finish_masks"),
           ("sample", "sampler", "sample"), ("accept", "guided", "accept"), ("emit", None, "_emit"),
