@@ -14,7 +14,6 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-import torch
 from inprocess_server import metric_samples, openai_client, serving
 from multiverse_testing import Rule, Script, save_tiny_llama
 from treadle.engine.async_engine import AsyncEngine
@@ -30,8 +29,7 @@ PARALLEL = {"parallel": {"enabled": True, "min_fork_budget": 8}}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[tuple[str, AsyncEngine]]:
-    threads = torch.get_num_threads()
+def server(tmp_path_factory, one_thread) -> Iterator[tuple[str, AsyncEngine]]:
     path = str(tmp_path_factory.mktemp("tiny_llama"))
     save_tiny_llama(path)
     engine = AsyncEngine(EngineConfig(model=path, served_model_name="m", dtype="float32", num_pages=256,
@@ -55,7 +53,6 @@ def server(tmp_path_factory) -> Iterator[tuple[str, AsyncEngine]]:
     engine.engine.add_request = add_scripted
     with serving(engine) as base_url:
         yield base_url, engine
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
