@@ -50,7 +50,8 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, loaded.config, cfg, num_pages * cfg.page_size)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.sampler = Sampler(loaded.config.vocab_size, self.tokenizer.eos_token_ids, self.runner.device)
-        self.guided = GuidedDecoder(self.tokenizer, loaded.config.vocab_size, cfg.grammar_workers, cfg.max_num_seqs)
+        self.guided = GuidedDecoder(self.tokenizer, loaded.config.vocab_size, cfg.grammar_workers, cfg.max_num_seqs,
+                                    pin_memory=self.runner.device.type == "cuda")
         # A sequence can never outgrow the pool, or preemption could not make room for it.
         limit = cfg.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, num_pages * cfg.page_size)

@@ -181,14 +181,16 @@ class GuidedDecoder:
     batched bitmask for the sampler and advances matchers on sampled tokens.
 
     `workers` > 0 keeps the matchers in that many processes; `max_rows` sizes their shared bitmask (the most
-    sequences one step samples)."""
+    sequences one step samples), which `pin_memory` registers with CUDA for the sampler's upload."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, workers: int = 0, max_rows: int = 64):
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, workers: int = 0, max_rows: int = 64,
+                 pin_memory: bool = False):
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.words = (vocab_size + 31) // 32
         self._num_workers = workers
         self._max_rows = max_rows
+        self._pin_memory = pin_memory
         self._pool: GrammarProcessPool | None = None  # started with the compiler
         self._specs: weakref.WeakKeyDictionary[CompiledGrammar, GrammarSpec] = weakref.WeakKeyDictionary()
         self._worker = GrammarWorker()
@@ -250,7 +252,7 @@ class GuidedDecoder:
                     self._tokenizer.hf, vocab_size=self.vocab_size, stop_token_ids=self._tokenizer.eos_token_ids)
                 if self._num_workers > 0:
                     self._pool = GrammarProcessPool(info, self._num_workers, self._max_rows, GRAMMAR_CACHE_BYTES,
-                                                    compile_spec)
+                                                    compile_spec, self._pin_memory)
                 return GrammarCompiler(info, cache_limit_bytes=GRAMMAR_CACHE_BYTES)
 
             self._compiler_future = self._worker.submit(build)

@@ -98,10 +98,15 @@ class Sampler:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
         self.device = torch.device(device)
-        # Bias (0 allowed, -inf banned) of the 8 tokens of each bitmask byte value, bit j = token j of the byte.
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
-        self._byte_bias = torch.zeros(256, 8).masked_fill_(bits == 0, -math.inf).to(self.device)
-        self._bit_shifts = torch.arange(32, dtype=torch.int32, device=self.device)
+        self._apply_kernel = None
+        self._byte_bias = None
+        if self.device.type == "cuda":  # Triton comes with CUDA builds of torch, not necessarily with CPU ones
+            from treadle.kernels.bitmask import apply_token_bitmask_
+
+            self._apply_kernel = apply_token_bitmask_
+        else:  # bias (0 allowed, -inf banned) of the 8 tokens of each bitmask byte value, bit j = token j
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+            self._byte_bias = torch.zeros(256, 8).masked_fill_(bits == 0, -math.inf).to(self.device)
         self._staging: torch.Tensor | None = None  # pinned host copy of the bitmask (CUDA)
         self._staged: torch.cuda.Event | None = None  # its upload, which must end before the next overwrite
 
@@ -197,13 +202,15 @@ class Sampler:
             before_ban = flat_x.gather(0, ban)
             flat_x.scatter_(0, ban, -math.inf)
         if bitmask is not None:
-            bias = self._bitmask_bias(bitmask, len(states))
-            x.add_(bias)  # an add is several times faster than masked_fill on CPU
+            self._apply_bitmask(x, bitmask)
             if ban_rows:
                 # A grammar that allows nothing but stop tokens outranks min_tokens: a row left with no token
                 # gets back the stop tokens its grammar allows.
+                cols = np.asarray(ban_cols)
+                words = bitmask.cpu().numpy()[ban_rows, cols // 32]
+                granted = torch.from_numpy((words >> (cols % 32)) & 1 == 1).to(self.device)
                 dead = (x.amax(dim=-1) == -math.inf)[r]
-                flat_x.scatter_(0, ban, torch.where(dead, before_ban + bias[r, c], -math.inf))
+                flat_x.scatter_(0, ban, torch.where(dead & granted, before_ban, -math.inf))
         return x
 
     def _flat_index(self, batch_rows: list[int], ids: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,29 +238,35 @@ class Sampler:
             cols += ids
         return rows, cols
 
-    def _bitmask_bias(self, bitmask: torch.Tensor, batch: int) -> torch.Tensor:
-        """[B, V] float: 0 for allowed tokens, -inf for banned ones.
+    def _apply_bitmask(self, x: torch.Tensor, bitmask: torch.Tensor) -> None:
+        """Banned tokens' logits of x [B, V] to -inf, in place.
 
-        xgrammar's layout: int32 [B, ceil(V/32)], bit j of word w allows token 32*w + j. Read as little-endian
-        bytes (x86, Arm and CUDA), byte i of the row holds tokens 8*i .. 8*i+7, so one table lookup per byte
-        expands the mask. On CUDA that gather is slow (~0.6 ms for 64 rows on an H100), so there the bits are
-        shifted out elementwise instead.
+        xgrammar's layout: int32 [B, ceil(V/32)], bit j of word w allows token 32*w + j. On CUDA one Triton pass
+        over the logits (expanding the bits with torch ops took several passes, and a byte-table gather 0.6 ms
+        for 64 rows on an H100). On CPU, read as little-endian bytes, byte i of the row holds tokens
+        8*i .. 8*i+7, so one table lookup per byte expands the mask into a bias to add.
         """
-        words = (self.vocab_size + 31) // 32
+        batch, words = x.shape[0], (self.vocab_size + 31) // 32
         if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, words):
             raise ValueError(f"bitmask must be int32 [{batch}, {words}], got {bitmask.dtype} {list(bitmask.shape)}")
-        if self.device.type == "cuda":
-            bits = (self._upload(bitmask).unsqueeze(-1) >> self._bit_shifts) & 1
-            return torch.where(bits.view(batch, words * 32)[:, : self.vocab_size] == 1, 0.0, -math.inf)
+        if self._apply_kernel is not None:
+            self._apply_kernel(x, self._upload(bitmask), vocab_size=self.vocab_size)
+            return
         row_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).long()
-        return self._byte_bias.index_select(0, row_bytes).view(batch, words * 32)[:, : self.vocab_size]
+        x.add_(self._byte_bias.index_select(0, row_bytes).view(batch, words * 32)[:, : self.vocab_size])
 
     def _upload(self, bitmask: torch.Tensor) -> torch.Tensor:
         """The bitmask on the GPU, without waiting for it.
 
         A blocking copy from pageable memory synchronizes the stream, so the host would wait for the whole
-        forward pass before queueing the rest of sampling; through a pinned buffer the copy is queued behind it.
+        forward pass before queueing the rest of sampling; pinned memory (the grammar workers' shared bitmask)
+        is copied as it is, anything else through a pinned staging buffer. Either way the copy is queued behind
+        the forward pass, and the host's sync on the sampled tokens ends it before the memory is written again.
         """
+        if bitmask.device.type == "cuda":
+            return bitmask
+        if bitmask.is_contiguous() and bitmask.is_pinned():
+            return bitmask.to(self.device, non_blocking=True)
         n = bitmask.numel()
         if self._staging is None or self._staging.numel() < n:
             self._staging = torch.empty(n, dtype=torch.int32, pin_memory=True)

@@ -176,6 +176,40 @@ def test_a_token_outside_the_grammar_aborts_the_sequence_one_token_later(loaded,
         guided.close()
 
 
+def test_a_dead_worker_process_aborts_its_sequences_and_is_replaced(loaded):
+    tok = loaded.tokenizer
+    guided = GuidedDecoder(tok, loaded.config.vocab_size, 2, max_rows=2)
+    try:
+        compiled = asyncio.run(guided.compile(GrammarSpec("regex", "[a-z]+"), 60))
+        (good,), (bad,) = tok.encode("abc", add_special_tokens=False), tok.encode("7", add_special_tokens=False)
+        allowed = lambda mask, row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
+        seqs = [_Seq(), _Seq()]
+        for s in seqs:
+            guided.add(s, compiled)
+        pool = guided._pool
+        doomed = pool._entries[seqs[0]].worker
+        assert doomed is not pool._entries[seqs[1]].worker
+        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
+        assert not allowed(mask, 0, bad) and not allowed(mask, 1, bad)
+        for s in seqs:
+            assert guided.accept(s, good) is None
+        doomed.process.kill()
+        doomed.process.join()
+        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
+        assert allowed(mask, 0, bad) and not allowed(mask, 1, bad)  # the lost row is left unmasked
+        assert guided.accept(seqs[0], good) == "abort" and guided.accept(seqs[1], good) is None
+        fresh = _Seq()
+        guided.add(fresh, compiled)
+        assert pool._entries[fresh].worker.process.is_alive()
+        mask = guided.finish_masks(guided.start_masks([seqs[1], fresh]), [0, 1])
+        assert not allowed(mask, 0, bad) and not allowed(mask, 1, bad) and allowed(mask, 1, good)
+        for s in (*seqs, fresh):
+            guided.release(s)
+        assert pool.live_matchers() == 0
+    finally:
+        guided.close()
+
+
 def test_worker_interrupts_only_interruptible_running_jobs():
     worker = GrammarWorker()
     spinning = threading.Event()
