@@ -56,6 +56,7 @@ class LLMEngine:
         limit = cfg.max_model_len or loaded.config.max_position_embeddings
         self.max_model_len = min(limit, num_pages * cfg.page_size)
         self._eos = set(self.tokenizer.eos_token_ids)
+        self._async_forward = self.runner.device.type == "cuda"
         self.multiverse = Multiverse(self.kv, self.scheduler, self.tokenizer, self.max_model_len, multiverse_tags)
         self.ape = ContextStore(self.kv, self.scheduler, ApeLayout.build(self.tokenizer, cfg.ape_shared_prefix),
                                 self.max_model_len)
@@ -144,9 +145,14 @@ class LLMEngine:
                 and seq.encodes is None,
                 ape=None if seq.ape is None else seq.ape.chunk(),
             ))
-        # Grammar masks are filled on the guided decoder's thread while the model runs.
-        masks = self.guided.start_masks([c.seq for c, chunk in zip(sched.chunks, chunks) if chunk.need_logits])
+        # Grammar masks are filled beside the model (on the guided decoder's thread or processes). On CPU the forward
+        # runs inside execute(), so they are started first; on CUDA execute() only queues it, and starting them after
+        # keeps their host cost off the GPU's critical path.
+        masked = [c.seq for c, chunk in zip(sched.chunks, chunks) if chunk.need_logits]
+        masks = self.guided.start_masks(masked) if not self._async_forward else None
         logits = self.runner.execute(chunks)
+        if self._async_forward:
+            masks = self.guided.start_masks(masked)
 
         rows: list[int] = []
         to_sample: list[Sequence] = []

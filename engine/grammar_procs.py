@@ -7,7 +7,7 @@ while the model runs.
 
 A step's fills travel through shared memory, not pipes: the engine writes each process's rows (row, matcher, the
 token sampled since its last fill) into a shared table and bumps that process's step counter; the process, which
-spins on the counter while work keeps coming, accepts the token, fills the rows and bumps its done counter, which
+polls the counter while work keeps coming, accepts the token, fills the rows and bumps its done counter, which
 the engine spins on. A pipe message each way per process and step costs tens of microseconds of system calls and
 wake-ups, a visible share of a few-millisecond GPU step. A process idle for SPIN_S blocks on its pipe instead, and
 the engine wakes it with a message. The pipe carries everything that is not per step: new grammars, matcher
@@ -42,7 +42,9 @@ from .sequence import Sequence
 log = logging.getLogger("treadle.engine")
 
 _MEMORY = 4096  # grammars remembered as already broadcast to the workers
-SPIN_S = 0.02  # a worker spins this long after its last work before blocking on its pipe
+SPIN_S = 0.02  # a worker polls this long after its last work before blocking on its pipe
+POLL_S = 2e-5  # its sleep between polls (~70 us with Linux's default timer slack): a busy spin would slow the
+# engine's thread on a sibling hyperthread, and the work it waits for comes a millisecond before it is due
 _LIVENESS_SPINS = 1024  # the engine checks that a worker it waits for is alive every this many spins
 POSTED, DONE, SLEEPING, RESTRICTS = range(4)  # columns of the control array, one row per worker
 CompileSpec = Callable[[GrammarCompiler, Any], CompiledGrammar]
@@ -139,7 +141,7 @@ class _Server:
                 self.ctl[SLEEPING] = 0
                 idle_since = time.monotonic()
             else:
-                os.sched_yield()
+                time.sleep(POLL_S)
 
     def fill(self) -> None:
         n = int(self.cmd[0])
