@@ -52,7 +52,7 @@ class CompiledGrammar:
         fresh one, while matchers already running keep theirs until they are dropped.
         """
         with self._lock:
-            if len(self.space.configs) > MAX_CONFIGS:
+            if self.space.n_configs > MAX_CONFIGS:
                 self._new_space()
             return self.space, self.masker, self.initial
 
@@ -60,8 +60,8 @@ class CompiledGrammar:
     def memory_size_bytes(self) -> int:
         """A rough size of the grammar automata and the memo grown so far."""
         sp = self.space
-        masks = sum(m.nbytes for m in {id(c.mask): c.mask for c in sp.configs if c.mask is not None}.values())
-        return int(sp.table.nbytes + masks + 200 * self.ir.n_states + 300 * len(sp.configs))
+        masks = sum(m.nbytes for m in sp.shape_masks.values())
+        return int(sp.nbytes + masks + sum(a.nbytes for a in sp.irt) + 200 * self.ir.n_states)
 
 
 def _schema_text(schema) -> str:

@@ -51,7 +51,7 @@ class GrammarMatcher:
         if self._stopped_at is not None:
             return False
         cid = self._hist[-1]
-        cfg = self._space.configs[cid]
+        cfg = self._space.config(cid)
         nid = cfg.tok.get(token_id)
         if nid is None:
             if not isinstance(token_id, (int, np.integer)) or not 0 <= token_id < self._vocab_size:
@@ -108,7 +108,7 @@ class GrammarMatcher:
             rows[index] = self._stop_mask()
             return True
         cid = self._hist[-1]
-        cfg = self._space.configs[cid]
+        cfg = self._space.config(cid)
         mask = cfg.mask
         if mask is None:
             with self._space.lock:
@@ -138,7 +138,7 @@ class GrammarMatcher:
         cid = self._hist[-1]
         out = bytearray()
         with space.lock:
-            while not space.configs[cid].can_end:
+            while not space.can_end(cid):
                 allowed = space.allowed(cid)
                 if len(allowed) != 1:
                     break
@@ -161,13 +161,13 @@ class GrammarMatcher:
 
     def is_completed(self) -> bool:
         """The input so far is a complete sentence of the grammar (or a stop token was accepted)."""
-        return self._stopped_at is not None or self._space.configs[self._hist[-1]].can_end
+        return self._stopped_at is not None or self._space.can_end(self._hist[-1])
 
     def is_terminated(self) -> bool:
         """A stop token was accepted, or (terminate_without_stop_token) the grammar is complete."""
         if self._stopped_at is not None:
             return True
-        return self._terminate_without_stop and self._space.configs[self._hist[-1]].can_end
+        return self._terminate_without_stop and self._space.can_end(self._hist[-1])
 
     def reset(self) -> None:
         self._space, self._masker, initial = self._cg.current()

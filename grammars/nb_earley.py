@@ -1,0 +1,682 @@
+"""The Earley core in compiled code: closure, interned configurations, origin representatives, byte steps.
+
+Items are int32 triples (state, origin, count); a configuration is the interned, sorted set of its kernel
+items (nb_store's kernel interner: its id is the configuration id). The grammar's static tables come from
+`ir_arrays` as a tuple of int32 arrays, built once per compile with numpy. The semantics are earley.py's
+(see there); this module only does them without a Python object per item or configuration.
+
+Callers hold the Space's lock: these functions grow the shared memo.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from numba import njit, types
+
+from .automata import GrammarIR
+from .nb_store import (ALLOW, CAN_END, DEAD, FULL, I_KERN, I_ORIG, I_PRED, I_SCAN, I_SELF, I_WAIT, KERN_D, KERN_P,
+                       KERN_T, MAIN_B, MAIN_N, MAIN_T, META, NALLOW, ORIG_D, ORIG_P, ORIG_T, ORIG_VAL, PRED_D, PRED_P,
+                       PRED_T, PRED_VAL, ROOTF, SCAN_D, SCAN_P, SCAN_T, SCAN_VAL, SELF_D, SELF_ID, SELF_NSCAN, SELF_P,
+                       SELF_T, ST, TABLE, UNKNOWN, WAIT_D, WAIT_P, WAIT_T, WAIT_VAL, A, I, insert, lookup, need, room)
+
+MAX_ORIGIN_DEPTH = 64  # origin chains followed this deep to find a representative; deeper ones stay as they are
+
+# the grammar's tables (ir_arrays), per state unless said otherwise
+R_BNEXT = 0  # 256 per state: byte -> state, -1 none
+R_SBITS = 1  # 8 words per state: its bytes
+R_SCANS = 2  # 1 if it has a byte transition
+R_FINAL = 3
+R_KEEP = 4  # not a dead end (a final state with no way on is not kept in kernels)
+R_RULE = 5
+R_REPB = 6  # counted repetition (the single state of a REP rule): body rule, else -1
+R_REPLO = 7
+R_REPHI = 8  # -1: unbounded
+R_RN_PTR = 9  # rule references: state s's are entries rn_ptr[s]:rn_ptr[s + 1]
+R_RN_RULE = 10
+R_RN_TGT = 11
+R_RULE_BASE = 12  # per rule
+R_NULLABLE = 13  # per rule
+R_SIZES = 14  # (n_states, n_rules)
+IRT = types.UniTuple(A, 15)
+U8 = types.Array(types.uint8, 1, "C")
+I64A = types.Array(types.int64, 1, "C")
+B = types.boolean
+AN = types.Tuple((A, I))
+ORIGIN_SIG = I(IRT, ST, I, I)
+
+
+def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, ...]:
+    """The IR's tables as int32 arrays, without a Python loop over bytes."""
+    n = ir.n_states
+    blen = np.fromiter(map(len, ir.bnext), dtype=np.int64, count=n)
+    bnext = np.full((n, 256), -1, dtype=np.int32)
+    if blen.sum():
+        rows = np.repeat(np.arange(n), blen)
+        bnext[rows, np.fromiter(itertools.chain.from_iterable(ir.bnext), dtype=np.int64)] = np.fromiter(
+            itertools.chain.from_iterable(d.values() for d in ir.bnext), dtype=np.int32)
+    sbits = np.packbits(bnext >= 0, axis=1, bitorder="little").view(np.int32)
+    rlen = np.fromiter(map(len, ir.rnext), dtype=np.int64, count=n)
+    rn_ptr = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(rlen, out=rn_ptr[1:])
+    rn_rule = np.fromiter(itertools.chain.from_iterable(ir.rnext), dtype=np.int32, count=int(rlen.sum()))
+    rn_tgt = np.fromiter(itertools.chain.from_iterable(d.values() for d in ir.rnext), dtype=np.int32,
+                         count=int(rlen.sum()))
+    reps = [(-1, 0, -1) if r is None else (r[0], r[1], -1 if r[2] is None else r[2]) for r in ir.rep_of]
+    rep = np.asarray(reps, dtype=np.int64).reshape(n, 3)
+    if (rep[:, 1:] >= 2 ** 31 - 2).any():
+        raise ValueError("a repetition bound exceeds 2**31 - 2")
+    return (
+        bnext.reshape(-1), sbits.reshape(-1).copy(), (blen > 0).astype(np.int32),
+        np.asarray(ir.final, dtype=np.int32), 1 - np.asarray(ir.dead_end, dtype=np.int32),
+        np.asarray(ir.rule_of, dtype=np.int32), rep[:, 0].astype(np.int32), rep[:, 1].astype(np.int32),
+        rep[:, 2].astype(np.int32), rn_ptr, rn_rule, rn_tgt, np.asarray(ir.rule_base, dtype=np.int32),
+        np.asarray(ir.nullable, dtype=np.int32), np.asarray([n, len(ir.rule_names)], dtype=np.int32),
+    )
+
+
+@njit(AN(A, I, I), cache=True)
+def _push(buf, n, x):
+    if n >= len(buf):
+        nb = np.empty(2 * len(buf) + 8, np.int32)
+        nb[:n] = buf[:n]
+        buf = nb
+    buf[n] = x
+    return buf, n + 1
+
+
+@njit(AN(A, I, I, I, I), cache=True)
+def _push3(buf, n, s, o, c):
+    """Appends item (s, o, c) to a flat triple buffer holding n items."""
+    if 3 * n + 3 > len(buf):
+        nb = np.empty(2 * len(buf) + 24, np.int32)
+        nb[: 3 * n] = buf[: 3 * n]
+        buf = nb
+    buf[3 * n] = s
+    buf[3 * n + 1] = o
+    buf[3 * n + 2] = c
+    return buf, n + 1
+
+
+@njit(B(A, I, I), cache=True)
+def _less3(b, i, j):
+    if b[3 * i] != b[3 * j]:
+        return b[3 * i] < b[3 * j]
+    if b[3 * i + 1] != b[3 * j + 1]:
+        return b[3 * i + 1] < b[3 * j + 1]
+    return b[3 * i + 2] < b[3 * j + 2]
+
+
+@njit(I(A, I, A), cache=True)
+def sort_items(b, n, flags):
+    """Sorts n triples in place (carrying flags along), drops duplicates (OR-ing their flags); new n."""
+    for i in range(1, n):
+        j = i
+        while j > 0 and _less3(b, j, j - 1):
+            for k in range(3):
+                b[3 * j + k], b[3 * j - 3 + k] = b[3 * j - 3 + k], b[3 * j + k]
+            flags[j], flags[j - 1] = flags[j - 1], flags[j]
+            j -= 1
+    m = 0
+    for i in range(n):
+        if m and b[3 * m - 3] == b[3 * i] and b[3 * m - 2] == b[3 * i + 1] and b[3 * m - 1] == b[3 * i + 2]:
+            flags[m - 1] |= flags[i]
+            continue
+        for k in range(3):
+            b[3 * m + k] = b[3 * i + k]
+        flags[m] = flags[i]
+        m += 1
+    return m
+
+
+@njit(AN(IRT, I, A), cache=True)
+def expand(ir, s, buf):
+    """States of s's rule reachable from s over references to nullable rules: buf[0] = s, then the others."""
+    buf[0] = s
+    n = 1
+    if ir[R_REPB][s] >= 0:
+        return buf, n
+    rn_ptr, rn_rule, rn_tgt, nullable = ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RN_TGT], ir[R_NULLABLE]
+    i = 0
+    while i < n:
+        x = buf[i]
+        i += 1
+        for e in range(rn_ptr[x], rn_ptr[x + 1]):
+            if nullable[rn_rule[e]]:
+                t = rn_tgt[e]
+                seen = False
+                for j in range(n):
+                    if buf[j] == t:
+                        seen = True
+                        break
+                if not seen:
+                    buf, n = _push(buf, n, t)
+    return buf, n
+
+
+@njit(AN(IRT, ST, I, I, A, I), cache=True)
+def waiters(ir, st, o, r, out, n):
+    """Appends the items of configuration o that wait on rule r, already advanced over it."""
+    repb, replo, rephi = ir[R_REPB], ir[R_REPLO], ir[R_REPHI]
+    rn_ptr, rn_rule, rn_tgt = ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RN_TGT]
+    kd, kp = st[KERN_D], st[KERN_P]
+    for p in range(kp[o], kp[o + 1], 3):
+        s, o2, c = kd[p], kd[p + 1], kd[p + 2]
+        if repb[s] >= 0:
+            if repb[s] == r:
+                if rephi[s] < 0:
+                    out, n = _push3(out, n, s, o2, min(c + 1, replo[s]))
+                elif c < rephi[s]:
+                    out, n = _push3(out, n, s, o2, c + 1)
+        else:
+            for e in range(rn_ptr[s], rn_ptr[s + 1]):
+                if rn_rule[e] == r:
+                    out, n = _push3(out, n, rn_tgt[e], o2, c)
+    sid = st[SELF_ID][o]
+    sd, sp = st[SELF_D], st[SELF_P]
+    for p in range(sp[sid], sp[sid + 1]):
+        s = sd[p]
+        if repb[s] >= 0:
+            if repb[s] == r:
+                out, n = _push3(out, n, s, o, min(1, replo[s]) if rephi[s] < 0 else 1)
+        else:
+            for e in range(rn_ptr[s], rn_ptr[s + 1]):
+                if rn_rule[e] == r:
+                    out, n = _push3(out, n, rn_tgt[e], o, 0)
+    return out, n
+
+
+@njit(ORIGIN_SIG, cache=True)
+def origin(ir, st, o, r):
+    """The representative of origin o for items of rule r: the first configuration whose items waiting on
+    r are the same (their origins represented in turn), the only thing closure reads of an origin. A cycle
+    (left recursion) or a chain deeper than MAX_ORIGIN_DEPTH keeps o itself. Depth first over explicit
+    frames (numba's cached recursive functions are not reliable)."""
+    if o < 0:
+        return o
+    key = np.empty(2, np.int32)
+    key[0] = o
+    key[1] = r
+    k = lookup(st[ORIG_D], st[ORIG_P], st[ORIG_T], key, 0, 2)
+    if k >= 0:
+        return st[ORIG_VAL][k]
+    rule = ir[R_RULE]
+    f_o = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)
+    f_r = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)
+    f_at = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)  # its items: buf[3 * f_at : 3 * f_end]
+    f_end = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)
+    f_j = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)  # next item whose origin to represent
+    buf = np.empty(48, np.int32)
+    f_o[0], f_r[0], f_at[0], f_j[0] = o, r, 0, 0
+    buf, f_end[0] = waiters(ir, st, o, r, buf, 0)
+    d = 0
+    while True:
+        j = f_j[d]
+        if j < f_end[d]:
+            f_j[d] = j + 1
+            o2 = buf[3 * j + 1]
+            if o2 < 0:
+                continue
+            r2 = rule[buf[3 * j]]
+            key[0] = o2
+            key[1] = r2
+            k = lookup(st[ORIG_D], st[ORIG_P], st[ORIG_T], key, 0, 2)
+            if k >= 0:
+                buf[3 * j + 1] = st[ORIG_VAL][k]
+                continue
+            if d + 1 > MAX_ORIGIN_DEPTH:
+                continue
+            busy = False
+            for i in range(d + 1):
+                if f_o[i] == o2 and f_r[i] == r2:
+                    busy = True
+                    break
+            if busy:
+                continue
+            f_j[d] = j  # come back to store the child's result
+            d += 1
+            f_o[d], f_r[d], f_at[d], f_j[d] = o2, r2, f_end[d - 1], f_end[d - 1]
+            buf, f_end[d] = waiters(ir, st, o2, r2, buf, f_end[d - 1])
+            continue
+        n = f_end[d] - f_at[d]
+        items = buf[3 * f_at[d]: 3 * f_end[d]].copy()
+        n = sort_items(items, n, np.zeros(n, np.int32))
+        w = np.empty(3 * n + 1, np.int32)
+        w[0] = f_r[d]
+        w[1:] = items[: 3 * n]
+        k = lookup(st[WAIT_D], st[WAIT_P], st[WAIT_T], w, 0, 3 * n + 1)
+        if k < 0:
+            if room(st[WAIT_D], st[WAIT_P], st[WAIT_T], st[META], I_WAIT, 3 * n + 1, len(st[WAIT_VAL])) == FULL:
+                return FULL
+            k = insert(st[WAIT_D], st[WAIT_P], st[WAIT_T], st[META], I_WAIT, w, 0, 3 * n + 1)
+            st[WAIT_VAL][k] = f_o[d]
+        rep = st[WAIT_VAL][k]
+        if room(st[ORIG_D], st[ORIG_P], st[ORIG_T], st[META], I_ORIG, 2, len(st[ORIG_VAL])) == FULL:
+            return FULL
+        key[0] = f_o[d]
+        key[1] = f_r[d]
+        st[ORIG_VAL][insert(st[ORIG_D], st[ORIG_P], st[ORIG_T], st[META], I_ORIG, key, 0, 2)] = rep
+        if d == 0:
+            return rep
+        d -= 1
+        j = f_j[d]
+        buf[3 * j + 1] = rep
+        f_j[d] = j + 1
+
+
+@njit(I(IRT, ST, A, I), cache=True)
+def predicted(ir, st, states, n):
+    """The self set (states predicted by fresh rule instances) of sorted predicting states, interned with
+    its scanning states first; its id."""
+    sizes = ir[R_SIZES]
+    repb, rn_ptr, rn_rule, base, scans = ir[R_REPB], ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RULE_BASE], ir[R_SCANS]
+    rseen = np.zeros(sizes[1], np.uint8)
+    sseen = np.zeros(sizes[0], np.uint8)
+    stack = states[:n].copy()
+    ns = n
+    out = np.empty(16, np.int32)
+    no = 0
+    ebuf = np.empty(8, np.int32)
+    rbuf = np.empty(8, np.int32)
+    while ns:
+        ns -= 1
+        x = stack[ns]
+        nr = 0
+        if repb[x] >= 0:
+            rbuf, nr = _push(rbuf, nr, repb[x])
+        else:
+            ebuf, ne = expand(ir, x, ebuf)
+            for j in range(ne):
+                y = ebuf[j]
+                for e in range(rn_ptr[y], rn_ptr[y + 1]):
+                    rbuf, nr = _push(rbuf, nr, rn_rule[e])
+        for j in range(nr):
+            r = rbuf[j]
+            if rseen[r]:
+                continue
+            rseen[r] = 1
+            ebuf, ne = expand(ir, base[r], ebuf)
+            for i in range(ne):
+                y = ebuf[i]
+                if not sseen[y]:
+                    sseen[y] = 1
+                    out, no = _push(out, no, y)
+                    stack, ns = _push(stack, ns, y)
+    seq = np.empty(max(no, 1), np.int32)
+    nscan = 0
+    for y in range(sizes[0]):  # sorted, scanning states first
+        if sseen[y] and scans[y]:
+            seq[nscan] = y
+            nscan += 1
+    m = nscan
+    for y in range(sizes[0]):
+        if sseen[y] and not scans[y]:
+            seq[m] = y
+            m += 1
+    k = lookup(st[SELF_D], st[SELF_P], st[SELF_T], seq, 0, no)
+    if k < 0:
+        if room(st[SELF_D], st[SELF_P], st[SELF_T], st[META], I_SELF, no, len(st[SELF_NSCAN])) == FULL:
+            return FULL
+        k = insert(st[SELF_D], st[SELF_P], st[SELF_T], st[META], I_SELF, seq, 0, no)
+        st[SELF_NSCAN][k] = nscan
+    return k
+
+
+@njit(I(I), cache=True)
+def popcount(x):
+    v = np.int64(x) & 0xFFFFFFFF
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+@njit(I(IRT, ST, A, A, I, I), cache=True)
+def intern_config(ir, st, kern, rootf, nk, can_end):
+    """The id of the configuration with these kernel items (origins not yet represented), built if new."""
+    rule, repb, rephi = ir[R_RULE], ir[R_REPB], ir[R_REPHI]
+    for j in range(nk):
+        o = kern[3 * j + 1]
+        if o >= 0:
+            rep = origin(ir, st, o, rule[kern[3 * j]])
+            if rep == FULL:
+                return FULL
+            kern[3 * j + 1] = rep
+    nk = sort_items(kern, nk, rootf)
+    cid = lookup(st[KERN_D], st[KERN_P], st[KERN_T], kern, 0, 3 * nk)
+    if cid >= 0:
+        return cid
+    pst = np.empty(max(nk, 1), np.int32)
+    npst = 0
+    for j in range(nk):
+        s = kern[3 * j]
+        if repb[s] < 0 or rephi[s] < 0 or kern[3 * j + 2] < rephi[s]:
+            dup = False
+            for i in range(npst):
+                if pst[i] == s:
+                    dup = True
+                    break
+            if not dup:
+                pst[npst] = s
+                npst += 1
+    pst[:npst].sort()
+    k = lookup(st[PRED_D], st[PRED_P], st[PRED_T], pst, 0, npst)
+    if k >= 0:
+        sid = st[PRED_VAL][k]
+    else:
+        sid = predicted(ir, st, pst, npst)
+        if sid == FULL or room(st[PRED_D], st[PRED_P], st[PRED_T], st[META], I_PRED, npst, len(st[PRED_VAL])) == FULL:
+            return FULL
+        st[PRED_VAL][insert(st[PRED_D], st[PRED_P], st[PRED_T], st[META], I_PRED, pst, 0, npst)] = sid
+    meta = st[META]
+    cnt = meta[2 * I_KERN]
+    dlen = meta[2 * I_KERN + 1]
+    if room(st[KERN_D], st[KERN_P], st[KERN_T], st[META], I_KERN, 3 * nk, len(st[CAN_END])) == FULL:
+        return FULL
+    if len(st[SELF_ID]) < cnt + 1:
+        return need(meta, SELF_ID, cnt + 1)
+    if len(st[MAIN_T]) < cnt + 1:
+        return need(meta, MAIN_T, cnt + 1)
+    if len(st[NALLOW]) < cnt + 1:
+        return need(meta, NALLOW, cnt + 1)
+    if len(st[MAIN_N]) < cnt + 1:
+        return need(meta, MAIN_N, cnt + 1)
+    if len(st[TABLE]) < 256 * (cnt + 1):
+        return need(meta, TABLE, 256 * (cnt + 1))
+    if len(st[ALLOW]) < 8 * (cnt + 1):
+        return need(meta, ALLOW, 8 * (cnt + 1))
+    if len(st[MAIN_B]) < 8 * (cnt + 1):
+        return need(meta, MAIN_B, 8 * (cnt + 1))
+    if len(st[ROOTF]) < dlen + 3 * nk:
+        return need(meta, ROOTF, dlen + 3 * nk)
+    cid = insert(st[KERN_D], st[KERN_P], st[KERN_T], st[META], I_KERN, kern, 0, 3 * nk)
+    st[CAN_END][cid] = can_end
+    st[SELF_ID][cid] = sid
+    roots = st[ROOTF]
+    for j in range(nk):
+        roots[dlen + 3 * j] = rootf[j]
+    sbits = ir[R_SBITS]
+    allow = st[ALLOW]
+    for w in range(8):
+        allow[8 * cid + w] = 0
+    for j in range(nk):
+        s = kern[3 * j]
+        for w in range(8):
+            allow[8 * cid + w] |= sbits[8 * s + w]
+    sd, sp = st[SELF_D], st[SELF_P]
+    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
+        s = sd[p]
+        for w in range(8):
+            allow[8 * cid + w] |= sbits[8 * s + w]
+    total = 0
+    for w in range(8):
+        total += popcount(allow[8 * cid + w])
+    st[NALLOW][cid] = total
+    return cid
+
+
+@njit(B(I64A, I64A, I, I, I), cache=True)
+def _tset_add(k1, k2, s, o, c):
+    """Adds item (s, o, c) to an open-addressing set kept under half full; whether it was new."""
+    a = (np.int64(s) << 32) | np.int64(o + 2)
+    b = np.int64(c)
+    mask = len(k1) - 1
+    h = a * np.int64(-7046029254386353131) + b * np.int64(-4658895280553007687)
+    h = (h ^ (h >> 31)) & mask
+    while k1[h] >= 0:
+        if k1[h] == a and k2[h] == b:
+            return False
+        h = (h + 1) & mask
+    k1[h] = a
+    k2[h] = b
+    return True
+
+
+@njit(types.Tuple((I64A, I64A))(I64A, I64A), cache=True)
+def _tset_grow(k1, k2):
+    n1 = np.full(2 * len(k1), -1, np.int64)
+    n2 = np.empty(2 * len(k1), np.int64)
+    mask = len(n1) - 1
+    for i in range(len(k1)):
+        if k1[i] >= 0:
+            h = k1[i] * np.int64(-7046029254386353131) + k2[i] * np.int64(-4658895280553007687)
+            h = (h ^ (h >> 31)) & mask
+            while n1[h] >= 0:
+                h = (h + 1) & mask
+            n1[h] = k1[i]
+            n2[h] = k2[i]
+    return n1, n2
+
+
+@njit(B(I64A, I64A, I, I, I), cache=True)
+def _tset_has(k1, k2, s, o, c):
+    a = (np.int64(s) << 32) | np.int64(o + 2)
+    b = np.int64(c)
+    mask = len(k1) - 1
+    h = a * np.int64(-7046029254386353131) + b * np.int64(-4658895280553007687)
+    h = (h ^ (h >> 31)) & mask
+    while k1[h] >= 0:
+        if k1[h] == a and k2[h] == b:
+            return True
+        h = (h + 1) & mask
+    return False
+
+
+@njit(I(IRT, ST, A, I), cache=True)
+def closure(ir, st, items, n):
+    """Completes and expands scanned items (nullable skips, completions through origins' waiters) into a
+    kernel, interns it and returns its id."""
+    final, keep, rule = ir[R_FINAL], ir[R_KEEP], ir[R_RULE]
+    repb, replo, rephi = ir[R_REPB], ir[R_REPLO], ir[R_REPHI]
+    stack = items[: 3 * n].copy()
+    ns = n
+    seen1 = np.full(64, -1, np.int64)
+    seen2 = np.empty(64, np.int64)
+    nseen = 0
+    dir1 = np.full(64, -1, np.int64)
+    dir2 = np.empty(64, np.int64)
+    ndir = 0
+    for j in range(n):
+        if 2 * (ndir + 1) > len(dir1):
+            dir1, dir2 = _tset_grow(dir1, dir2)
+        if _tset_add(dir1, dir2, items[3 * j], items[3 * j + 1], items[3 * j + 2]):
+            ndir += 1
+    kern = np.empty(24, np.int32)
+    nk = 0
+    can_end = 0
+    ebuf = np.empty(8, np.int32)
+    while ns:
+        ns -= 1
+        s, o, c = stack[3 * ns], stack[3 * ns + 1], stack[3 * ns + 2]
+        if 2 * (nseen + 1) > len(seen1):
+            seen1, seen2 = _tset_grow(seen1, seen2)
+        if not _tset_add(seen1, seen2, s, o, c):
+            continue
+        nseen += 1
+        if repb[s] < 0:
+            fin = final[s] != 0
+            kp = keep[s] != 0
+            ebuf, ne = expand(ir, s, ebuf)
+            for j in range(1, ne):
+                stack, ns = _push3(stack, ns, ebuf[j], o, c)
+        else:
+            fin = c >= replo[s]
+            kp = rephi[s] < 0 or c < rephi[s]
+        if kp:
+            kern, nk = _push3(kern, nk, s, o, c)
+        if fin:
+            if o < 0:
+                can_end = 1
+            else:
+                before = ns
+                stack, ns = waiters(ir, st, o, rule[s], stack, ns)
+                for j in range(before, ns):
+                    if 2 * (ndir + 1) > len(dir1):
+                        dir1, dir2 = _tset_grow(dir1, dir2)
+                    if _tset_add(dir1, dir2, stack[3 * j], stack[3 * j + 1], stack[3 * j + 2]):
+                        ndir += 1
+    rootf = np.zeros(max(nk, 1), np.int32)
+    for j in range(nk):
+        if _tset_has(dir1, dir2, kern[3 * j], kern[3 * j + 1], kern[3 * j + 2]):
+            rootf[j] = 1
+    return intern_config(ir, st, kern, rootf, nk, can_end)
+
+
+@njit(I(IRT, ST, A, I), cache=True)
+def close(ir, st, items, n):
+    """closure() memoized by the scanned item set (half of all closures repeat one)."""
+    n = sort_items(items, n, np.zeros(n, np.int32))
+    k = lookup(st[SCAN_D], st[SCAN_P], st[SCAN_T], items, 0, 3 * n)
+    if k >= 0:
+        return st[SCAN_VAL][k]
+    cid = closure(ir, st, items, n)
+    if cid == FULL or room(st[SCAN_D], st[SCAN_P], st[SCAN_T], st[META], I_SCAN, 3 * n, len(st[SCAN_VAL])) == FULL:
+        return FULL
+    st[SCAN_VAL][insert(st[SCAN_D], st[SCAN_P], st[SCAN_T], st[META], I_SCAN, items, 0, 3 * n)] = cid
+    return cid
+
+
+@njit(I(IRT, ST, I, I), cache=True)
+def step(ir, st, cid, b):
+    """The configuration after byte b from cid (DEAD if none), memoized in TABLE."""
+    table = st[TABLE]
+    r = table[256 * cid + b]
+    if r != UNKNOWN:
+        return r
+    bnext = ir[R_BNEXT]
+    items = np.empty(24, np.int32)
+    n = 0
+    kd, kp = st[KERN_D], st[KERN_P]
+    for p in range(kp[cid], kp[cid + 1], 3):
+        t = bnext[256 * kd[p] + b]
+        if t >= 0:
+            items, n = _push3(items, n, t, kd[p + 1], kd[p + 2])
+    sid = st[SELF_ID][cid]
+    sd, sp = st[SELF_D], st[SELF_P]
+    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
+        t = bnext[256 * sd[p] + b]
+        if t >= 0:
+            items, n = _push3(items, n, t, cid, 0)
+    r = DEAD if n == 0 else close(ir, st, items, n)
+    if r != FULL:
+        table[256 * cid + b] = r
+    return r
+
+
+@njit(I(IRT, ST, I), cache=True)
+def main(ir, st, cid):
+    """The target of cid's largest group of bytes leading to one configuration (DEAD if it scans nothing);
+    the group's bytes go to MAIN_B, their number to MAIN_N."""
+    mt = st[MAIN_T]
+    if mt[cid] != UNKNOWN:
+        return mt[cid]
+    allow, table, bnext, scans = st[ALLOW], st[TABLE], ir[R_BNEXT], ir[R_SCANS]
+    # bytes grouped by the states they scan to: one step per group (a string body has ~250 bytes, few groups)
+    sts = np.empty(16, np.int32)
+    m = 0
+    kd, kp = st[KERN_D], st[KERN_P]
+    for p in range(kp[cid], kp[cid + 1], 3):
+        if scans[kd[p]]:
+            sts, m = _push(sts, m, kd[p])
+    sid = st[SELF_ID][cid]
+    sd, sp = st[SELF_D], st[SELF_P]
+    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
+        sts, m = _push(sts, m, sd[p])
+    reps = np.empty(256, np.int32)
+    grp = np.full(256, -1, np.int32)
+    ng = 0
+    for b in range(256):
+        if not (allow[8 * cid + (b >> 5)] >> (b & 31)) & 1:
+            if table[256 * cid + b] == UNKNOWN:
+                table[256 * cid + b] = DEAD
+            continue
+        g = 0
+        while g < ng:
+            rb = reps[g]
+            same = True
+            for j in range(m):
+                if bnext[256 * sts[j] + b] != bnext[256 * sts[j] + rb]:
+                    same = False
+                    break
+            if same:
+                break
+            g += 1
+        if g == ng:
+            reps[ng] = b
+            ng += 1
+        grp[b] = g
+    res = np.empty(max(ng, 1), np.int32)
+    for g in range(ng):
+        r = table[256 * cid + reps[g]]
+        if r == UNKNOWN:
+            r = step(ir, st, cid, reps[g])
+            if r == FULL:
+                return FULL
+        res[g] = r
+    targets = np.empty(256, np.int32)
+    nt = 0
+    for b in range(256):
+        if grp[b] >= 0:
+            r = res[grp[b]]
+            table[256 * cid + b] = r
+            if r >= 0:
+                targets[nt] = r
+                nt += 1
+    if nt == 0:
+        mt[cid] = DEAD
+        return DEAD
+    targets[:nt].sort()
+    best, best_n, i = -1, 0, 0
+    while i < nt:
+        j = i
+        while j < nt and targets[j] == targets[i]:
+            j += 1
+        if j - i > best_n:
+            best, best_n = targets[i], j - i
+        i = j
+    table = st[TABLE]
+    mb = st[MAIN_B]
+    for w in range(8):
+        word = np.int64(0)
+        for i in range(32):
+            if table[256 * cid + 32 * w + i] == best:
+                word |= np.int64(1) << i
+        mb[8 * cid + w] = np.int32(word - (np.int64(1) << 32) if word >= np.int64(1) << 31 else word)
+    st[MAIN_N][cid] = best_n
+    mt[cid] = best
+    return best
+
+
+@njit(I(IRT, ST, I, U8, A, A), cache=True)
+def run_many(ir, st, start, data, offs, out):
+    """out[i] = the configuration after the string data[offs[i]:offs[i + 1]] from `start` (DEAD if it
+    dies); FULL or 0."""
+    table = st[TABLE]
+    for i in range(len(offs) - 1):
+        cid = start
+        for p in range(offs[i], offs[i + 1]):
+            nxt = table[256 * cid + data[p]]
+            cid = step(ir, st, cid, data[p]) if nxt == UNKNOWN else nxt
+            if cid == FULL:
+                return FULL
+            if cid < 0:
+                break
+        out[i] = cid
+    return 0
+
+
+@njit(I(IRT, ST, I, I, I), cache=True)
+def initial(ir, st, s, c, o):
+    items = np.empty(3, np.int32)
+    items[0] = s
+    items[1] = o
+    items[2] = c
+    return close(ir, st, items, 1)
+
+
+@njit(A(IRT, ST, I, I), cache=True)
+def waiters_of(ir, st, o, r):
+    """Items of o waiting on rule r, advanced over it, as a flat triple array (for Python callers)."""
+    out, n = waiters(ir, st, o, r, np.empty(24, np.int32), 0)
+    return out[: 3 * n].copy()
