@@ -176,6 +176,7 @@ class LLMEngine:
             logits = logits[torch.tensor(rows, device=logits.device)]
         self._apply_logits_processors(logits, to_sample)
         result = self.sampler.sample(logits, [s.sampling for s in to_sample], self.guided.finish_masks(masks, rows))
+        self.guided.sampled(to_sample, result.token_ids)
         return self._emit(zip(to_sample, result.token_ids, result.logprobs))
 
     def _emit(self, sampled) -> list[RequestOutput]:

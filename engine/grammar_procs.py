@@ -2,17 +2,17 @@
 
 On a GPU the engine's own host work (scheduling, step metadata, sampling, detokenizing) takes much of every step,
 and grammar work on a thread of the same process cannot overlap it: both need the GIL. Here each constrained
-sequence's matcher lives in one of a few spawned processes, which write their rows of a bitmask in shared memory
-while the model runs.
+sequence's matcher lives in one of a few spawned processes, which build masks while the engine works.
 
-A step's fills travel through shared memory, not pipes: the engine writes each process's rows (row, matcher, the
-token sampled since its last fill) into a shared table and bumps that process's step counter; the process, which
-polls the counter while work keeps coming, accepts the token, fills the rows and bumps its done counter, which
-the engine spins on. A pipe message each way per process and step costs tens of microseconds of system calls and
-wake-ups, a visible share of a few-millisecond GPU step. A process idle for SPIN_S blocks on its pipe instead, and
-the engine wakes it with a message. The pipe carries everything that is not per step: new grammars, matcher
-creation and release, and stop tokens, which are accepted at once (one round trip per finishing sequence) since
-only a stop token can end a grammar.
+Each step has two posts per process, through shared memory rather than pipes (a pipe message each way per process
+and step costs tens of microseconds of system calls and wake-ups, a visible share of a few-millisecond GPU step):
+- right after sampling, the tokens just sampled (stop tokens excepted): the process accepts them and builds each
+  sequence's next mask in memory of its own, while the engine emits, schedules and runs the next forward;
+- once the next step's rows are known, which sequence is which bitmask row: the process copies the masks there.
+A post is a table the engine writes and a counter it bumps; the process polls the counters while work keeps coming
+and bumps its own when done, which the engine spins on. A process idle for SPIN_S blocks on its pipe instead, and
+the engine wakes it with a message. The pipe carries everything that is not per step: new grammars, and matcher
+creation and release. Stop tokens are never sent: a sampled one ends its grammar (see `accept`).
 
 A process that dies fails the sequences it held (they finish with "abort") and is replaced.
 """
@@ -46,7 +46,9 @@ SPIN_S = 0.02  # a worker polls this long after its last work before blocking on
 POLL_S = 2e-5  # its sleep between polls (~70 us with Linux's default timer slack): a busy spin would slow the
 # engine's thread on a sibling hyperthread, and the work it waits for comes a millisecond before it is due
 _LIVENESS_SPINS = 1024  # the engine checks that a worker it waits for is alive every this many spins
-POSTED, DONE, SLEEPING, RESTRICTS = range(4)  # columns of the control array, one row per worker
+# Columns of the control array, one row per worker: the two posts' counters, whether it sleeps, whether its
+# last rows restrict anything.
+ACC_POSTED, ACC_DONE, ROW_POSTED, ROW_DONE, SLEEPING, RESTRICTS = range(6)
 CompileSpec = Callable[[GrammarCompiler, Any], CompiledGrammar]
 
 _BARRIER = threading.Lock()
@@ -78,27 +80,29 @@ def fill_row(m: GrammarMatcher, tokens: list[int], bitmask: torch.Tensor, row: i
 
 @dataclass
 class SharedArrays:
-    """What the engine and the worker processes share: the bitmask, and per worker its control counters
-    (POSTED, DONE, SLEEPING, RESTRICTS), the rows of its posted step (n, then row, matcher id, token or -1 per
-    row) and the matchers that step failed (n, then ids)."""
+    """What the engine and the worker processes share: the bitmask, and per worker its control counters, the
+    tokens of its last accept post (n, then matcher id and token per token), the rows of its last row post (n, then
+    row and matcher id per row) and the matchers that post found failed (n, then ids)."""
 
     bitmask: torch.Tensor  # [rows, words] int32
-    ctl: torch.Tensor  # [workers, 4] int64
-    cmd: torch.Tensor  # [workers, 1 + 3 * rows] int32
+    ctl: torch.Tensor  # [workers, 6] int64
+    tokens: torch.Tensor  # [workers, 1 + 2 * rows] int32
+    rows: torch.Tensor  # [workers, 1 + 2 * rows] int32
     failed: torch.Tensor  # [workers, 1 + rows] int32
 
     @classmethod
     def allocate(cls, workers: int, rows: int, words: int, ctl: torch.Tensor | None = None) -> SharedArrays:
         """Arrays for `rows` rows; a grown set keeps the control array, which the workers' counters live in."""
         if ctl is None:
-            ctl = torch.zeros(workers, 4, dtype=torch.int64).share_memory_()
-        return cls(torch.zeros(rows, words, dtype=torch.int32).share_memory_(), ctl,
-                   torch.zeros(workers, 1 + 3 * rows, dtype=torch.int32).share_memory_(),
-                   torch.zeros(workers, 1 + rows, dtype=torch.int32).share_memory_())
+            ctl = torch.zeros(workers, 6, dtype=torch.int64).share_memory_()
+        table = lambda n: torch.zeros(workers, n, dtype=torch.int32).share_memory_()  # noqa: E731
+        return cls(torch.zeros(rows, words, dtype=torch.int32).share_memory_(), ctl, table(1 + 2 * rows),
+                   table(1 + 2 * rows), table(1 + rows))
 
 
 class _Server:
-    """A worker process's side: matchers by id, its rows of the shared arrays, and its pipe to the engine."""
+    """A worker process's side: matchers by id with their next masks, its rows of the shared arrays, and its pipe
+    to the engine."""
 
     def __init__(self, conn: Connection, index: int, info: TokenizerInfo, shared: SharedArrays, cache_bytes: int,
                  compile_spec: CompileSpec):
@@ -106,55 +110,92 @@ class _Server:
         self.index = index
         self.compiler = GrammarCompiler(info, cache_limit_bytes=cache_bytes)
         self.compile_spec = compile_spec
+        self.words = shared.bitmask.shape[1]
         self.matchers: dict[int, GrammarMatcher | None] = {}  # None: creating it or accepting for it failed
+        self.masks: dict[int, torch.Tensor] = {}  # each matcher's next mask, [1, words]
+        self.restricts: dict[int, bool] = {}
         self.use(shared)
 
     def use(self, shared: SharedArrays) -> None:
         self.bitmask = shared.bitmask
+        self.bitmask_np = shared.bitmask.numpy()
         self.ctl = shared.ctl.numpy()[self.index]
-        self.cmd = shared.cmd.numpy()[self.index]
+        self.tokens = shared.tokens.numpy()[self.index]
+        self.rows = shared.rows.numpy()[self.index]
         self.failed = shared.failed.numpy()[self.index]
 
     def run(self) -> None:
-        done = int(self.ctl[DONE])
+        ctl = self.ctl
+        acc_done, row_done = int(ctl[ACC_DONE]), int(ctl[ROW_DONE])
         idle_since = time.monotonic()
         while True:
-            if self.ctl[POSTED] != done:
+            if ctl[ACC_POSTED] != acc_done:
                 _fence()
-                while self.conn.poll():  # what the engine sent before posting the step comes first
-                    if not self.handle(self.conn.recv()):
-                        return
-                done = int(self.ctl[POSTED])
-                self.fill()
+                if not self.drain():
+                    return
+                acc_done = int(ctl[ACC_POSTED])
+                self.accept_posted()
                 _fence()
-                self.ctl[DONE] = done
+                ctl[ACC_DONE] = acc_done
+                idle_since = time.monotonic()
+            elif ctl[ROW_POSTED] != row_done:
+                _fence()
+                if ctl[ACC_POSTED] != acc_done:  # posted before these rows: accepted first
+                    continue
+                if not self.drain():
+                    return
+                row_done = int(ctl[ROW_POSTED])
+                self.fill_rows()
+                _fence()
+                ctl[ROW_DONE] = row_done
                 idle_since = time.monotonic()
             elif self.conn.poll():
                 if not self.handle(self.conn.recv()):
                     return
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > SPIN_S:
-                self.ctl[SLEEPING] = 1
+                ctl[SLEEPING] = 1
                 _fence()
-                if self.ctl[POSTED] == done:  # else the engine posted before it could see us asleep
+                if ctl[ACC_POSTED] == acc_done and ctl[ROW_POSTED] == row_done:  # else posted before it saw us
                     self.conn.poll(None)
-                self.ctl[SLEEPING] = 0
+                ctl[SLEEPING] = 0
                 idle_since = time.monotonic()
             else:
                 time.sleep(POLL_S)
 
-    def fill(self) -> None:
-        n = int(self.cmd[0])
+    def drain(self) -> bool:
+        """Handle what the engine sent before its post; False to stop."""
+        while self.conn.poll():
+            if not self.handle(self.conn.recv()):
+                return False
+        return True
+
+    def advance(self, sid: int, tokens: list[int]) -> None:
+        """Accept tokens and build the matcher's next mask; a failure marks it failed."""
+        m = self.matchers.get(sid)
+        if m is None:
+            return
+        filled = fill_row(m, tokens, self.masks[sid], 0)
+        if filled is None:
+            self.matchers[sid] = None
+        else:
+            self.restricts[sid] = filled
+
+    def accept_posted(self) -> None:
+        n = int(self.tokens[0])
+        for sid, tok in self.tokens[1 : 1 + 2 * n].reshape(n, 2).tolist():
+            self.advance(sid, [tok])
+
+    def fill_rows(self) -> None:
+        n = int(self.rows[0])
         restricts, failed = False, []
-        for row, sid, tok in self.cmd[1 : 1 + 3 * n].reshape(n, 3).tolist():
-            m = self.matchers.get(sid)
-            filled = None if m is None else fill_row(m, [tok] if tok >= 0 else [], self.bitmask, row)
-            if filled is None:
-                self.bitmask[row] = -1
-                self.matchers[sid] = None
+        for row, sid in self.rows[1 : 1 + 2 * n].reshape(n, 2).tolist():
+            if self.matchers.get(sid) is None:
+                self.bitmask_np[row] = -1
                 failed.append(sid)
             else:
-                restricts |= filled
+                self.bitmask_np[row] = self.masks[sid].numpy()[0]
+                restricts |= self.restricts[sid]
         self.failed[0] = len(failed)
         self.failed[1 : 1 + len(failed)] = failed
         self.ctl[RESTRICTS] = restricts
@@ -168,28 +209,23 @@ class _Server:
                 GrammarMatcher(compiled).fill_next_token_bitmask(torch.zeros_like(self.bitmask[:1]))
             except Exception:
                 log.exception("compiling a grammar in a worker process failed")
-        elif kind == "add":
+        elif kind == "add":  # a new sequence: its matcher and first mask
             _, sid, spec = msg
             try:
                 self.matchers[sid] = GrammarMatcher(self.compile_spec(self.compiler, spec))
             except Exception:
                 log.exception("compiling a grammar in a worker process failed; the sequence is aborted")
                 self.matchers[sid] = None
+                return True
+            self.masks[sid] = torch.empty(1, self.words, dtype=torch.int32)
+            self.advance(sid, [])
         elif kind == "drop":
             for sid in msg[1]:
                 self.matchers.pop(sid, None)
-        elif kind in ("pending", "accept"):  # tokens sampled since the last fill; "accept" ends with a stop token
-            _, sid, tokens = msg
-            m = self.matchers.get(sid)
-            try:
-                ok = m is not None and all(m.accept_token(t) for t in tokens)
-            except Exception:
-                log.exception("accepting a token failed; the sequence is aborted")
-                ok = False
-            if not ok:
-                self.matchers[sid] = None
-            if kind == "accept":
-                self.conn.send((ok, ok and m.is_terminated()))
+                self.masks.pop(sid, None)
+                self.restricts.pop(sid, None)
+        elif kind == "pending":  # several tokens of one sequence at once (rare: not through a post)
+            self.advance(msg[1], msg[2])
         elif kind == "arrays":
             self.use(msg[1])
         elif kind == "count":
@@ -219,8 +255,9 @@ class _Worker:
     conn: Connection
     send_lock: threading.Lock = field(default_factory=threading.Lock)  # compiles broadcast from another thread
     live: int = 0  # sequences assigned and not yet released
-    posted: int = 0  # steps posted to it
-    drops: list[int] = field(default_factory=list)  # ids of released sequences, sent before its next step
+    acc_posted: int = 0  # accept posts so far
+    row_posted: int = 0  # row posts so far
+    drops: list[int] = field(default_factory=list)  # ids of released sequences, sent before its next post
     dead: bool = False
 
     def send(self, msg: tuple) -> None:
@@ -228,19 +265,21 @@ class _Worker:
             self.conn.send(msg)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Entry:
-    """A constrained sequence: its worker, its matcher's id there, and the tokens the worker has not seen yet."""
+    """A constrained sequence: its worker, its matcher's id there, the tokens not posted yet, and how many posted
+    tokens `accept` has still to see."""
 
     worker: _Worker
     sid: int
     pending: list[int] = field(default_factory=list)
+    ahead: int = 0
     failed: bool = False
 
 
 @dataclass
 class ProcessMaskJob:
-    """Fills posted for one step: the workers to wait for and, per worker, its entries with their rows."""
+    """Rows posted for one step: the workers to wait for and, per worker, its entries with their rows."""
 
     sent: list[tuple[_Worker, list[tuple[int, _Entry]]]]
     free_rows: list[int]
@@ -280,7 +319,8 @@ class GrammarProcessPool:
                           != torch.cuda.cudart().cudaError.success):
             log.warning("could not pin the shared grammar bitmask; it is uploaded through a staging copy")
             self._pin = False
-        self._ctl, self._cmd, self._failed = shared.ctl.numpy(), shared.cmd.numpy(), shared.failed.numpy()
+        self._ctl, self._tokens = shared.ctl.numpy(), shared.tokens.numpy()
+        self._rows, self._failed = shared.rows.numpy(), shared.failed.numpy()
 
     def _start(self, index: int) -> _Worker:
         self._ctl[index] = 0
@@ -313,15 +353,30 @@ class GrammarProcessPool:
             entry.failed = True
 
     def release(self, seq: Sequence) -> None:
-        """The sequence finished: its matcher goes before the worker's next step."""
+        """The sequence finished: its matcher goes before the worker's next post."""
         entry = self._entries.pop(seq, None)
         if entry is not None:
             del self._by_sid[entry.sid]
             entry.worker.live -= 1
             entry.worker.drops.append(entry.sid)
 
+    def sampled(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Post the tokens just sampled, so that the workers accept them and build the next masks while the engine
+        emits them, schedules and runs the next forward. Stop tokens are left to `accept`."""
+        per_worker: dict[_Worker, list[_Entry]] = {}
+        for seq, tok in zip(seqs, token_ids):
+            e = self._entries.get(seq)
+            if e is None or e.failed or tok in self.stop_token_ids:
+                continue
+            e.pending.append(tok)
+            e.ahead += 1
+            per_worker.setdefault(e.worker, []).append(e)
+        for worker, entries in per_worker.items():
+            self._post_tokens(worker, entries)
+
     def start(self, seqs: list[Sequence]) -> ProcessMaskJob | None:
-        """Post the fills of one step's rows (`seqs[i]` is row i); None when no row is constrained."""
+        """Post which sequence is which bitmask row this step (`seqs[i]` is row i); None when no row is
+        constrained."""
         if len(seqs) > self.bitmask.shape[0]:
             self._grow(len(seqs))
         per_worker: dict[_Worker, list[tuple[int, _Entry]]] = {}
@@ -336,38 +391,31 @@ class GrammarProcessPool:
             return None
         sent = []
         for worker, rows in per_worker.items():
-            if self._ctl[worker.index, DONE] != worker.posted and not self._wait(worker):
+            unposted = [e for _, e in rows if e.pending]  # tokens that reached `accept` without `sampled`
+            if unposted:
+                self._post_tokens(worker, unposted)
+            if self._ctl[worker.index, ROW_DONE] != worker.row_posted and not self._wait(worker, ROW_DONE):
                 self._lost(worker)  # a step left unfinished (an exception between start and finish): wait for it
             if worker.drops:
                 self._send(worker, ("drop", self._drain(worker)))
-            flat = [len(rows)]
-            for row, e in rows:
-                pending, e.pending = e.pending, []
-                if len(pending) == 1:
-                    flat += (row, e.sid, pending[0])
-                else:  # none yet, or several (rare: a sequence sampled but not filled): by pipe, ahead of the step
-                    if pending:
-                        self._send(worker, ("pending", e.sid, pending))
-                    flat += (row, e.sid, -1)
             if worker.dead:
                 self._fail_rows(rows)
                 free_rows.extend(row for row, _ in rows)
                 continue
-            self._cmd[worker.index, : len(flat)] = flat
-            _fence()
-            worker.posted += 1
-            self._ctl[worker.index, POSTED] = worker.posted
-            _fence()
-            if self._ctl[worker.index, SLEEPING]:
-                self._send(worker, ("wake",))
+            flat = [len(rows)]
+            for row, e in rows:
+                flat += (row, e.sid)
+            self._rows[worker.index, : len(flat)] = flat
+            worker.row_posted += 1
+            self._post(worker, ROW_POSTED, worker.row_posted)
             sent.append((worker, rows))
         return ProcessMaskJob(sent, free_rows, len(seqs))
 
     def finish(self, job: ProcessMaskJob) -> torch.Tensor | None:
-        """Wait for the step's fills: the bitmask rows (or None when no row restricts anything)."""
+        """Wait for the step's rows: the bitmask rows (or None when no row restricts anything)."""
         restricts = False
         for worker, rows in job.sent:
-            if not self._wait(worker):
+            if not self._wait(worker, ROW_DONE):
                 self._lost(worker)
                 self._fail_rows(rows)
                 for row, _ in rows:
@@ -385,42 +433,23 @@ class GrammarProcessPool:
             self.bitmask[job.free_rows] = -1
         return self.bitmask[: job.rows]
 
-    def _wait(self, worker: _Worker) -> bool:
-        """Spin until the worker has filled its posted step; False if it died first."""
-        ctl = self._ctl[worker.index]
-        spins = 0
-        while ctl[DONE] != worker.posted:
-            spins += 1
-            if spins % _LIVENESS_SPINS == 0 and not worker.process.is_alive():
-                return False
-            os.sched_yield()
-        _fence()
-        return True
-
     def accept(self, seq: Sequence, token_id: int) -> str | None:
-        """Queue a sampled token; accept a stop token at once. The finish reason the grammar gives, if any."""
+        """A token was appended: posted already by `sampled`, or queued for the next post. The finish reason the
+        grammar gives, if any: "stop" for a stop token, without asking the worker, since the token was sampled
+        under the row's mask, which allows stop tokens only where the grammar can end (a row that allows
+        everything is either failed, hence "abort", or at such a point)."""
         entry = self._entries.get(seq)
         if entry is None:
             return None
         if entry.failed:
             return "abort"
-        entry.pending.append(token_id)
-        if token_id not in self.stop_token_ids:
-            return None
-        msg = ("accept", entry.sid, entry.pending)
-        entry.pending = []
-        worker = entry.worker
-        if not self._send(worker, msg):
-            return "abort"
-        try:
-            ok, terminated = worker.conn.recv()
-        except (EOFError, OSError):
-            self._lost(worker)
-            return "abort"
-        if not ok:
-            log.warning("sampled token %d violates the request's grammar; the sequence is aborted", token_id)
-            return "abort"
-        return "stop" if terminated else None
+        if token_id in self.stop_token_ids:
+            return "stop"
+        if entry.ahead:
+            entry.ahead -= 1
+        else:
+            entry.pending.append(token_id)
+        return None
 
     def live_matchers(self) -> int:
         """Matchers alive in the workers, after dropping those of released sequences (for leak checks)."""
@@ -443,6 +472,45 @@ class GrammarProcessPool:
         self._unpin()
 
     # ---- internals -----------------------------------------------------------------------------------------
+    def _post_tokens(self, worker: _Worker, entries: list[_Entry]) -> None:
+        """An accept post of the entries' pending tokens (one each; several go by pipe, ahead of the post)."""
+        if self._ctl[worker.index, ACC_DONE] != worker.acc_posted and not self._wait(worker, ACC_DONE):
+            self._lost(worker)
+        flat = [0]
+        for e in entries:
+            pending, e.pending = e.pending, []
+            if len(pending) == 1:
+                flat += (e.sid, pending[0])
+            else:
+                self._send(worker, ("pending", e.sid, pending))
+        if worker.dead:
+            return
+        flat[0] = (len(flat) - 1) // 2
+        self._tokens[worker.index, : len(flat)] = flat
+        worker.acc_posted += 1
+        self._post(worker, ACC_POSTED, worker.acc_posted)
+
+    def _post(self, worker: _Worker, column: int, count: int) -> None:
+        """Publish a post whose table is written, and wake the worker if it sleeps."""
+        _fence()
+        self._ctl[worker.index, column] = count
+        _fence()
+        if self._ctl[worker.index, SLEEPING]:
+            self._send(worker, ("wake",))
+
+    def _wait(self, worker: _Worker, column: int) -> bool:
+        """Spin until the worker has done its last post of a kind (ACC_DONE or ROW_DONE); False if it died."""
+        ctl = self._ctl[worker.index]
+        want = worker.acc_posted if column == ACC_DONE else worker.row_posted
+        spins = 0
+        while ctl[column] != want:
+            spins += 1
+            if spins % _LIVENESS_SPINS == 0 and not worker.process.is_alive():
+                return False
+            os.sched_yield()
+        _fence()
+        return True
+
     def _drain(self, worker: _Worker) -> list[int]:
         drops, worker.drops = worker.drops, []
         return drops
@@ -481,7 +549,11 @@ class GrammarProcessPool:
             torch.cuda.cudart().cudaHostUnregister(self._shared.bitmask.data_ptr())
 
     def _grow(self, rows: int) -> None:
-        """More rows than the shared arrays hold (never at the engine's own batch limits): bigger ones."""
+        """More rows than the shared arrays hold (never at the engine's own batch limits): bigger ones, once every
+        worker is done with the old ones."""
+        for w in self._workers:
+            if not (self._wait(w, ACC_DONE) and self._wait(w, ROW_DONE)):
+                self._lost(w)
         self._unpin()
         self._shared = SharedArrays.allocate(len(self._workers), rows, self.words, self._shared.ctl)
         self._use_shared()

@@ -328,6 +328,12 @@ class GuidedDecoder:
             bitmask = bitmask[torch.tensor(rows)]
         return bitmask
 
+    def sampled(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        """Tokens were just sampled, before the engine emits them: worker processes start on the next masks now.
+        (The thread takes its tokens with the next fill.)"""
+        if self._pool is not None:
+            self._pool.sampled(seqs, token_ids)
+
     def accept(self, seq: Sequence, token_id: int) -> str | None:
         """Advance the sequence's matcher; a finish reason when the grammar ends the sequence, else None.
 
@@ -335,7 +341,8 @@ class GuidedDecoder:
         (only possible when another rule, such as min_tokens, banned every token the grammar allowed). Only a stop
         token can end a grammar, so other tokens are accepted later, on the worker, in front of the matcher's next
         mask fill, where the work overlaps the model's forward instead of following it; a token that breaks the
-        grammar is then reported on the sequence's next token.
+        grammar is then reported on the sequence's next token. Worker processes have had the sampled tokens since
+        `sampled`, and take a stop token as ending the grammar without a round trip (see GrammarProcessPool.accept).
         """
         if self._pool is not None:
             return self._pool.accept(seq, token_id)
