@@ -23,7 +23,7 @@ import numpy as np
 
 from . import nb_earley, nb_walk
 from .automata import GrammarIR
-from .nb_store import ALLOW, CAN_END, DEAD, FULL, I_KERN, META, ROOTF, grow, new_store
+from .nb_store import BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_ROOTS, FULL, M_NCFG, META, NCF, PTR, grow, new_store
 
 ROOT = -1
 
@@ -69,7 +69,7 @@ class Space:
 
     @property
     def n_configs(self) -> int:
-        return int(self.st[META][2 * I_KERN])
+        return int(self.st[META][M_NCFG])
 
     @property
     def nbytes(self) -> int:
@@ -106,23 +106,27 @@ class Space:
             cfgs.extend([None] * (self.n_configs - len(cfgs)))
         c = cfgs[cid]
         if c is None:
-            c = cfgs[cid] = Config(bool(self.st[CAN_END][cid]))
+            c = cfgs[cid] = Config(self.can_end(cid))
         return c
 
     def can_end(self, cid: int) -> bool:
-        return bool(self.st[CAN_END][cid])
+        return bool(self.st[CFG][NCF * cid + F_CAN_END])
+
+    def _record(self, cid: int, field: int) -> np.ndarray:
+        """The payload of one of a configuration's interned records (its kernel, its root flags)."""
+        ptr = self.st[PTR]
+        k = self.st[CFG][NCF * cid + field]
+        return self.st[DATA][ptr[k] + 1: ptr[k + 1]]
 
     def kernel(self, cid: int) -> list[tuple[int, int, int]]:
         """The kernel items (state, origin, count) of a configuration."""
-        ptr = self.st[3 * I_KERN + 1]
-        items = self.st[3 * I_KERN][ptr[cid]: ptr[cid + 1]]
+        items = self._record(cid, F_KERN)
         return list(zip(*(items[i::3].tolist() for i in range(3))))
 
     def roots(self, cid: int) -> list[tuple[int, int, int]]:
         """Kernel items not merely reached by skipping a nullable rule: they cover the rest."""
-        ptr = self.st[3 * I_KERN + 1]
-        flags = self.st[ROOTF][ptr[cid]: ptr[cid + 1]: 3]
-        return [it for it, f in zip(self.kernel(cid), flags.tolist()) if f]
+        flags = self._record(cid, F_ROOTS)[1:].tolist()
+        return [it for it, f in zip(self.kernel(cid), flags) if f]
 
     def waiters(self, o: int, r: int) -> list[tuple[int, int, int]]:
         """Items of configuration o that wait on rule r, already advanced over it."""
@@ -131,5 +135,5 @@ class Space:
 
     def allowed(self, cid: int) -> list[int]:
         """The bytes that can come next from a configuration."""
-        bits = np.unpackbits(self.st[ALLOW][8 * cid: 8 * cid + 8].view(np.uint8), bitorder="little")
+        bits = np.unpackbits(self.st[BITS][16 * cid: 16 * cid + 8].view(np.uint8), bitorder="little")
         return np.flatnonzero(bits).tolist()

@@ -16,10 +16,9 @@ import numpy as np
 from numba import njit, types
 
 from .automata import GrammarIR
-from .nb_store import (ALLOW, CAN_END, DEAD, FULL, I_KERN, I_ORIG, I_PRED, I_SCAN, I_SELF, I_WAIT, KERN_D, KERN_P,
-                       KERN_T, MAIN_B, MAIN_N, MAIN_T, META, NALLOW, ORIG_D, ORIG_P, ORIG_T, ORIG_VAL, PRED_D, PRED_P,
-                       PRED_T, PRED_VAL, ROOTF, SCAN_D, SCAN_P, SCAN_T, SCAN_VAL, SELF_D, SELF_ID, SELF_NSCAN, SELF_P,
-                       SELF_T, ST, TABLE, UNKNOWN, WAIT_D, WAIT_P, WAIT_T, WAIT_VAL, A, I, insert, lookup, need, room)
+from .nb_store import (BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_MAIN_N, F_MAIN_T, F_NALLOW, F_ROOTS, F_SELF, FULL,
+                       K_KERN, K_ORIG, K_PRED, K_ROOTS, K_SCAN, K_SELF, K_WAIT, M_NCFG, META, NCF, PK, PTR, ST, TABLE,
+                       UNKNOWN, VAL, A, I, insert, lookup, need, packed, part, room)
 
 MAX_ORIGIN_DEPTH = 64  # origin chains followed this deep to find a representative; deeper ones stay as they are
 
@@ -39,7 +38,7 @@ R_RN_TGT = 11
 R_RULE_BASE = 12  # per rule
 R_NULLABLE = 13  # per rule
 R_SIZES = 14  # (n_states, n_rules)
-IRT = types.UniTuple(A, 15)
+IRT = PK
 U8 = types.Array(types.uint8, 1, "C")
 I64A = types.Array(types.int64, 1, "C")
 B = types.boolean
@@ -47,8 +46,8 @@ AN = types.Tuple((A, I))
 ORIGIN_SIG = I(IRT, ST, I, I)
 
 
-def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, ...]:
-    """The IR's tables as int32 arrays, without a Python loop over bytes."""
+def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, np.ndarray]:
+    """The IR's tables (R_* order) packed into one int32 array, without a Python loop over bytes."""
     n = ir.n_states
     blen = np.fromiter(map(len, ir.bnext), dtype=np.int64, count=n)
     bnext = np.full((n, 256), -1, dtype=np.int32)
@@ -67,13 +66,13 @@ def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, ...]:
     rep = np.asarray(reps, dtype=np.int64).reshape(n, 3)
     if (rep[:, 1:] >= 2 ** 31 - 2).any():
         raise ValueError("a repetition bound exceeds 2**31 - 2")
-    return (
-        bnext.reshape(-1), sbits.reshape(-1).copy(), (blen > 0).astype(np.int32),
+    return packed([
+        bnext.reshape(-1), sbits.reshape(-1), (blen > 0).astype(np.int32),
         np.asarray(ir.final, dtype=np.int32), 1 - np.asarray(ir.dead_end, dtype=np.int32),
         np.asarray(ir.rule_of, dtype=np.int32), rep[:, 0].astype(np.int32), rep[:, 1].astype(np.int32),
         rep[:, 2].astype(np.int32), rn_ptr, rn_rule, rn_tgt, np.asarray(ir.rule_base, dtype=np.int32),
         np.asarray(ir.nullable, dtype=np.int32), np.asarray([n, len(ir.rule_names)], dtype=np.int32),
-    )
+    ])
 
 
 @njit(AN(A, I, I), cache=True)
@@ -130,14 +129,30 @@ def sort_items(b, n, flags):
     return m
 
 
+@njit(inline="always")
+def kernel_span(st, o):
+    """Where configuration o's kernel items lie in the interner's data: (start, end)."""
+    ptr = st[PTR]
+    k = st[CFG][NCF * o + F_KERN]
+    return ptr[k] + 1, ptr[k + 1]
+
+
+@njit(inline="always")
+def self_span(st, o):
+    """Where o's self (predicted) states lie: (start, end of the scanning ones, end)."""
+    ptr = st[PTR]
+    k = st[CFG][NCF * o + F_SELF]
+    return ptr[k] + 1, ptr[k] + 1 + st[VAL][k], ptr[k + 1]
+
+
 @njit(AN(IRT, I, A), cache=True)
 def expand(ir, s, buf):
     """States of s's rule reachable from s over references to nullable rules: buf[0] = s, then the others."""
     buf[0] = s
     n = 1
-    if ir[R_REPB][s] >= 0:
+    if part(ir, R_REPB)[s] >= 0:
         return buf, n
-    rn_ptr, rn_rule, rn_tgt, nullable = ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RN_TGT], ir[R_NULLABLE]
+    rn_ptr, rn_rule, rn_tgt, nullable = part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RN_TGT), part(ir, R_NULLABLE)
     i = 0
     while i < n:
         x = buf[i]
@@ -158,10 +173,11 @@ def expand(ir, s, buf):
 @njit(AN(IRT, ST, I, I, A, I), cache=True)
 def waiters(ir, st, o, r, out, n):
     """Appends the items of configuration o that wait on rule r, already advanced over it."""
-    repb, replo, rephi = ir[R_REPB], ir[R_REPLO], ir[R_REPHI]
-    rn_ptr, rn_rule, rn_tgt = ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RN_TGT]
-    kd, kp = st[KERN_D], st[KERN_P]
-    for p in range(kp[o], kp[o + 1], 3):
+    repb, replo, rephi = part(ir, R_REPB), part(ir, R_REPLO), part(ir, R_REPHI)
+    rn_ptr, rn_rule, rn_tgt = part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RN_TGT)
+    kd = st[DATA]
+    ka, kb = kernel_span(st, o)
+    for p in range(ka, kb, 3):
         s, o2, c = kd[p], kd[p + 1], kd[p + 2]
         if repb[s] >= 0:
             if repb[s] == r:
@@ -173,10 +189,9 @@ def waiters(ir, st, o, r, out, n):
             for e in range(rn_ptr[s], rn_ptr[s + 1]):
                 if rn_rule[e] == r:
                     out, n = _push3(out, n, rn_tgt[e], o2, c)
-    sid = st[SELF_ID][o]
-    sd, sp = st[SELF_D], st[SELF_P]
-    for p in range(sp[sid], sp[sid + 1]):
-        s = sd[p]
+    sa, _, sb = self_span(st, o)
+    for p in range(sa, sb):
+        s = kd[p]
         if repb[s] >= 0:
             if repb[s] == r:
                 out, n = _push3(out, n, s, o, min(1, replo[s]) if rephi[s] < 0 else 1)
@@ -198,10 +213,10 @@ def origin(ir, st, o, r):
     key = np.empty(2, np.int32)
     key[0] = o
     key[1] = r
-    k = lookup(st[ORIG_D], st[ORIG_P], st[ORIG_T], key, 0, 2)
+    k = lookup(st, K_ORIG, key, 0, 2)
     if k >= 0:
-        return st[ORIG_VAL][k]
-    rule = ir[R_RULE]
+        return st[VAL][k]
+    rule = part(ir, R_RULE)
     f_o = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)
     f_r = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)
     f_at = np.empty(MAX_ORIGIN_DEPTH + 2, np.int64)  # its items: buf[3 * f_at : 3 * f_end]
@@ -221,9 +236,9 @@ def origin(ir, st, o, r):
             r2 = rule[buf[3 * j]]
             key[0] = o2
             key[1] = r2
-            k = lookup(st[ORIG_D], st[ORIG_P], st[ORIG_T], key, 0, 2)
+            k = lookup(st, K_ORIG, key, 0, 2)
             if k >= 0:
-                buf[3 * j + 1] = st[ORIG_VAL][k]
+                buf[3 * j + 1] = st[VAL][k]
                 continue
             if d + 1 > MAX_ORIGIN_DEPTH:
                 continue
@@ -245,18 +260,17 @@ def origin(ir, st, o, r):
         w = np.empty(3 * n + 1, np.int32)
         w[0] = f_r[d]
         w[1:] = items[: 3 * n]
-        k = lookup(st[WAIT_D], st[WAIT_P], st[WAIT_T], w, 0, 3 * n + 1)
+        k = lookup(st, K_WAIT, w, 0, 3 * n + 1)
         if k < 0:
-            if room(st[WAIT_D], st[WAIT_P], st[WAIT_T], st[META], I_WAIT, 3 * n + 1, len(st[WAIT_VAL])) == FULL:
+            if room(st, 3 * n + 1, 1) == FULL:
                 return FULL
-            k = insert(st[WAIT_D], st[WAIT_P], st[WAIT_T], st[META], I_WAIT, w, 0, 3 * n + 1)
-            st[WAIT_VAL][k] = f_o[d]
-        rep = st[WAIT_VAL][k]
-        if room(st[ORIG_D], st[ORIG_P], st[ORIG_T], st[META], I_ORIG, 2, len(st[ORIG_VAL])) == FULL:
+            k = insert(st, K_WAIT, w, 0, 3 * n + 1, f_o[d])
+        rep = st[VAL][k]
+        if room(st, 2, 1) == FULL:
             return FULL
         key[0] = f_o[d]
         key[1] = f_r[d]
-        st[ORIG_VAL][insert(st[ORIG_D], st[ORIG_P], st[ORIG_T], st[META], I_ORIG, key, 0, 2)] = rep
+        insert(st, K_ORIG, key, 0, 2, rep)
         if d == 0:
             return rep
         d -= 1
@@ -269,8 +283,8 @@ def origin(ir, st, o, r):
 def predicted(ir, st, states, n):
     """The self set (states predicted by fresh rule instances) of sorted predicting states, interned with
     its scanning states first; its id."""
-    sizes = ir[R_SIZES]
-    repb, rn_ptr, rn_rule, base, scans = ir[R_REPB], ir[R_RN_PTR], ir[R_RN_RULE], ir[R_RULE_BASE], ir[R_SCANS]
+    sizes = part(ir, R_SIZES)
+    repb, rn_ptr, rn_rule, base, scans = part(ir, R_REPB), part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RULE_BASE), part(ir, R_SCANS)
     rseen = np.zeros(sizes[1], np.uint8)
     sseen = np.zeros(sizes[0], np.uint8)
     stack = states[:n].copy()
@@ -314,12 +328,11 @@ def predicted(ir, st, states, n):
         if sseen[y] and not scans[y]:
             seq[m] = y
             m += 1
-    k = lookup(st[SELF_D], st[SELF_P], st[SELF_T], seq, 0, no)
+    k = lookup(st, K_SELF, seq, 0, no)
     if k < 0:
-        if room(st[SELF_D], st[SELF_P], st[SELF_T], st[META], I_SELF, no, len(st[SELF_NSCAN])) == FULL:
+        if room(st, no, 1) == FULL:
             return FULL
-        k = insert(st[SELF_D], st[SELF_P], st[SELF_T], st[META], I_SELF, seq, 0, no)
-        st[SELF_NSCAN][k] = nscan
+        k = insert(st, K_SELF, seq, 0, no, nscan)
     return k
 
 
@@ -335,7 +348,7 @@ def popcount(x):
 @njit(I(IRT, ST, A, A, I, I), cache=True)
 def intern_config(ir, st, kern, rootf, nk, can_end):
     """The id of the configuration with these kernel items (origins not yet represented), built if new."""
-    rule, repb, rephi = ir[R_RULE], ir[R_REPB], ir[R_REPHI]
+    rule, repb, rephi = part(ir, R_RULE), part(ir, R_REPB), part(ir, R_REPHI)
     for j in range(nk):
         o = kern[3 * j + 1]
         if o >= 0:
@@ -344,9 +357,9 @@ def intern_config(ir, st, kern, rootf, nk, can_end):
                 return FULL
             kern[3 * j + 1] = rep
     nk = sort_items(kern, nk, rootf)
-    cid = lookup(st[KERN_D], st[KERN_P], st[KERN_T], kern, 0, 3 * nk)
-    if cid >= 0:
-        return cid
+    k = lookup(st, K_KERN, kern, 0, 3 * nk)
+    if k >= 0:
+        return st[VAL][k]
     pst = np.empty(max(nk, 1), np.int32)
     npst = 0
     for j in range(nk):
@@ -361,58 +374,52 @@ def intern_config(ir, st, kern, rootf, nk, can_end):
                 pst[npst] = s
                 npst += 1
     pst[:npst].sort()
-    k = lookup(st[PRED_D], st[PRED_P], st[PRED_T], pst, 0, npst)
+    k = lookup(st, K_PRED, pst, 0, npst)
     if k >= 0:
-        sid = st[PRED_VAL][k]
+        sid = st[VAL][k]
     else:
         sid = predicted(ir, st, pst, npst)
-        if sid == FULL or room(st[PRED_D], st[PRED_P], st[PRED_T], st[META], I_PRED, npst, len(st[PRED_VAL])) == FULL:
+        if sid == FULL or room(st, npst, 1) == FULL:
             return FULL
-        st[PRED_VAL][insert(st[PRED_D], st[PRED_P], st[PRED_T], st[META], I_PRED, pst, 0, npst)] = sid
+        insert(st, K_PRED, pst, 0, npst, sid)
     meta = st[META]
-    cnt = meta[2 * I_KERN]
-    dlen = meta[2 * I_KERN + 1]
-    if room(st[KERN_D], st[KERN_P], st[KERN_T], st[META], I_KERN, 3 * nk, len(st[CAN_END])) == FULL:
+    cid = meta[M_NCFG]
+    if room(st, 4 * nk + 1, 2) == FULL:  # the kernel, and the root flags after the configuration id
         return FULL
-    if len(st[SELF_ID]) < cnt + 1:
-        return need(meta, SELF_ID, cnt + 1)
-    if len(st[MAIN_T]) < cnt + 1:
-        return need(meta, MAIN_T, cnt + 1)
-    if len(st[NALLOW]) < cnt + 1:
-        return need(meta, NALLOW, cnt + 1)
-    if len(st[MAIN_N]) < cnt + 1:
-        return need(meta, MAIN_N, cnt + 1)
-    if len(st[TABLE]) < 256 * (cnt + 1):
-        return need(meta, TABLE, 256 * (cnt + 1))
-    if len(st[ALLOW]) < 8 * (cnt + 1):
-        return need(meta, ALLOW, 8 * (cnt + 1))
-    if len(st[MAIN_B]) < 8 * (cnt + 1):
-        return need(meta, MAIN_B, 8 * (cnt + 1))
-    if len(st[ROOTF]) < dlen + 3 * nk:
-        return need(meta, ROOTF, dlen + 3 * nk)
-    cid = insert(st[KERN_D], st[KERN_P], st[KERN_T], st[META], I_KERN, kern, 0, 3 * nk)
-    st[CAN_END][cid] = can_end
-    st[SELF_ID][cid] = sid
-    roots = st[ROOTF]
-    for j in range(nk):
-        roots[dlen + 3 * j] = rootf[j]
-    sbits = ir[R_SBITS]
-    allow = st[ALLOW]
-    for w in range(8):
-        allow[8 * cid + w] = 0
+    if len(st[CFG]) < NCF * (cid + 1):
+        return need(meta, CFG, NCF * (cid + 1))
+    if len(st[BITS]) < 16 * (cid + 1):
+        return need(meta, BITS, 16 * (cid + 1))
+    if len(st[TABLE]) < 256 * (cid + 1):
+        return need(meta, TABLE, 256 * (cid + 1))
+    cfg = st[CFG]
+    cfg[NCF * cid + F_KERN] = insert(st, K_KERN, kern, 0, 3 * nk, cid)
+    rf = np.empty(nk + 1, np.int32)
+    rf[0] = cid
+    rf[1:] = rootf[:nk]
+    cfg[NCF * cid + F_ROOTS] = insert(st, K_ROOTS, rf, 0, nk + 1, 0)
+    cfg[NCF * cid + F_CAN_END] = can_end
+    cfg[NCF * cid + F_SELF] = sid
+    cfg[NCF * cid + F_MAIN_T] = UNKNOWN
+    meta[M_NCFG] = cid + 1
+    sbits = part(ir, R_SBITS)
+    bits = st[BITS]
+    for w in range(16):
+        bits[16 * cid + w] = 0
     for j in range(nk):
         s = kern[3 * j]
         for w in range(8):
-            allow[8 * cid + w] |= sbits[8 * s + w]
-    sd, sp = st[SELF_D], st[SELF_P]
-    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
-        s = sd[p]
+            bits[16 * cid + w] |= sbits[8 * s + w]
+    data = st[DATA]
+    sa, sm, _ = self_span(st, cid)
+    for p in range(sa, sm):
+        s = data[p]
         for w in range(8):
-            allow[8 * cid + w] |= sbits[8 * s + w]
+            bits[16 * cid + w] |= sbits[8 * s + w]
     total = 0
     for w in range(8):
-        total += popcount(allow[8 * cid + w])
-    st[NALLOW][cid] = total
+        total += popcount(bits[16 * cid + w])
+    cfg[NCF * cid + F_NALLOW] = total
     return cid
 
 
@@ -467,8 +474,8 @@ def _tset_has(k1, k2, s, o, c):
 def closure(ir, st, items, n):
     """Completes and expands scanned items (nullable skips, completions through origins' waiters) into a
     kernel, interns it and returns its id."""
-    final, keep, rule = ir[R_FINAL], ir[R_KEEP], ir[R_RULE]
-    repb, replo, rephi = ir[R_REPB], ir[R_REPLO], ir[R_REPHI]
+    final, keep, rule = part(ir, R_FINAL), part(ir, R_KEEP), part(ir, R_RULE)
+    repb, replo, rephi = part(ir, R_REPB), part(ir, R_REPLO), part(ir, R_REPHI)
     stack = items[: 3 * n].copy()
     ns = n
     seen1 = np.full(64, -1, np.int64)
@@ -527,13 +534,13 @@ def closure(ir, st, items, n):
 def close(ir, st, items, n):
     """closure() memoized by the scanned item set (half of all closures repeat one)."""
     n = sort_items(items, n, np.zeros(n, np.int32))
-    k = lookup(st[SCAN_D], st[SCAN_P], st[SCAN_T], items, 0, 3 * n)
+    k = lookup(st, K_SCAN, items, 0, 3 * n)
     if k >= 0:
-        return st[SCAN_VAL][k]
+        return st[VAL][k]
     cid = closure(ir, st, items, n)
-    if cid == FULL or room(st[SCAN_D], st[SCAN_P], st[SCAN_T], st[META], I_SCAN, 3 * n, len(st[SCAN_VAL])) == FULL:
+    if cid == FULL or room(st, 3 * n, 1) == FULL:
         return FULL
-    st[SCAN_VAL][insert(st[SCAN_D], st[SCAN_P], st[SCAN_T], st[META], I_SCAN, items, 0, 3 * n)] = cid
+    insert(st, K_SCAN, items, 0, 3 * n, cid)
     return cid
 
 
@@ -544,18 +551,18 @@ def step(ir, st, cid, b):
     r = table[256 * cid + b]
     if r != UNKNOWN:
         return r
-    bnext = ir[R_BNEXT]
+    bnext = part(ir, R_BNEXT)
     items = np.empty(24, np.int32)
     n = 0
-    kd, kp = st[KERN_D], st[KERN_P]
-    for p in range(kp[cid], kp[cid + 1], 3):
+    kd = st[DATA]
+    ka, kb = kernel_span(st, cid)
+    for p in range(ka, kb, 3):
         t = bnext[256 * kd[p] + b]
         if t >= 0:
             items, n = _push3(items, n, t, kd[p + 1], kd[p + 2])
-    sid = st[SELF_ID][cid]
-    sd, sp = st[SELF_D], st[SELF_P]
-    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
-        t = bnext[256 * sd[p] + b]
+    sa, sm, _ = self_span(st, cid)
+    for p in range(sa, sm):
+        t = bnext[256 * kd[p] + b]
         if t >= 0:
             items, n = _push3(items, n, t, cid, 0)
     r = DEAD if n == 0 else close(ir, st, items, n)
@@ -568,26 +575,26 @@ def step(ir, st, cid, b):
 def main(ir, st, cid):
     """The target of cid's largest group of bytes leading to one configuration (DEAD if it scans nothing);
     the group's bytes go to MAIN_B, their number to MAIN_N."""
-    mt = st[MAIN_T]
-    if mt[cid] != UNKNOWN:
-        return mt[cid]
-    allow, table, bnext, scans = st[ALLOW], st[TABLE], ir[R_BNEXT], ir[R_SCANS]
+    cfg = st[CFG]
+    if cfg[NCF * cid + F_MAIN_T] != UNKNOWN:
+        return cfg[NCF * cid + F_MAIN_T]
+    bits, table, bnext, scans = st[BITS], st[TABLE], part(ir, R_BNEXT), part(ir, R_SCANS)
     # bytes grouped by the states they scan to: one step per group (a string body has ~250 bytes, few groups)
     sts = np.empty(16, np.int32)
     m = 0
-    kd, kp = st[KERN_D], st[KERN_P]
-    for p in range(kp[cid], kp[cid + 1], 3):
+    kd = st[DATA]
+    ka, kb = kernel_span(st, cid)
+    for p in range(ka, kb, 3):
         if scans[kd[p]]:
             sts, m = _push(sts, m, kd[p])
-    sid = st[SELF_ID][cid]
-    sd, sp = st[SELF_D], st[SELF_P]
-    for p in range(sp[sid], sp[sid] + st[SELF_NSCAN][sid]):
-        sts, m = _push(sts, m, sd[p])
+    sa, sm, _ = self_span(st, cid)
+    for p in range(sa, sm):
+        sts, m = _push(sts, m, kd[p])
     reps = np.empty(256, np.int32)
     grp = np.full(256, -1, np.int32)
     ng = 0
     for b in range(256):
-        if not (allow[8 * cid + (b >> 5)] >> (b & 31)) & 1:
+        if not (bits[16 * cid + (b >> 5)] >> (b & 31)) & 1:
             if table[256 * cid + b] == UNKNOWN:
                 table[256 * cid + b] = DEAD
             continue
@@ -624,7 +631,7 @@ def main(ir, st, cid):
                 targets[nt] = r
                 nt += 1
     if nt == 0:
-        mt[cid] = DEAD
+        cfg[NCF * cid + F_MAIN_T] = DEAD
         return DEAD
     targets[:nt].sort()
     best, best_n, i = -1, 0, 0
@@ -635,16 +642,14 @@ def main(ir, st, cid):
         if j - i > best_n:
             best, best_n = targets[i], j - i
         i = j
-    table = st[TABLE]
-    mb = st[MAIN_B]
     for w in range(8):
         word = np.int64(0)
         for i in range(32):
             if table[256 * cid + 32 * w + i] == best:
                 word |= np.int64(1) << i
-        mb[8 * cid + w] = np.int32(word - (np.int64(1) << 32) if word >= np.int64(1) << 31 else word)
-    st[MAIN_N][cid] = best_n
-    mt[cid] = best
+        bits[16 * cid + 8 + w] = np.int32(word - (np.int64(1) << 32) if word >= np.int64(1) << 31 else word)
+    cfg[NCF * cid + F_MAIN_N] = best_n
+    cfg[NCF * cid + F_MAIN_T] = best
     return best
 
 

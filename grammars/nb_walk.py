@@ -13,35 +13,36 @@ import numpy as np
 from numba import njit, types
 
 from .nb_earley import IRT, main, step
-from .nb_store import A, I, ST, ALLOW, CAN_END, FULL, MAIN_B, MAIN_N, MAIN_T, NALLOW, TABLE, UNKNOWN
+from .nb_store import (BITS, CFG, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, A, I, ST,
+                       part)
 
 # flat trie arrays (VocabIndex.flat): per node
 V_BYTE, V_LO, V_HI, V_TERM, V_CLO, V_CHI, V_REACH, V_BELOW, V_FIRST = range(9)
 SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
 LOOP_MIN = 32  # byte groups smaller than this are not followed to accept whole subtrees
-VT = types.UniTuple(A, 9)
+VT = PK
 
 
 @njit(I(IRT, ST, VT, I, I), cache=True)
 def _whole(ir, st, vt, cid, node):
     """1 if every string under `node` (reached in configuration cid) stays on main byte groups, 0 if not,
     FULL if the memo needs room."""
-    below = vt[V_BELOW]
-    d = vt[V_REACH][node]
-    nallow, mb, mn, mt = st[NALLOW], st[MAIN_B], st[MAIN_N], st[MAIN_T]
+    below = part(vt, V_BELOW)
+    d = part(vt, V_REACH)[node]
+    cfg, bits = st[CFG], st[BITS]
     k = cid
     for _ in range(d):
-        if nallow[k] < LOOP_MIN:
+        if cfg[NCF * k + F_NALLOW] < LOOP_MIN:
             return 0
-        t = mt[k]
+        t = cfg[NCF * k + F_MAIN_T]
         if t == UNKNOWN:
             t = main(ir, st, k)
         if t == FULL:
             return FULL
-        if t < 0 or mn[k] < LOOP_MIN:
+        if t < 0 or cfg[NCF * k + F_MAIN_N] < LOOP_MIN:
             return 0
         for w in range(8):
-            if below[8 * node + w] & ~mb[8 * k + w]:
+            if below[8 * node + w] & ~bits[16 * k + 8 + w]:
                 return 0
         if t == k:
             return 1
@@ -64,9 +65,9 @@ def walk(ir, st, vt, start, exits, cum):
     from configuration `start`. Returns (status, lo, hi, ex_lo, ex_hi, ex_byte): accepted strings as
     disjoint ranges [lo, hi) sorted by lo and, when `exits`, the ranges of strings that pass a point where
     the bottom item's rule has ended with the byte that comes next there. Status FULL: grow and call again."""
-    byte, lo_a, hi_a, term, clo_a, chi_a, first = (vt[V_BYTE], vt[V_LO], vt[V_HI], vt[V_TERM], vt[V_CLO],
-                                                   vt[V_CHI], vt[V_FIRST])
-    allow, can_end, nallow, table = st[ALLOW], st[CAN_END], st[NALLOW], st[TABLE]
+    byte, lo_a, hi_a, term = part(vt, V_BYTE), part(vt, V_LO), part(vt, V_HI), part(vt, V_TERM)
+    clo_a, chi_a, first = part(vt, V_CLO), part(vt, V_CHI), part(vt, V_FIRST)
+    cfg, bits, table = st[CFG], st[BITS], st[TABLE]
     filt = len(cum) > 0
     acc_lo = np.empty(64, np.int32)
     acc_hi = np.empty(64, np.int32)
@@ -80,7 +81,7 @@ def walk(ir, st, vt, start, exits, cum):
     s_deep = np.empty(256, np.int32)
     ns = 0
     for b in range(255, -1, -1):
-        if (allow[8 * start + (b >> 5)] >> (b & 31)) & 1:
+        if (bits[16 * start + (b >> 5)] >> (b & 31)) & 1:
             nd = first[b]
             if nd >= 0 and (not filt or cum[hi_a[nd]] > cum[lo_a[nd]]):
                 s_node[ns] = nd
@@ -92,7 +93,7 @@ def walk(ir, st, vt, start, exits, cum):
         ns -= 1
         node, p = s_node[ns], s_cfg[ns]
         b = byte[node]
-        if exits and s_deep[ns] and can_end[p]:
+        if exits and s_deep[ns] and cfg[NCF * p + F_CAN_END]:
             ex_lo, ex_hi, ex_b = _grow(ex_lo, ne), _grow(ex_hi, ne), _grow(ex_b, ne)
             ex_lo[ne], ex_hi[ne], ex_b[ne] = lo_a[node], hi_a[node], b
             ne += 1
@@ -111,7 +112,7 @@ def walk(ir, st, vt, start, exits, cum):
         clo, chi = clo_a[node], chi_a[node]
         if clo == chi:
             continue
-        if hi_a[node] - lo_a[node] >= SKIP_SPAN and nallow[c] >= LOOP_MIN:
+        if hi_a[node] - lo_a[node] >= SKIP_SPAN and cfg[NCF * c + F_NALLOW] >= LOOP_MIN:
             w = _whole(ir, st, vt, c, node)
             if w == FULL:
                 return FULL, empty, empty, empty, empty, empty
@@ -122,10 +123,10 @@ def walk(ir, st, vt, start, exits, cum):
                     acc_lo[na], acc_hi[na] = lo, hi_a[node]
                     na += 1
                 continue
-        every = exits and can_end[c]  # children it cannot scan still record their exit
+        every = exits and cfg[NCF * c + F_CAN_END] != 0  # children it cannot scan still record their exit
         for k in range(chi - 1, clo - 1, -1):
             x = byte[k]
-            if not every and not (allow[8 * c + (x >> 5)] >> (x & 31)) & 1:
+            if not every and not (bits[16 * c + (x >> 5)] >> (x & 31)) & 1:
                 continue
             if filt and cum[hi_a[k]] <= cum[lo_a[k]]:
                 continue

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .nb_store import packed
+
 
 @dataclass
 class Level:
@@ -122,25 +124,20 @@ class VocabIndex:
             below_next = below
 
     @property
-    def flat(self) -> tuple[np.ndarray, ...]:
-        """The trie with all levels in one node numbering, as int32 arrays for nb_walk (its V_* order):
-        byte, lo, hi, term, children's [start, end) as node ids, reach, 8 words of bytes below per node, and
-        the level-0 node of each first byte. Built on first use."""
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """The trie with all levels in one node numbering, packed for nb_walk (its V_* parts): per node its
+        byte, lo, hi, term, children's [start, end) as node ids, reach and 8 words of the bytes below it,
+        then the level-0 node of each first byte. Built on first use."""
         flat = self.__dict__.get("_flat")
         if flat is None:
-            sizes = [len(lvl.lo) for lvl in self.levels]
-            start = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            cat = lambda name: np.concatenate([getattr(lvl, name) for lvl in self.levels]) if self.levels else \
-                np.zeros(0, np.int64)
-            child_lo = np.concatenate([lvl.child_lo + start[d + 1] for d, lvl in enumerate(self.levels)]) \
-                if self.levels else np.zeros(0, np.int64)
-            child_hi = np.concatenate([lvl.child_hi + start[d + 1] for d, lvl in enumerate(self.levels)]) \
-                if self.levels else np.zeros(0, np.int64)
-            below = np.concatenate([lvl.below for lvl in self.levels]) if self.levels else np.zeros((0, 4), np.uint64)
-            flat = tuple(np.ascontiguousarray(a, dtype=np.int32) for a in (
-                cat("byte"), cat("lo"), cat("hi"), cat("term"), child_lo, child_hi, cat("reach"))) + (
-                np.ascontiguousarray(below).view(np.int32).reshape(-1), self.first_node.astype(np.int32))
-            self.__dict__["_flat"] = flat
+            levels = self.levels
+            start = np.cumsum([0] + [len(lvl.lo) for lvl in levels])
+            cat = lambda arrays: np.concatenate(arrays) if arrays else np.zeros(0, np.int64)  # noqa: E731
+            flat = self.__dict__["_flat"] = packed([
+                cat([lvl.byte for lvl in levels]), cat([lvl.lo for lvl in levels]), cat([lvl.hi for lvl in levels]),
+                cat([lvl.term for lvl in levels]), cat([lvl.child_lo + start[d + 1] for d, lvl in enumerate(levels)]),
+                cat([lvl.child_hi + start[d + 1] for d, lvl in enumerate(levels)]), cat([lvl.reach for lvl in levels]),
+                cat([lvl.below.view(np.int32).reshape(-1) for lvl in levels]), self.first_node])
         return flat
 
     def range_words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
