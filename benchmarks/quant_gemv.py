@@ -44,6 +44,7 @@ from treadle.kernels.quant_matmul import (
     quant_matmul_reference,
     with_split_k,
 )
+from treadle.kernels.quant_mma import MmaConfig, available, shape_supported
 from treadle.kernels.quantize import QuantizedWeight, quantization_error, quantize_rtn
 
 # (name, in_features K, out_features N): q/k/v and gate/up fused as the engine runs them.
@@ -61,6 +62,7 @@ class Result:
     m: int
     block_n: int  # weight layout (QuantizedWeight.block_n)
     default_us: float
+    triton_us: float  # default_config without the CUDA tensor-core kernel (the Triton kernels alone)
     best_us: float
     best_config: dict
     bf16_us: float
@@ -75,12 +77,21 @@ class Result:
 BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1), (32, 32, 4, 1), (32, 64, 8, 1))
 
 
-def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> list[QuantMatmulConfig]:
-    """default_config first, then (with `sweep`, row-blocked layouts only: the flat layout's tilings were swept
-    before) GEMV tilings for small M and tensor-core tilings for M >= 4."""
-    base = default_config(m, n, qw, sms)
-    if not sweep or not qw.block_n:
-        return [base]
+# Launch shapes of the CUDA tensor-core kernel (quant_mma): warps per block, steps in flight, blocks per SM.
+MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb in (1, 2))
+
+
+def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
+    """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then with
+    `sweep` "mma" the kernel's launch shapes, with "all" also (row-blocked layouts only: the flat layout's
+    tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for M >= 4."""
+    mma = available() and shape_supported(m, qw)
+    base = default_config(m, n, qw, sms, mma)
+    out = [base, default_config(m, n, qw, sms)]
+    if sweep != "none" and mma:
+        out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in MMA_TILES]
+    if sweep != "all" or not qw.block_n:
+        return list(dict.fromkeys(out))
     tiles = []
     if m <= 4:
         bm = triton.next_power_of_2(m)
@@ -90,8 +101,8 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: bool) -> li
         bm = max(16, min(64, triton.next_power_of_2(m)))
         tiles += [QuantMatmulConfig(True, bm, bn, qw.group_size // 32, 1, w, 3) for bn, w in
                   ((64, 4), (128, 4), (128, 8))]
-    out = [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4, 8)]
-    return [base] + [c for c in dict.fromkeys(out) if c != base]
+    out += [with_split_k(c, m, n, qw, waves * sms) for c in tiles for waves in (1, 2, 4, 8)]
+    return list(dict.fromkeys(out))
 
 
 def graph_time_us(calls: list[Callable[[], object]], replays: int) -> float:
@@ -150,7 +161,10 @@ def main() -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--layouts", type=int, nargs="+", default=[0, 8], help="QuantizedWeight.block_n values")
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
-    p.add_argument("--no-sweep", dest="sweep", action="store_false", help="time default_config alone")
+    p.add_argument("--sweep", choices=("none", "mma", "all"), default="all",
+                   help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
+                        "launch shapes; all: also Triton tilings")
+    p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
     args = p.parse_args()
@@ -196,16 +210,18 @@ def main() -> int:
                     tried.append((cfg, us, err))
                 cfg, us, err = min(tried, key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
-                results.append(Result(name, k, n, bits, m, lb, tried[0][1], us, asdict(cfg), bf16_us, bf16_us / us,
+                triton_us = next(t for c, t, _ in tried if c == default_config(m, n, qw, sms))
+                results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, us, asdict(cfg), bf16_us,
+                                      bf16_us / us,
                                       nbytes / us / 1e3, err, [[asdict(c), t] for c, t, _ in tried]))
-                print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, best {us:.1f} us "
-                      f"(bf16 {bf16_us:.1f} us) {cfg}", flush=True)
+                print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, triton {triton_us:.1f} "
+                      f"us, best {us:.1f} us (bf16 {bf16_us:.1f} us) {cfg}", flush=True)
         del weight, w_ts
 
     console = Console(width=150)
     table = Table(title=f"quantized matmul vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, "
                         f"group {args.group_size}, us per call")
-    for col in ("shape", "bits", "layout", "M", "default", "best", "bf16", "speedup", "GB/s", "rel err",
+    for col in ("shape", "bits", "layout", "M", "default", "triton", "best", "bf16", "speedup", "GB/s", "rel err",
                 "best tiling"):
         table.add_column(col)
     for r in results:
@@ -213,24 +229,30 @@ def main() -> int:
         tiling = (f"{'dot' if c['dot'] else 'gemv'} {c['block_m']}x{c['block_n']} c{c['chunks']} s{c['split_k']} "
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
-        table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.best_us:.1f}",
+        if c.get("mma"):
+            tiling = "cuda mma w{warps} st{stages} mb{min_blocks}".format(**c["mma"])
+        table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
+                      f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)
 
     summary = Table(title="per layer: sum over the shapes (default tiling, and best tiling per shape)")
-    for col in ("bits", "layout", "M", "default us", "best us", "bf16 us", "speedup (default)", "target",
-                "weight rel err"):
+    for col in ("bits", "layout", "M", "default us", "triton us", "best us", "bf16 us", "speedup (default)",
+                "target", "weight rel err"):
         summary.add_column(col)
     layer = []
     for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
         rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
         default, best = sum(r.default_us for r in rows), sum(r.best_us for r in rows)
+        triton_total = sum(r.triton_us for r in rows)
         base = sum(r.bf16_us for r in rows)
         err = max(e["relative"] for e in errors if e["bits"] == bits)
         target = TARGETS.get(bits) if m == 1 else None
-        layer.append({"bits": bits, "block_n": lb, "m": m, "default_us": default, "us": best, "bf16_us": base,
+        layer.append({"bits": bits, "block_n": lb, "m": m, "default_us": default, "triton_us": triton_total,
+                      "us": best, "bf16_us": base,
                       "speedup": base / default, "target": target, "weight_rel_err": err})
-        summary.add_row(str(bits), str(lb), str(m), f"{default:.1f}", f"{best:.1f}", f"{base:.1f}",
+        summary.add_row(str(bits), str(lb), str(m), f"{default:.1f}", f"{triton_total:.1f}", f"{best:.1f}",
+                        f"{base:.1f}",
                         f"{base / default:.2f}x", f">= {target}x" if target else "", f"{err:.4f}")
     console.print(summary)
 

@@ -4,11 +4,11 @@ On CUDA the forward pass is the fused Triton kernel. Elsewhere there is no fused
 dequantizes once (fp32, the values the kernel multiplies by) and caches that: the numerics are those of the
 kernel, the speed and memory those of the unquantized fp32 model.
 
-The weight's layout (QuantizedWeight.block_n) is chosen per bit width from H100 runs of benchmarks/quant_gemv.py
-(docs/benchmarks.md): row blocks of 16 columns where they made decode (M <= 2) 5-17% faster and cost the
-tensor-core kernel at M = 4-16 under ~2% on average (2 bits: 3% at M = 16, for 14-17% at M <= 2); the flat
-layout where decode gained little (4, 6 bits) or lost (8 bits at M = 2) and M = 4-16 lost 2-7% (4 bits).
-Both layouts hold the same bytes, so the choice costs no memory.
+The weight is stored in row blocks of 16 columns (QuantizedWeight.block_n) at every bit width: in H100 runs of
+benchmarks/quant_gemv.py (docs/benchmarks.md) the CUDA tensor-core kernel, which serves M <= 16, and the Triton
+GEMV were as fast or faster on them than on the flat layout at every width (4 bits: 3% at M = 1, 9% at M = 16),
+and so was the Triton tensor-core kernel at M = 64 except at 4 bits (2-7% slower: prefill pays a little for
+decode). Both layouts hold the same bytes, so the choice costs no memory.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import nn
 from .quant_matmul import quant_matmul
 from .quantize import QuantizedWeight, dequantize, quantize_rtn
 
-DEFAULT_BLOCK_N = {2: 16, 3: 16, 4: 0, 5: 16, 6: 0, 8: 0}  # layout by bit width, see the module docstring
+DEFAULT_BLOCK_N = 16  # the weight layout, see the module docstring
 
 
 class QuantLinear(nn.Module):
@@ -39,9 +39,9 @@ class QuantLinear(nn.Module):
     def from_linear(
         cls, linear: nn.Linear, bits: int, group_size: int = 128, block_n: int | None = None
     ) -> QuantLinear:
-        """`block_n`: the weight layout (QuantizedWeight.block_n); None picks DEFAULT_BLOCK_N for `bits`."""
+        """`block_n`: the weight layout (QuantizedWeight.block_n); None picks DEFAULT_BLOCK_N."""
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        layout = DEFAULT_BLOCK_N.get(bits, 0) if block_n is None else block_n
+        layout = DEFAULT_BLOCK_N if block_n is None else block_n
         return cls(quantize_rtn(linear.weight, bits, group_size, layout), bias)
 
     @property

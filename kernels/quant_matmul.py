@@ -1,6 +1,9 @@
 """Weight-only quantized matmul: y = x @ W_hat (+ bias), W_hat = q * scale + min with b-bit codes q.
 
-Two Triton kernels read the packed weight of `quant_pack` once and never materialize W_hat:
+On NVIDIA GPUs with cuda-python, M <= 16 with bf16/fp16 activations goes to the CUDA C++ tensor-core kernel of
+quant_mma (decode in registers, mma.sync, fp32 sums), which `default_config` picks where it measured faster:
+every width at M = 3-16, 2-4 bits at M <= 2. Otherwise two Triton kernels read the packed weight of `quant_pack`
+once and never materialize W_hat:
 
 - `_gemv_kernel` (small M, decode): CUDA cores. With `f16x2=True` (opt-in: NVIDIA GPUs, 16-bit activations)
   each 32-code chunk is decoded by inline PTX two codes per instruction into fp16 and multiplied in packed fp16
@@ -38,6 +41,7 @@ import triton.language as tl
 
 from .quant_f16x2 import PAIRS as _PAIRS
 from .quant_f16x2 import pair_codes, ptx
+from .quant_mma import MmaConfig, quant_mma_matmul, usable
 from .quant_pack import SUPPORTED_BITS
 from .quantize import QuantizedWeight, dequantize
 
@@ -464,18 +468,35 @@ class QuantMatmulConfig:
     # GEMV with 16-bit x on CUDA: the packed fp16 decode (quant_f16x2), 5-16% faster at M <= 2 but its fp16 chunk
     # sums can overflow to inf for activations beyond ~2000 (outlier features reach that), so it is opt-in.
     f16x2: bool = False
+    # The CUDA C++ tensor-core kernel of quant_mma (M <= 16, bf16/fp16) with this launch shape; the fields above
+    # are then unused.
+    mma: MmaConfig | None = None
 
 
+MMA_MAX_M = 16
+
+
+def mma_config(m: int, n: int, num_sms: int) -> MmaConfig:
+    """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
+    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, down, and qkv at M <= 8),
+    4 warps and two blocks per SM where there are many (gate_up: 896 blocks)."""
+    blocks = -(-n // 32)
+    many = blocks >= 4 * num_sms
+    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1)
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
 
 
-def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int) -> QuantMatmulConfig:
-    """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. GEMV on the flat
+def default_config(m: int, n: int, qw: QuantizedWeight, num_sms: int, mma: bool = False) -> QuantMatmulConfig:
+    """The tilings that won benchmarks/quant_gemv.py's H100 sweeps on Llama-3.1-8B shapes. `mma`: the CUDA C++
+    tensor-core kernel can run this call (quant_mma.usable); it is taken for M <= MMA_MAX_M, except at M <= 2
+    with 5+ bits, where the Triton GEMV measured faster. GEMV on the flat
     layout: 2 chunks x 256 columns per step (each thread 4 columns of one chunk: with the packed fp16 decode, more
     columns per thread share the activations' conversion but cost registers and occupancy, and lost), words
     double-buffered in registers, ~4 programs per SM. On the row-blocked layout a program streams whole rows of
     16 (M = 1) or 32 (M = 2) columns, split-K only where that leaves fewer than ~M programs per SM. Tensor
     cores: one group per step, ~4 programs per SM at decode sizes."""
+    if mma and m <= MMA_MAX_M and (m > GEMV_MAX_M or qw.bits <= 4):
+        return QuantMatmulConfig(False, m, 32, 4, 1, mma=mma_config(m, n, num_sms))
     if m <= GEMV_MAX_M and qw.block_n:  # row-blocked layout: 16 columns x 64 chunks per step at M = 1, 32 x 32 at 2
         bn = 16 * m
         cfg = QuantMatmulConfig(False, m, bn, 1024 // bn, 1, 4, 1, prefetch=1)
@@ -542,7 +563,9 @@ def quant_matmul(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = config or default_config(m, n, qw, _num_sms(x.device))
+    cfg = config or default_config(m, n, qw, _num_sms(x.device), usable(x, qw, bias))
+    if cfg.mma is not None:
+        return quant_mma_matmul(x, qw, bias, cfg.mma)
     if cfg.dot and cfg.block_m < 16:
         raise ValueError("the tensor-core kernel needs block_m >= 16")
     if cfg.dot:  # whole groups, padding included (its activations load as zeros)

@@ -3,8 +3,10 @@
 # an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
 # and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
 # weight layouts $QLAYOUTS), qdefault (quant_gemv.py default_config only, every bit width, $QDM, layouts
-# $QDLAYOUTS: flat and row-blocked by default), tests (kernel tests at real shapes),
-# parity (gpu_parity.py + decode_parity.py).
+# $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default), mma (quant_gemv.py, the
+# CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts $QMLAYOUTS, also on .base.tar when carried),
+# tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
+# (gpu_parity.py + decode_parity.py).
 set -u
 export PYTHONUNBUFFERED=1
 repo=$PWD
@@ -32,12 +34,17 @@ for step in ${STEPS:-decode quant}; do
     quant)
       run /tmp/new ${QSECS:-240} python3 benchmarks/quant_gemv.py --bits ${QBITS:-3 4} --m ${QM:-1 4} \
         --layouts ${QLAYOUTS:-8} --out "$OUT/quant_sweep.json" ;;
+    mma)
+      run /tmp/new ${QMSECS:-200} python3 benchmarks/quant_gemv.py --sweep mma --bits ${QBITS:-3 4} --m ${QMM:-1 16} \
+        --layouts ${QMLAYOUTS:-0 16} --out "$OUT/quant_mma.json"
+      [ -f .base.tar ] && run /tmp/base ${QMSECS:-200} python3 benchmarks/quant_gemv.py --sweep mma --bits ${QBITS:-3 4} \
+        --m ${QMM:-1 16} --layouts ${QMLAYOUTS:-0 16} --out "$OUT/quant_mma_base.json" ;;
     qdefault)
       run /tmp/new ${QDSECS:-300} python3 benchmarks/quant_gemv.py --no-sweep --m ${QDM:-1 2 4 16 64} \
-        --layouts ${QDLAYOUTS:-0 8} --out "$OUT/quant_default.json" ;;
+        --layouts ${QDLAYOUTS:-0 16} --out "$OUT/quant_default.json" ;;
     tests)
-      run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider tests/test_kernels_quant.py \
-        tests/test_kernels_quant_linear.py ;;
+      run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider -n ${TJOBS:-8} \
+        ${TK:+-k "$TK"} tests/test_kernels_quant.py tests/test_kernels_quant_linear.py ;;
     parity)  # the random checkpoint takes the carried SmolLM2 tokenizer (.tok): no embedded model there
       run /tmp/new 120 python3 scripts/make_random_checkpoint.py --shape llama-3.2-1b \
         --out /tmp/treadle-random-llama-3.2-1b --tokenizer "$repo/.tok"

@@ -8,13 +8,13 @@ TRITON_INTERPRET=1 on small odd shapes; on a GPU the same tests also run at Llam
 from __future__ import annotations
 
 import itertools
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
 import torch
-
-from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err  # noqa: I001  (sets up the interpreter first)
-
+from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err
 from treadle.kernels.quant_f16x2 import emulate, ptx
 from treadle.kernels.quant_matmul import (
     GEMV_MAX_M,
@@ -23,8 +23,29 @@ from treadle.kernels.quant_matmul import (
     quant_matmul,
     quant_matmul_reference,
 )
-from treadle.kernels.quant_pack import SUPPORTED_BITS, from_row_blocks, pack_bits, to_row_blocks, unpack_bits
-from treadle.kernels.quantize import dequantize, flat, quantization_error, quantize_rtn, row_blocked
+from treadle.kernels.quant_mma import (
+    SOURCE,
+    MmaConfig,
+    Variant,
+    available,
+    quant_mma_matmul,
+    unsupported_reason,
+    usable,
+)
+from treadle.kernels.quant_pack import (
+    SUPPORTED_BITS,
+    from_row_blocks,
+    pack_bits,
+    to_row_blocks,
+    unpack_bits,
+)
+from treadle.kernels.quantize import (
+    dequantize,
+    flat,
+    quantization_error,
+    quantize_rtn,
+    row_blocked,
+)
 
 BITS = list(SUPPORTED_BITS)
 # Output tolerance vs the fp64 product of the dequantized weight: one rounding to the activation dtype, plus
@@ -259,3 +280,73 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
         with nan_allocations():
             out = quant_matmul(x, row_blocked(qw, block_n), config=cfg)
         assert rel_err(out, ref) < TOL[dtype], (f16x2, block_n)
+
+
+# The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
+# cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
+# tiles, two steps in flight, the register-capped build.
+MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1) for b in BITS] + [
+    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2),
+]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_mma_source_compiles_for_sm90_without_spills(tmp_path):
+    for v in MMA_VARIANTS:
+        res = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", "-Xptxas", "-v", *v.defines(), "-o",
+                              str(tmp_path / "k.cubin"), str(SOURCE)], check=False, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, (v, res.stderr)
+        assert "0 bytes spill stores" in res.stderr and "warning" not in res.stderr, (v, res.stderr)
+
+
+def test_mma_is_the_default_only_where_it_runs():
+    qw = _case(4, n=64, k=256, group=128, dtype=torch.float32, seed=0)
+    assert default_config(1, 64, qw, 132, mma=True).mma is not None
+    assert default_config(64, 64, qw, 132, mma=True).mma is None
+    assert default_config(1, 64, qw, 132).mma is None
+    x = torch.randn(1, 256)
+    assert unsupported_reason(x, qw) is not None
+    with pytest.raises(ValueError, match="quant_mma"):
+        quant_mma_matmul(x, qw)
+
+
+ON_MMA = ON_GPU and available()
+
+
+@pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("block_n", [0, 16])
+def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
+    """Real widths, N not a multiple of the block's 32 columns (flat: of 16 either), group 128 and 256, M from 1
+    to 16 (one and two token tiles, partial ones), bias, activations up to ~1e4 (no fp16 sums to overflow), and
+    each launch shape; every output element must be written."""
+    shapes = ((4100, 4096, 128), (1000, 1024, 256))
+    for dtype, (n, k, group) in itertools.product((torch.bfloat16, torch.float16), shapes):
+        qw = row_blocked(_case(bits, n=n, k=k, group=group, dtype=dtype, seed=bits), block_n)
+        w_hat = dequantize(qw).double()  # on the GPU: the fp64 reference without a CPU matmul per case
+        bias = torch.randn(n, device=DEVICE).to(dtype)
+        for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
+                       (16, MmaConfig(4, 1))):
+            x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
+            assert usable(x, qw, bias)
+            with nan_allocations():
+                out = quant_matmul(x, qw, bias if m % 2 else None, QuantMatmulConfig(False, 1, 32, 4, 1, mma=cfg))
+            ref = x.double() @ w_hat + (bias.double() if m % 2 else 0)
+            assert rel_err(out, ref) < TOL[dtype], (dtype, n, m, cfg)
+
+
+@pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
+def test_mma_runs_in_cuda_graphs_on_torch_stream():
+    qw = row_blocked(_case(3, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=0), 16)
+    x = torch.randn(1, 4096, device=DEVICE).to(torch.bfloat16)
+    assert default_config(1, 4096, qw, 132, usable(x, qw)).mma is not None
+    out = quant_matmul(x, qw)  # compiles and loads before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = quant_matmul(x, qw)
+    for seed in range(2):
+        x.copy_(torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]

@@ -33,9 +33,9 @@ def test_quant_linear_is_linear_on_the_dequantized_weight(bias, block_n):
         q(torch.randn(2, 199))
 
 
-def test_quant_linear_layout_follows_the_bit_width_unless_given():
+def test_quant_linear_layout_is_row_blocks_unless_given():
     linear = nn.Linear(64, 48)
-    assert {b: QuantLinear.from_linear(linear, b, 32).block_n for b in (3, 4)} == {3: 16, 4: 0}
+    assert {b: QuantLinear.from_linear(linear, b, 32).block_n for b in (3, 4)} == {3: 16, 4: 16}
     q = QuantLinear.from_linear(linear, 3, 32, block_n=0)
     assert q.block_n == 0 and q.packed.shape == (6, 48)
     blocked = QuantLinear.from_linear(linear, 3, 32).quantized_weight
@@ -90,7 +90,7 @@ def test_quantize_model_replaces_every_projection_but_the_lm_head():
 
 @pytest.mark.skipif(not ON_GPU, reason="the fused kernel path runs on CUDA")
 def test_quant_linear_on_gpu_matches_its_cpu_path():
-    for block_n in (0, 8):
+    for block_n in (0, 8, 16):  # the CUDA tensor-core kernel where it runs (0, 16), Triton (8)
         linear = nn.Linear(4096, 1024, bias=True)
         q = QuantLinear.from_linear(linear, bits=4, group_size=128, block_n=block_n).to(torch.bfloat16)
         for m in (1, 3):

@@ -1,0 +1,208 @@
+"""The tensor-core GEMV of `quant_mma.cu` for few tokens (M <= 16): build, load and launch from Python.
+
+Why CUDA C++ rather than Triton: the kernel decodes codes into registers and hands them straight to
+mma.sync as the A operand, which a Triton dot cannot take without a round trip through shared memory.
+
+How it is run: NVRTC (cuda-python's `cuda.bindings.nvrtc`) compiles the source for the device's own
+architecture the first time a variant is used, and the driver API (`cuda.bindings.driver`) loads the cubin and
+launches it on torch's current stream, so it is captured by CUDA graphs like any other launch. Both come from
+PyPI (`cuda-bindings`; NVRTC's library from `nvidia-cuda-nvrtc`, which CUDA builds of torch already install),
+so no CUDA toolkit, C++ compiler or torch extension build is needed at run time; without them `usable()` is
+False and quant_matmul keeps the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .quantize import QuantizedWeight
+
+SOURCE = Path(__file__).with_name("quant_mma.cu")
+CACHE = Path.home() / ".cache" / "treadle" / "quant_mma"
+KERNEL = b"quant_mma_gemv"
+MAX_M = 16  # two tiles of 8 tokens (the MMA's N side)
+STEP = 128  # codes along K per warp step: 4 lanes x 32-code chunks
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Launch shape: `warps` per block split K (each block owns 32 columns); `stages` steps of loads in flight per
+    warp, in registers, while one is computed; `min_blocks` blocks per SM the register allocation must allow (2
+    caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps."""
+
+    warps: int = 8
+    stages: int = 1
+    min_blocks: int = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compiled instance of the source (its -D parameters)."""
+
+    bits: int
+    bf16: bool
+    blocked: bool
+    token_tiles: int
+    stages: int
+    min_blocks: int
+
+    def defines(self) -> list[str]:
+        return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={int(self.blocked)}",
+                f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}"]
+
+
+@functools.cache
+def _bindings():
+    """cuda-python's driver and NVRTC modules, or None where they are not installed."""
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        return None
+    return driver, nvrtc
+
+
+def available(device: torch.device | str = "cuda") -> bool:
+    """An NVIDIA GPU with bf16 mma.sync (sm_80+) and cuda-python to build and launch the kernel."""
+    device = torch.device(device)
+    return (device.type == "cuda" and torch.cuda.is_available() and torch.version.hip is None
+            and torch.cuda.get_device_capability(device) >= (8, 0) and _bindings() is not None)
+
+
+def shape_supported(m: int, qw: QuantizedWeight) -> bool:
+    """Whether M and the weight's shape and layout suit the kernel (dtypes and alignment aside)."""
+    return (1 <= m <= MAX_M and qw.in_features % STEP == 0 and qw.group_size % STEP == 0
+            and (qw.block_n == 16 or (qw.block_n == 0 and qw.out_features % 4 == 0)))
+
+
+def unsupported_reason(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> str | None:
+    """Why this kernel cannot compute x @ W_hat, or None when it can."""
+    if not available(x.device):
+        return "needs an NVIDIA GPU of sm_80 or newer (mma.sync with bf16) and cuda-python (cuda-bindings)"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return "activations must be bf16 or fp16"
+    if qw.scales.dtype != x.dtype or qw.mins.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return "scales, minimums and bias must have the activations' dtype"
+    if not shape_supported(x.shape[0], qw):
+        return (f"needs M <= {MAX_M}, in_features and group_size multiples of {STEP}, and the weight row-blocked "
+                "by 16 columns or flat with out_features a multiple of 4")
+    if x.stride(1) != 1 or x.stride(0) % 8 or any(t.data_ptr() % 16 for t in (x, qw.packed, qw.scales, qw.mins)):
+        return "x rows and the weight's arrays must be 16-byte aligned"
+    return None
+
+
+def usable(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> bool:
+    return unsupported_reason(x, qw, bias) is None
+
+
+def _check(result, what: str):
+    """cuda-python returns (status, *values); raise on a failed status, return the values."""
+    status, *values = result
+    if int(status) != 0:
+        raise RuntimeError(f"{what} failed: {status!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def compile_cubin(variant: Variant, arch: str) -> bytes:
+    """NVRTC-compile the source for `arch` (e.g. "sm_90") with the variant's parameters. Cubins are kept on disk
+    under ~/.cache/treadle/quant_mma, keyed by source, parameters, architecture and NVRTC version."""
+    _, nvrtc = _bindings()
+    source = SOURCE.read_bytes()
+    opts = [f"--gpu-architecture={arch}", "-std=c++17"] + variant.defines()
+    version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
+    key = hashlib.sha256(source + repr((opts, version)).encode()).hexdigest()[:32]
+    path = CACHE / f"{key}.cubin"
+    if path.exists():
+        return path.read_bytes()
+    prog = _check(nvrtc.nvrtcCreateProgram(source, b"quant_mma.cu", 0, [], []), "nvrtcCreateProgram")
+    try:
+        (status,) = nvrtc.nvrtcCompileProgram(prog, len(opts), [o.encode() for o in opts])
+        if int(status) != 0:
+            size = _check(nvrtc.nvrtcGetProgramLogSize(prog), "nvrtcGetProgramLogSize")
+            log = b" " * size
+            nvrtc.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC failed on {variant}:\n{log.decode(errors='replace')}")
+        size = _check(nvrtc.nvrtcGetCUBINSize(prog), "nvrtcGetCUBINSize")
+        cubin = b" " * size
+        _check(nvrtc.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(cubin)
+    tmp.replace(path)  # atomic: concurrent compilers of one variant write the same bytes
+    return cubin
+
+
+_thread = threading.local()
+_lock = threading.Lock()
+_functions: dict[tuple[Variant, int], object] = {}
+
+
+def _ensure_context(device: int) -> None:
+    """The driver API launches into the calling thread's current context: make it the device's primary context
+    (the one torch uses) where the thread has none yet, as Triton's launcher does."""
+    if getattr(_thread, "device", None) == device:
+        return
+    driver, _ = _bindings()
+    _check(driver.cuInit(0), "cuInit")
+    ctx = _check(driver.cuCtxGetCurrent(), "cuCtxGetCurrent")
+    if not int(ctx):
+        dev = _check(driver.cuDeviceGet(device), "cuDeviceGet")
+        _check(driver.cuCtxSetCurrent(_check(driver.cuDevicePrimaryCtxRetain(dev), "cuDevicePrimaryCtxRetain")),
+               "cuCtxSetCurrent")
+    _thread.device = device
+
+
+def _function(variant: Variant, device: int):
+    key = (variant, device)
+    fn = _functions.get(key)
+    if fn is None:
+        with _lock:
+            fn = _functions.get(key)
+            if fn is None:
+                driver, _ = _bindings()
+                major, minor = torch.cuda.get_device_capability(device)
+                module = _check(driver.cuModuleLoadData(compile_cubin(variant, f"sm_{major}{minor}")),
+                                "cuModuleLoadData")
+                fn = _functions[key] = _check(driver.cuModuleGetFunction(module, KERNEL), "cuModuleGetFunction")
+    return fn
+
+
+def quant_mma_matmul(
+    x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: MmaConfig | None = None
+) -> torch.Tensor:
+    """x [M <= 16, in_features] (bf16/fp16) -> [M, out_features] in x.dtype, on tensor cores."""
+    reason = unsupported_reason(x, qw, bias)
+    if reason:
+        raise ValueError(f"quant_mma: {reason}")
+    cfg = config or MmaConfig()
+    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2):
+        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM")
+    m, n = x.shape[0], qw.out_features
+    tiles = -(-m // 8)
+    variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks)
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    _ensure_context(device)
+    fn = _function(variant, device)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    driver, _ = _bindings()
+    ptr, i32 = ctypes.c_void_p, ctypes.c_int
+    args = (
+        (qw.packed.data_ptr(), qw.scales.data_ptr(), qw.mins.data_ptr(), x.data_ptr(),
+         bias.data_ptr() if bias is not None else 0, out.data_ptr(), m, n, qw.in_features // STEP, qw.groups,
+         (qw.group_size // STEP).bit_length() - 1, x.stride(0), out.stride(0)),
+        (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32),
+    )
+    stream = driver.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
+    smem = cfg.warps * tiles * 8 * 32 * 4
+    _check(driver.cuLaunchKernel(fn, -(-n // 32), 1, 1, 32 * cfg.warps, 1, 1, smem, stream, args, 0),
+           "cuLaunchKernel")
+    return out
