@@ -258,6 +258,14 @@ def gemm_wna16_triton_tensor_core(x, qweight, scales, mins, bits, group_size):
     return quant_matmul(x, qw, config=with_split_k(cfg, x.shape[0], qw.out_features, qw, 2 * _num_sms(x.device)))
 
 
+def gemm_wna16_cuda_mma(x, qweight, scales, mins, bits, group_size):
+    from .quant_matmul import _num_sms, mma_config
+    from .quant_mma import quant_mma_matmul
+
+    qw = _quantized(qweight, scales, mins, bits, group_size, x.shape[1])
+    return quant_mma_matmul(x, qw, config=mma_config(x.shape[0], qw.out_features, _num_sms(x.device)))
+
+
 def gqa_paged_decode_triton(q, k_cache, v_cache, kv_indptr, kv_indices, sm_scale):
     from .attention_decode import decode_num_splits, paged_decode_attention
 
@@ -278,12 +286,17 @@ def register(registry: Registry, definition: Definition, solutions: list[tuple[s
 def register_gemm_wna16(
     registry: Registry, bits: int, group_size: int, n: int, k: int, dtype: str = "bfloat16"
 ) -> Definition:
-    """The definition of this quantized matmul with its two Triton solutions (QuantLinear's shapes, say)."""
+    """The definition of this quantized matmul with its two Triton solutions (QuantLinear's shapes, say), and for
+    16-bit activations the CUDA C++ tensor-core kernel (M <= 16)."""
     d = gemm_wna16_definition(bits, group_size, n, k, dtype)
-    register(registry, d, [
+    solutions = [
         ("triton", "gemm_wna16_triton", "triton", "quant_matmul with its default tiling (GEMV for small M)"),
         ("triton_tc", "gemm_wna16_triton_tensor_core", "triton", "quant_matmul, tensor-core kernel at every M"),
-    ])
+    ]
+    if dtype in ("bfloat16", "float16"):
+        solutions.append(("cuda_mma", "gemm_wna16_cuda_mma", "cuda",
+                          "quant_mma.cu: codes decoded in registers into mma.sync, fp32 sums; M <= 16"))
+    register(registry, d, solutions)
     return registry.definitions[d.name]
 
 

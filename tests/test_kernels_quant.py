@@ -350,3 +350,14 @@ def test_mma_runs_in_cuda_graphs_on_torch_stream():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
+def test_mma_catalog_solution_takes_the_definitions_flat_weight():
+    from treadle.kernels import catalog
+
+    qw = _case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=1)
+    x = torch.randn(4, 4096, device=DEVICE).to(torch.bfloat16)
+    out = catalog.gemm_wna16_cuda_mma(x, qw.packed, qw.scales, qw.mins, 4, 128)
+    assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]
+    assert "gemm_w4a16_g128_n4096_k4096_cuda_mma" in catalog.REGISTRY.solutions
