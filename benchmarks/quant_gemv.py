@@ -13,9 +13,11 @@ Python's launch overhead (tens of microseconds, more than these kernels take) ou
 
 Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0 is the flat [K-rows, N] layout,
 8 or 16 the row-blocked decode layout with that many columns per block), so old and new layouts are compared in
-the same run. Besides `default_config`, each case in a row-blocked layout tries a few other tilings
-(`candidates`) and reports the best, which is what `default_config` is tuned from. Compiling the unrolled
-kernels one by one takes minutes, so `--jobs` worker processes compile them first into Triton's on-disk cache.
+the same run. Each case times `default_config` and, where that picks the CUDA tensor-core kernel (quant_mma),
+also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
+`--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
+what `default_config` is tuned from. Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker
+processes compile them first into Triton's and quant_mma's on-disk caches.
 """
 
 from __future__ import annotations
