@@ -84,13 +84,13 @@ class Space:
 
     def run(self, cid: int, data: bytes) -> int:
         """Configuration after `data` from `cid`, or DEAD."""
-        return int(self.run_many(cid, [data])[0])
+        return int(self._call(nb_earley.run, cid, np.frombuffer(data, dtype=np.uint8)))
 
     def run_many(self, start: int, strings: list[bytes]) -> np.ndarray:
         """The configuration after each string from `start` (DEAD where it dies)."""
         offs = np.zeros(len(strings) + 1, dtype=np.int32)
         np.cumsum([len(s) for s in strings], out=offs[1:])
-        data = np.frombuffer(b"".join(strings), dtype=np.uint8).copy()
+        data = np.frombuffer(b"".join(strings), dtype=np.uint8)
         out = np.zeros(len(strings), dtype=np.int32)
         self._call(nb_earley.run_many, start, data, offs, out)
         return out

@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import nb_mask
 from .earley import ROOT, Space
 from .vocab import VocabIndex
 
@@ -59,10 +60,7 @@ def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndar
         cum = np.zeros(len(cand) + 1, dtype=np.int32)
         np.cumsum(cand, out=cum[1:])
     lo, hi, ex_lo, ex_hi, ex_byte = space.walk(vocab.flat, start, exits, cum)
-    if not exits:
-        return Walk(lo.astype(np.int64), hi.astype(np.int64), None, None, None)
-    return Walk(lo.astype(np.int64), hi.astype(np.int64), ex_lo.astype(np.int64), ex_hi.astype(np.int64),
-                ex_byte.astype(np.uint8))
+    return Walk(lo, hi, ex_lo, ex_hi, ex_byte) if exits else Walk(lo, hi, None, None, None)
 
 
 class Masker:
@@ -117,24 +115,10 @@ class Masker:
             base = self.cache.get(base_key)
             if base is None:
                 w = walk(self.space, self.vocab, self.space.initial(s, c, ROOT), True)
-                base = (self.vocab.range_words(w.lo, w.hi), *w)  # a flat tuple of arrays (sized by the compiler)
+                base = (self._words(w.lo, w.hi), *w)  # a flat tuple of arrays (sized by the compiler)
                 self.cache[base_key] = base
-            words, w = base[0], Walk(*base[1:])
-            sel = np.frombuffer(follow, dtype=np.uint8).astype(bool)[w.ex_byte]
-            unc = np.zeros(0, dtype=np.int64)
-            if sel.any():
-                lo, hi = w.ex_lo[sel], w.ex_hi[sel]
-                lens = hi - lo
-                total = int(lens.sum())
-                idx = np.repeat(lo - (np.cumsum(lens) - lens), lens) + np.arange(total)
-                if total > 4096:
-                    dense = np.zeros(self.vocab.n, dtype=bool)
-                    dense[idx] = True
-                    idx = np.flatnonzero(dense)
-                else:
-                    idx = np.unique(idx)
-                unc = idx[~w.contains(idx)]
-            hit = (words, unc)
+            unc = nb_mask.uncertain(*base[1:], np.frombuffer(follow, dtype=np.uint8), self.vocab.n)
+            hit = (base[0], unc)
             self.cache[key] = hit
         return hit
 
@@ -173,6 +157,12 @@ class Masker:
         ctx = space.contexts[key] = self._intern(items)
         return ctx
 
+    def _words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """Bitmask words of the tokens spelling the strings in the int32 ranges [lo, hi)."""
+        words = np.zeros(self.vocab.words, dtype=np.uint32)
+        nb_mask.range_words(lo, hi, self.vocab.ids_start, self.vocab.ids, words)
+        return words.view(np.int32)
+
     def _intern(self, key: frozenset) -> int:
         shapes = self.space.shapes
         return shapes.setdefault(key, len(shapes))
@@ -193,7 +183,7 @@ class Masker:
                     cand[unc] = True
                     ok = unc[walk(self.space, self.vocab, init, False, cand).contains(unc)]
                 if len(ok):
-                    w = acc_words | self.vocab.range_words(ok, ok + 1)
+                    w = acc_words | self._words(ok, ok + 1)
             self.space.contrib[key] = w
         return w
 

@@ -39,7 +39,7 @@ R_RULE_BASE = 12  # per rule
 R_NULLABLE = 13  # per rule
 R_SIZES = 14  # (n_states, n_rules)
 IRT = PK
-U8 = types.Array(types.uint8, 1, "C")
+U8 = types.Array(types.uint8, 1, "C", readonly=True)
 I64A = types.Array(types.int64, 1, "C")
 B = types.boolean
 AN = types.Tuple((A, I))
@@ -651,6 +651,18 @@ def main(ir, st, cid):
     cfg[NCF * cid + F_MAIN_N] = best_n
     cfg[NCF * cid + F_MAIN_T] = best
     return best
+
+
+@njit(I(IRT, ST, I, U8), cache=True)
+def run(ir, st, cid, data):
+    """The configuration after the bytes `data` from cid (DEAD if it dies), or FULL."""
+    table = st[TABLE]
+    for b in data:
+        nxt = table[256 * cid + b]
+        cid = step(ir, st, cid, b) if nxt == UNKNOWN else nxt
+        if cid < 0:
+            return cid
+    return cid
 
 
 @njit(I(IRT, ST, I, U8, A, A), cache=True)

@@ -63,7 +63,8 @@ def _grow(a, n):
 def walk(ir, st, vt, start, exits, cum):
     """Runs every string (or, when `cum` is non-empty, only those whose flag's running sum `cum` counts)
     from configuration `start`. Returns (status, lo, hi, ex_lo, ex_hi, ex_byte): accepted strings as
-    disjoint ranges [lo, hi) sorted by lo and, when `exits`, the ranges of strings that pass a point where
+    disjoint ranges [lo, hi) sorted by lo (depth first with children in byte order is sorted order;
+    adjacent ranges are merged) and, when `exits`, the ranges of strings that pass a point where
     the bottom item's rule has ended with the byte that comes next there. Status FULL: grow and call again."""
     byte, lo_a, hi_a, term = part(vt, V_BYTE), part(vt, V_LO), part(vt, V_HI), part(vt, V_TERM)
     clo_a, chi_a, first = part(vt, V_CLO), part(vt, V_CHI), part(vt, V_FIRST)
@@ -106,9 +107,12 @@ def walk(ir, st, vt, start, exits, cum):
             continue
         t = term[node]
         if t >= 0:
-            acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
-            acc_lo[na], acc_hi[na] = t, t + 1
-            na += 1
+            if na and acc_hi[na - 1] == t:
+                acc_hi[na - 1] = t + 1
+            else:
+                acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
+                acc_lo[na], acc_hi[na] = t, t + 1
+                na += 1
         clo, chi = clo_a[node], chi_a[node]
         if clo == chi:
             continue
@@ -119,9 +123,12 @@ def walk(ir, st, vt, start, exits, cum):
             if w:
                 lo = lo_a[node] + (1 if t >= 0 else 0)
                 if lo < hi_a[node]:
-                    acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
-                    acc_lo[na], acc_hi[na] = lo, hi_a[node]
-                    na += 1
+                    if na and acc_hi[na - 1] == lo:
+                        acc_hi[na - 1] = hi_a[node]
+                    else:
+                        acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
+                        acc_lo[na], acc_hi[na] = lo, hi_a[node]
+                        na += 1
                 continue
         every = exits and cfg[NCF * c + F_CAN_END] != 0  # children it cannot scan still record their exit
         for k in range(chi - 1, clo - 1, -1):
@@ -134,5 +141,4 @@ def walk(ir, st, vt, start, exits, cum):
                 s_node, s_cfg, s_deep = _grow(s_node, ns), _grow(s_cfg, ns), _grow(s_deep, ns)
             s_node[ns], s_cfg[ns], s_deep[ns] = k, c, 1
             ns += 1
-    order = np.argsort(acc_lo[:na], kind="mergesort")
-    return (0, acc_lo[:na][order], acc_hi[:na][order], ex_lo[:ne].copy(), ex_hi[:ne].copy(), ex_b[:ne].copy())
+    return 0, acc_lo[:na].copy(), acc_hi[:na].copy(), ex_lo[:ne].copy(), ex_hi[:ne].copy(), ex_b[:ne].copy()

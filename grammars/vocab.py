@@ -1,19 +1,16 @@
-"""The vocabulary as a byte trie laid out level by level, for vectorized walks over every token at once.
+"""The vocabulary as a byte trie, for walks that run every token string from a parser configuration at once.
 
 Token byte strings are sorted and deduplicated; a trie node at depth d is a distinct (d+1)-byte prefix and
 owns the contiguous range [lo, hi) of sorted strings that start with it. Level arrays give each node's byte,
-the string that ends exactly there (or -1), and the range of its children in the next level, so a walk from
-a parser configuration advances all live prefixes of one depth with a few numpy gathers. Each node also
-records the set of bytes found below it and how deep it goes, so a walk in a state that loops on all of
-them (for at least that many bytes) accepts the whole subtree without visiting it (a JSON string body
-accepts most of the vocabulary that way). Narrow walks
-(literals, keys) step node by node in Python and read the same levels through `array`/`bytes` copies,
-whose element access is far cheaper than numpy's.
+the string that ends exactly there (or -1), and the range of its children in the next level; `flat` packs
+all levels into one node numbering for the compiled walk (nb_walk.py). Each node also records the set of
+bytes found below it and how deep it goes, so a walk in a state that loops on all of them (for at least
+that many bytes) accepts the whole subtree without visiting it (a JSON string body accepts most of the
+vocabulary that way).
 """
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,7 +28,6 @@ class Level:
     child_hi: np.ndarray
     below: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.uint64))  # [n, 4]: bytes under it
     reach: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # [n]: longest string's bytes under it
-    py: tuple = ()  # (byte as bytes, lo, hi, term, child_lo, child_hi, reach as arrays) for Python-speed access
 
 
 class VocabIndex:
@@ -94,14 +90,6 @@ class VocabIndex:
             last = self.levels[-1]
             last.child_lo = last.child_hi = np.zeros(len(last.lo), dtype=np.int64)
         self._fill_below(lens)
-        for lvl in self.levels:
-            lvl.py = (lvl.byte.tobytes(),) + tuple(
-                array("q", a.astype(np.int64).tobytes())
-                for a in (lvl.lo, lvl.hi, lvl.term, lvl.child_lo, lvl.child_hi, lvl.reach)
-            )
-        # position in `ids` of every token id (len(ids) for ids outside the index), to scatter dense masks
-        self.pos_of_id = np.full(vocab_size, len(self.ids), dtype=np.int64)
-        self.pos_of_id[self.ids] = np.arange(len(self.ids))
 
     def _fill_below(self, lens: np.ndarray) -> None:
         """Per node, the 256-bit set (4 x uint64) of bytes at any depth below it, deepest level first, and
@@ -139,38 +127,3 @@ class VocabIndex:
                 cat([lvl.child_hi + start[d + 1] for d, lvl in enumerate(levels)]), cat([lvl.reach for lvl in levels]),
                 cat([lvl.below.view(np.int32).reshape(-1) for lvl in levels]), self.first_node])
         return flat
-
-    def range_words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-        """Bitmask words of all tokens whose string index lies in one of the disjoint ranges [lo, hi)."""
-        a, b = self.ids_start[lo], self.ids_start[hi]
-        lens = b - a
-        total = int(lens.sum())
-        bits = np.zeros(self.words * 32, dtype=bool)
-        if total * 8 > len(self.ids):  # dense: mark positions in `ids`, then gather per token id
-            pos = np.zeros(len(self.ids) + 1, dtype=bool)
-            pos[_expand(a, lens, total)] = True
-            bits[: self.vocab_size] = pos[self.pos_of_id]
-        elif total:
-            bits[self.ids[_expand(a, lens, total)]] = True
-        return np.packbits(bits, bitorder="little").view(np.int32)
-
-    def token_words(self, u_mask: np.ndarray) -> np.ndarray:
-        """Bitmask words (int32, xgrammar bit order) of all tokens whose string index is set in u_mask."""
-        bits = np.zeros(self.words * 32, dtype=bool)
-        bits[self.token_ids(np.flatnonzero(u_mask))] = True
-        return np.packbits(bits, bitorder="little").view(np.int32)
-
-    def token_ids(self, us: np.ndarray) -> np.ndarray:
-        """Token ids of the given string indices (a string may be spelled by several ids)."""
-        starts = self.ids_start[us]
-        counts = self.ids_start[us + 1] - starts
-        if len(us) and counts.max() == 1:
-            return self.ids[starts]
-        offsets = np.cumsum(counts) - counts
-        return self.ids[np.repeat(starts - offsets, counts) + np.arange(int(counts.sum()))]
-
-
-def _expand(starts: np.ndarray, lens: np.ndarray, total: int) -> np.ndarray:
-    """The concatenation of arange(start, start + len) over the given ranges, without a Python loop."""
-    offsets = np.cumsum(lens) - lens
-    return np.repeat(starts - offsets, lens) + np.arange(total)
