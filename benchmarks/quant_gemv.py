@@ -16,8 +16,15 @@ Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0
 the same run. Each case times `default_config` and, where that picks the CUDA tensor-core kernel (quant_mma),
 also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
 `--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
-what `default_config` is tuned from. Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker
-processes compile them first into Triton's and quant_mma's on-disk caches.
+what `default_config` is tuned from; `--sweep overlap` the CUDA kernel's L2 prefetch depths and programmatic
+dependent launch, and its load-only diagnostic (memory side alone). Where default_config takes the CUDA kernel,
+the "previous" column times the launch shape it took before L2 prefetch and PDL. Compiling the unrolled kernels
+one by one takes minutes, so `--jobs` worker processes compile them first into Triton's and quant_mma's on-disk
+caches.
+
+`--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
+copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, for the previous
+and the current default, prefetch and PDL variants, and bf16 torch.matmul.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ class Result:
     block_n: int  # weight layout (QuantizedWeight.block_n)
     default_us: float
     triton_us: float  # default_config without the CUDA tensor-core kernel (the Triton kernels alone)
+    previous_us: float | None  # the CUDA kernel's launch shape before L2 prefetch and PDL, where it is taken
     best_us: float
     best_config: dict
     bf16_us: float
@@ -81,15 +89,36 @@ BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1)
 
 # Launch shapes of the CUDA tensor-core kernel (quant_mma): warps per block, steps in flight, blocks per SM.
 MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb in (1, 2))
+# --sweep overlap, on the default's warps: (L2 prefetch steps, PDL), register-capped at 128 (two blocks per SM).
+OVERLAP = ((0, True), (8, False), (16, False), (32, False), (8, True), (16, True), (32, True), (64, True))
+
+
+def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
+    """The launch shape mma_config chose before L2 prefetch and PDL (commit 97ff1d6): the baseline of this
+    session's A/B."""
+    blocks = -(-n // 32)
+    many = blocks >= 4 * sms
+    return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
-    """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then with
-    `sweep` "mma" the kernel's launch shapes, with "all" also (row-blocked layouts only: the flat layout's
-    tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for M >= 4."""
+    """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
+    previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
+    "overlap" its prefetch depths and PDL and the load-only diagnostic, "all" also (row-blocked layouts only:
+    the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
+    M >= 4."""
     mma = available() and shape_supported(m, qw)
     base = default_config(m, n, qw, sms, mma)
     out = [base, default_config(m, n, qw, sms)]
+    if base.mma is not None:
+        out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
+    if sweep == "overlap" and mma:
+        prev = previous_mma(m, n, sms)
+        shapes = [MmaConfig(prev.warps, 1, 2, pf, pdl) for pf, pdl in OVERLAP]
+        shapes += [MmaConfig(12 - prev.warps, 1, 2, 16, True), dataclasses.replace(prev, load_only=True),
+                   MmaConfig(prev.warps, 1, 2, 16, True, True)]
+        out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
+        return list(dict.fromkeys(out))
     if sweep != "none" and mma:
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in MMA_TILES]
     if sweep != "all" or not qw.block_n:
@@ -155,6 +184,55 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
+# Whole-layer variants: the previous and current defaults, and the previous launch shape register-capped for two
+# blocks per SM with L2 prefetch (steps) and PDL.
+LAYER_VARIANTS = {"previous": None, "default": None, "pf16": (16, False), "pdl": (0, True), "pf16+pdl": (16, True),
+                  "pf32+pdl": (32, True)}
+
+
+def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
+    """The config of one of LAYER_VARIANTS for this projection."""
+    if variant == "default":
+        return default_config(m, qw.out_features, qw, sms, True)
+    prev = previous_mma(m, qw.out_features, sms)
+    if variant != "previous":
+        prev = MmaConfig(prev.warps, 1, 2, *LAYER_VARIANTS[variant])
+    return QuantMatmulConfig(False, m, 32, 4, 1, mma=prev)
+
+
+def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
+    """us per layer with the projections back to back in one graph (copies of the layer spanning 4x the L2), for
+    M = 1 and 4 on the first row-blocked layout of --layouts: LAYER_VARIANTS and bf16 torch.matmul. Each call
+    reads its own x (the kernels' order, not their data, chains them)."""
+    out = []
+    lb = next((b for b in args.layouts if b), 16)
+    weights = [(k, n, torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _, k, n in shapes]
+    reps = copies(sum(w.numel() * 2 for _, _, w in weights))
+    bf16_layers = [[w.t() if r == 0 else w.clone().t() for _, _, w in weights] for r in range(reps)]
+    for m in (1, 4):
+        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in weights}
+        bf16 = graph_time_us([lambda w=w, x=xs[w.shape[0]]: torch.matmul(x, w) for layer in bf16_layers
+                              for w in layer], args.replays) * len(weights)
+        for bits in args.bits:
+            layer = [quantize_rtn(w, bits, args.group_size, lb) for _, _, w in weights]
+            layers = [layer] + [[_clone(q) for q in layer] for _ in range(copies(sum(map(_nbytes, layer))) - 1)]
+            row = {"bits": bits, "block_n": lb, "m": m, "bf16": bf16}
+            for name in LAYER_VARIANTS:
+                calls = []
+                for lay in layers:
+                    for q in lay:
+                        cfg = layer_config(name, m, q, sms)
+                        calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
+                for call in calls[:len(layer)]:
+                    call()  # compiles outside the graph
+                row[name] = graph_time_us(calls, args.replays) * len(layer)
+            print(f"layer bits={bits} m={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                           if isinstance(v, float)), flush=True)
+            out.append(row)
+            del layers
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
@@ -163,9 +241,10 @@ def main() -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--layouts", type=int, nargs="+", default=[0, 8], help="QuantizedWeight.block_n values")
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
-    p.add_argument("--sweep", choices=("none", "mma", "all"), default="all",
+    p.add_argument("--sweep", choices=("none", "mma", "overlap", "all"), default="all",
                    help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
-                        "launch shapes; all: also Triton tilings")
+                        "launch shapes; overlap: its L2 prefetch and PDL; all: also Triton tilings")
+    p.add_argument("--layer", action="store_true", help="also time whole layers back to back (M = 1 and 4)")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
@@ -210,21 +289,29 @@ def main() -> int:
                     calls = [lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]
                     us = graph_time_us(calls, args.replays)
                     tried.append((cfg, us, err))
-                cfg, us, err = min(tried, key=lambda t: t[1])
+                cfg, us, err = min(((c, t, e) for c, t, e in tried if not (c.mma and c.mma.load_only)),
+                                   key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
                 triton_us = next(t for c, t, _ in tried if c == default_config(m, n, qw, sms))
-                results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, us, asdict(cfg), bf16_us,
-                                      bf16_us / us,
-                                      nbytes / us / 1e3, err, [[asdict(c), t] for c, t, _ in tried]))
+                previous_us = next((t for c, t, _ in tried if c.mma == previous_mma(m, n, sms)), None)
+                results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, previous_us, us, asdict(cfg),
+                                      bf16_us, bf16_us / us, nbytes / us / 1e3, err,
+                                      [[asdict(c), t, e] for c, t, e in tried]))
                 print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, triton {triton_us:.1f} "
-                      f"us, best {us:.1f} us (bf16 {bf16_us:.1f} us) {cfg}", flush=True)
+                      f"us, previous {previous_us or 0:.1f} us, best {us:.1f} us (bf16 {bf16_us:.1f} us) {cfg}",
+                      flush=True)
+                for c, t, _ in tried:
+                    if c.mma and args.sweep == "overlap":
+                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} mb{c.mma.min_blocks} "
+                              f"prefetch {c.mma.prefetch} pdl {int(c.mma.pdl)}: {t:.2f} us, "
+                              f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
         del weight, w_ts
 
     console = Console(width=150)
     table = Table(title=f"quantized matmul vs bf16 torch.matmul, {torch.cuda.get_device_name(dev)}, "
                         f"group {args.group_size}, us per call")
-    for col in ("shape", "bits", "layout", "M", "default", "triton", "best", "bf16", "speedup", "GB/s", "rel err",
-                "best tiling"):
+    for col in ("shape", "bits", "layout", "M", "default", "triton", "previous", "best", "bf16", "speedup", "GB/s",
+                "rel err", "best tiling"):
         table.add_column(col)
     for r in results:
         c = r.best_config
@@ -232,31 +319,44 @@ def main() -> int:
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         if c.get("mma"):
-            tiling = "cuda mma w{warps} st{stages} mb{min_blocks}".format(**c["mma"])
+            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pf{prefetch} pdl{pdl:d}".format(**c["mma"])
         table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
-                      f"{r.best_us:.1f}",
+                      f"{r.previous_us:.1f}" if r.previous_us else "", f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
     console.print(table)
 
     summary = Table(title="per layer: sum over the shapes (default tiling, and best tiling per shape)")
-    for col in ("bits", "layout", "M", "default us", "triton us", "best us", "bf16 us", "speedup (default)",
-                "target", "weight rel err"):
+    for col in ("bits", "layout", "M", "default us", "triton us", "previous us", "best us", "bf16 us",
+                "speedup (default)", "target", "weight rel err"):
         summary.add_column(col)
     layer = []
     for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
         rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
         default, best = sum(r.default_us for r in rows), sum(r.best_us for r in rows)
         triton_total = sum(r.triton_us for r in rows)
+        previous = sum(r.previous_us or r.default_us for r in rows)
         base = sum(r.bf16_us for r in rows)
         err = max(e["relative"] for e in errors if e["bits"] == bits)
         target = TARGETS.get(bits) if m == 1 else None
         layer.append({"bits": bits, "block_n": lb, "m": m, "default_us": default, "triton_us": triton_total,
-                      "us": best, "bf16_us": base,
+                      "previous_us": previous, "us": best, "bf16_us": base,
                       "speedup": base / default, "target": target, "weight_rel_err": err})
-        summary.add_row(str(bits), str(lb), str(m), f"{default:.1f}", f"{triton_total:.1f}", f"{best:.1f}",
-                        f"{base:.1f}",
-                        f"{base / default:.2f}x", f">= {target}x" if target else "", f"{err:.4f}")
+        summary.add_row(str(bits), str(lb), str(m), f"{default:.1f}", f"{triton_total:.1f}", f"{previous:.1f}",
+                        f"{best:.1f}", f"{base:.1f}", f"{base / default:.2f}x", f">= {target}x" if target else "",
+                        f"{err:.4f}")
     console.print(summary)
+
+    sequences = []
+    if args.layer:
+        sequences = layer_sequences(shapes, args, sms)
+        seq = Table(title="whole layers back to back (qkv, o, gate_up, down in one graph), us per layer")
+        for col in ("bits", "layout", "M", *LAYER_VARIANTS, "bf16", "speedup (default)", "target"):
+            seq.add_column(col)
+        for r in sequences:
+            target = TARGETS.get(r["bits"]) if r["m"] == 1 else None
+            seq.add_row(str(r["bits"]), str(r["block_n"]), str(r["m"]), *(f"{r[v]:.1f}" for v in LAYER_VARIANTS),
+                        f"{r['bf16']:.1f}", f"{r['bf16'] / r['default']:.2f}x", f">= {target}x" if target else "")
+        console.print(seq)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
@@ -269,6 +369,7 @@ def main() -> int:
         "group_size": args.group_size,
         "results": [asdict(r) for r in results],
         "per_layer": layer,
+        "layer_sequences": sequences,
         "weight_error": errors,
     }, indent=1))
     print(f"wrote {args.out}")

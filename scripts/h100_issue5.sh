@@ -6,7 +6,9 @@
 # $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default), mma (quant_gemv.py, the
 # CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts $QMLAYOUTS, also on .base.tar when carried),
 # tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
-# (gpu_parity.py + decode_parity.py).
+# (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the CUDA kernel's L2
+# prefetch and PDL, the load-only diagnostic and whole layers back to back, $QBITS x $QOM on row blocks of 16),
+# pdledge (whether stream capture keeps the CUDA kernel's PDL launch as a programmatic graph edge).
 set -u
 export PYTHONUNBUFFERED=1
 repo=$PWD
@@ -42,6 +44,27 @@ for step in ${STEPS:-decode quant}; do
     qdefault)
       run /tmp/new ${QDSECS:-300} python3 benchmarks/quant_gemv.py --no-sweep --m ${QDM:-1 2 4 16 64} \
         --layouts ${QDLAYOUTS:-0 16} --out "$OUT/quant_default.json" ;;
+    overlap)
+      run /tmp/new ${QOSECS:-240} python3 benchmarks/quant_gemv.py --sweep overlap --bits ${QBITS:-3 4} \
+        --m ${QOM:-1 2 4 16} --layouts 16 --layer --out "$OUT/quant_overlap.json" ;;
+    pdledge)
+      run /tmp/new 60 python3 - <<'EOF'
+import torch
+from cuda.bindings import driver
+from treadle.kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+from treadle.kernels.quant_mma import MmaConfig
+from treadle.kernels.quantize import quantize_rtn
+qw = quantize_rtn(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, 4, 128, 16)
+x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+cfg = QuantMatmulConfig(False, 1, 32, 4, 1, mma=MmaConfig(8, 1, 2, 16, True))
+quant_matmul(quant_matmul(x, qw, config=cfg), qw, config=cfg)
+g = torch.cuda.CUDAGraph(keep_graph=True)
+with torch.cuda.graph(g):
+    y = quant_matmul(quant_matmul(x, qw, config=cfg), qw, config=cfg)
+err, frm, to, data, n = driver.cuGraphGetEdges(driver.CUgraph(g.raw_cuda_graph()), 16)
+print("pdl graph edges:", err, n, [(int(d.type), int(d.from_port), int(d.to_port)) for d in data[:n]])
+EOF
+      ;;
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider -n ${TJOBS:-8} \
         ${TK:+-k "$TK"} tests/test_kernels_quant.py tests/test_kernels_quant_linear.py ;;

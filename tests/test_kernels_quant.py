@@ -284,9 +284,12 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
-# tiles, two steps in flight, the register-capped build.
+# tiles, two steps in flight, the register-capped build, L2 prefetch with programmatic dependent launch on both
+# layouts (register-capped: what decode runs), and the load-only diagnostic.
 MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1) for b in BITS] + [
     Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2),
+] + [Variant(b, True, True, 1, 1, 2, 16, True) for b in BITS] + [
+    Variant(3, True, False, 2, 1, 2, 16, True), Variant(4, True, True, 1, 1, 1, 16, False, True),
 ]
 
 
@@ -327,7 +330,8 @@ def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
         w_hat = dequantize(qw).double()  # on the GPU: the fp64 reference without a CPU matmul per case
         bias = torch.randn(n, device=DEVICE).to(dtype)
         for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
-                       (16, MmaConfig(4, 1))):
+                       (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, 16, True)), (2, MmaConfig(4, 1, 2, 3, True)),
+                       (11, MmaConfig(8, 1, 2, 64, True))):
             x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
             assert usable(x, qw, bias)
             with nan_allocations():
@@ -350,6 +354,37 @@ def test_mma_runs_in_cuda_graphs_on_torch_stream():
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
+@pytest.mark.parametrize("m", [1, 16])
+def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m):
+    """With programmatic dependent launch each GEMV may start before the previous kernel ends: a chain whose
+    every input is the previous GEMV's output (or a torch kernel's, between them), eager and replayed from a
+    CUDA graph, must give bit for bit what the same kernel gives launched plainly."""
+    qws = [row_blocked(_case(b, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=b), 16) for b in (3, 4, 2)]
+    qws += [_case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=5)]  # flat
+    plain, overlapped = MmaConfig(8, 1, 2), MmaConfig(8, 1, 2, 16, True)
+
+    def chain(x: torch.Tensor, mma: MmaConfig) -> torch.Tensor:
+        for i, qw in enumerate(qws * 2):
+            x = quant_matmul(x, qw, config=QuantMatmulConfig(False, 1, 32, 4, 1, mma=mma))
+            x = x * 0.25 if i % 3 == 1 else x / x.float().norm(dim=1, keepdim=True).to(x.dtype)
+        return x
+
+    x = torch.randn(m, 4096, device=DEVICE).to(torch.bfloat16)
+    with nan_allocations():
+        want, got = chain(x, plain), chain(x, overlapped)
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x, overlapped)
+    for seed in range(2):
+        x.copy_(torch.randn(m, 4096, generator=torch.Generator().manual_seed(seed)).to(DEVICE, torch.bfloat16))
+        graph.replay()
+        want = chain(x, plain)
+        torch.cuda.synchronize()
+        assert torch.equal(out, want), seed
 
 
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
