@@ -16,15 +16,15 @@ Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0
 the same run. Each case times `default_config` and, where that picks the CUDA tensor-core kernel (quant_mma),
 also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
 `--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
-what `default_config` is tuned from; `--sweep overlap` the CUDA kernel's L2 prefetch depths and programmatic
+what `default_config` is tuned from; `--sweep overlap` the CUDA kernel's previous launch shape with programmatic
 dependent launch, and its load-only diagnostic (memory side alone). Where default_config takes the CUDA kernel,
-the "previous" column times the launch shape it took before L2 prefetch and PDL. Compiling the unrolled kernels
+the "previous" column times the launch shape it took before PDL. Compiling the unrolled kernels
 one by one takes minutes, so `--jobs` worker processes compile them first into Triton's and quant_mma's on-disk
 caches.
 
 `--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
 copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, for the previous
-and the current default, prefetch and PDL variants, and bf16 torch.matmul.
+and the current default, and bf16 torch.matmul. Graphs of one case take turns being timed (`time_graphs`).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Result:
     block_n: int  # weight layout (QuantizedWeight.block_n)
     default_us: float
     triton_us: float  # default_config without the CUDA tensor-core kernel (the Triton kernels alone)
-    previous_us: float | None  # the CUDA kernel's launch shape before L2 prefetch and PDL, where it is taken
+    previous_us: float | None  # the CUDA kernel's launch shape before PDL, where it is taken
     best_us: float
     best_config: dict
     bf16_us: float
@@ -89,13 +89,10 @@ BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1)
 
 # Launch shapes of the CUDA tensor-core kernel (quant_mma): warps per block, steps in flight, blocks per SM.
 MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb in (1, 2))
-# --sweep overlap, on the default's warps: (L2 prefetch steps, PDL), register-capped at 128 (two blocks per SM).
-OVERLAP = ((0, True), (8, False), (16, False), (32, False), (8, True), (16, True), (32, True), (64, True))
 
 
 def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
-    """The launch shape mma_config chose before L2 prefetch and PDL (commit 97ff1d6): the baseline of this
-    session's A/B."""
+    """The launch shape mma_config chose before PDL (commit 97ff1d6): the baseline of this session's A/B."""
     blocks = -(-n // 32)
     many = blocks >= 4 * sms
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)
@@ -104,7 +101,8 @@ def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" its prefetch depths and PDL and the load-only diagnostic, "all" also (row-blocked layouts only:
+    "overlap" the previous one with PDL and register-capped, and the load-only diagnostic (one and two steps in
+    flight, with and without PDL), "all" also (row-blocked layouts only:
     the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
     M >= 4."""
     mma = available() and shape_supported(m, qw)
@@ -114,9 +112,9 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
     if sweep == "overlap" and mma:
         prev = previous_mma(m, n, sms)
-        shapes = [MmaConfig(prev.warps, 1, 2, pf, pdl) for pf, pdl in OVERLAP]
-        shapes += [MmaConfig(12 - prev.warps, 1, 2, 16, True), dataclasses.replace(prev, load_only=True),
-                   MmaConfig(prev.warps, 1, 2, 16, True, True)]
+        shapes = [dataclasses.replace(prev, pdl=True), dataclasses.replace(prev, min_blocks=2, pdl=True),
+                  dataclasses.replace(prev, load_only=True), dataclasses.replace(prev, stages=2, load_only=True),
+                  dataclasses.replace(prev, pdl=True, load_only=True)]
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
         return list(dict.fromkeys(out))
     if sweep != "none" and mma:
@@ -136,8 +134,8 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
     return list(dict.fromkeys(out))
 
 
-def graph_time_us(calls: list[Callable[[], object]], replays: int) -> float:
-    """Median time of one call, from replays of a CUDA graph holding all `calls` back to back."""
+def capture(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """A warmed-up CUDA graph holding all `calls` back to back."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -150,15 +148,29 @@ def graph_time_us(calls: list[Callable[[], object]], replays: int) -> float:
             call()
     for _ in range(3):
         graph.replay()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
+    return graph
+
+
+def time_graphs(graphs: list[tuple[torch.cuda.CUDAGraph, int]], replays: int, rounds: int = 3) -> list[float]:
+    """Median time of one call for each (graph, calls in it), from `rounds` x `replays` replays, the graphs
+    taking turns round by round, so that a drift of the GPU's clocks or memory state over the run does not
+    favour whichever is timed last (one pass after another measured identical configs ~10% apart)."""
+    times: list[list[float]] = [[] for _ in graphs]
+    for _ in range(rounds):
+        for (graph, calls), out in zip(graphs, times, strict=True):
+            for _ in range(replays):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                graph.replay()
+                end.record()
+                end.synchronize()
+                out.append(start.elapsed_time(end) * 1e3 / calls)
+    return [statistics.median(t) for t in times]
+
+
+def graph_time_us(calls: list[Callable[[], object]], replays: int) -> float:
+    """Median time of one call, from replays of a CUDA graph holding all `calls` back to back."""
+    return time_graphs([(capture(calls), len(calls))], replays)[0]
 
 
 def copies(nbytes: int) -> int:
@@ -184,20 +196,19 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
-# Whole-layer variants: the previous and current defaults, and the previous launch shape register-capped for two
-# blocks per SM with L2 prefetch (steps) and PDL.
-LAYER_VARIANTS = {"previous": None, "default": None, "pf16": (16, False), "pdl": (0, True), "pf16+pdl": (16, True),
-                  "pf32+pdl": (32, True)}
+# Whole-layer variants: the previous and the current default, and the current one with PDL register-capped for
+# two blocks per SM.
+LAYER_VARIANTS = ("previous", "default", "pdl mb2")
 
 
 def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
     """The config of one of LAYER_VARIANTS for this projection."""
-    if variant == "default":
-        return default_config(m, qw.out_features, qw, sms, True)
-    prev = previous_mma(m, qw.out_features, sms)
-    if variant != "previous":
-        prev = MmaConfig(prev.warps, 1, 2, *LAYER_VARIANTS[variant])
-    return QuantMatmulConfig(False, m, 32, 4, 1, mma=prev)
+    if variant == "previous":
+        return QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, qw.out_features, sms))
+    cfg = default_config(m, qw.out_features, qw, sms, True)
+    if variant == "pdl mb2" and cfg.mma is not None:
+        return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, min_blocks=2, pdl=True))
+    return cfg
 
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
@@ -211,21 +222,22 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
     bf16_layers = [[w.t() if r == 0 else w.clone().t() for _, _, w in weights] for r in range(reps)]
     for m in (1, 4):
         xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in weights}
-        bf16 = graph_time_us([lambda w=w, x=xs[w.shape[0]]: torch.matmul(x, w) for layer in bf16_layers
-                              for w in layer], args.replays) * len(weights)
+        bf16 = time_graphs([(capture([lambda w=w, x=xs[w.shape[0]]: torch.matmul(x, w) for layer in bf16_layers
+                                      for w in layer]), len(bf16_layers))], args.replays)[0]
         for bits in args.bits:
             layer = [quantize_rtn(w, bits, args.group_size, lb) for _, _, w in weights]
             layers = [layer] + [[_clone(q) for q in layer] for _ in range(copies(sum(map(_nbytes, layer))) - 1)]
             row = {"bits": bits, "block_n": lb, "m": m, "bf16": bf16}
+            graphs = []
             for name in LAYER_VARIANTS:
                 calls = []
                 for lay in layers:
                     for q in lay:
                         cfg = layer_config(name, m, q, sms)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
-                for call in calls[:len(layer)]:
-                    call()  # compiles outside the graph
-                row[name] = graph_time_us(calls, args.replays) * len(layer)
+                graphs.append((capture(calls), len(layers)))
+            row |= dict(zip(LAYER_VARIANTS, time_graphs(graphs, args.replays), strict=True))
+            del graphs
             print(f"layer bits={bits} m={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                            if isinstance(v, float)), flush=True)
             out.append(row)
@@ -243,7 +255,7 @@ def main() -> int:
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
     p.add_argument("--sweep", choices=("none", "mma", "overlap", "all"), default="all",
                    help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
-                        "launch shapes; overlap: its L2 prefetch and PDL; all: also Triton tilings")
+                        "launch shapes; overlap: PDL and the load-only diagnostic; all: also Triton tilings")
     p.add_argument("--layer", action="store_true", help="also time whole layers back to back (M = 1 and 4)")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
@@ -283,12 +295,13 @@ def main() -> int:
             for m in args.m:
                 x, bf16_us = xs[m], bf16[m]
                 ref = quant_matmul_reference(x, qw).float()
-                tried = []
+                errs, graphs = [], []
                 for cfg in plan[name, bits, lb, m]:
-                    err = float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm())
-                    calls = [lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]
-                    us = graph_time_us(calls, args.replays)
-                    tried.append((cfg, us, err))
+                    errs.append(float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm()))
+                    graphs.append((capture([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]),
+                                   len(qws)))
+                tried = list(zip(plan[name, bits, lb, m], time_graphs(graphs, args.replays), errs, strict=True))
+                del graphs
                 cfg, us, err = min(((c, t, e) for c, t, e in tried if not (c.mma and c.mma.load_only)),
                                    key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
@@ -302,8 +315,8 @@ def main() -> int:
                       flush=True)
                 for c, t, _ in tried:
                     if c.mma and args.sweep == "overlap":
-                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} mb{c.mma.min_blocks} "
-                              f"prefetch {c.mma.prefetch} pdl {int(c.mma.pdl)}: {t:.2f} us, "
+                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
+                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
                               f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
         del weight, w_ts
 
@@ -319,7 +332,7 @@ def main() -> int:
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         if c.get("mma"):
-            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pf{prefetch} pdl{pdl:d}".format(**c["mma"])
+            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d}".format(**c["mma"])
         table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
                       f"{r.previous_us:.1f}" if r.previous_us else "", f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)

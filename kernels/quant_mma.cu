@@ -26,22 +26,16 @@
 // Compile-time parameters (-D): QM_BITS (2, 3, 4, 5, 6, 8), QM_BF16 (1: bf16 activations and scales, else
 // fp16), QM_BLOCKED (1: the 16-column row-blocked layout of quant_pack.to_row_blocks, else the flat [K-rows, N]
 // one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
-// (blocks per SM the register allocation must allow), QM_PREFETCH (steps of the block's weights requested into
-// L2 ahead of the warps' own loads, 0: none), QM_PDL (programmatic dependent launch, sm_90+), QM_LOAD_ONLY (a
-// diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it tells the memory
-// side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
+// (blocks per SM the register allocation must allow), QM_PDL (programmatic dependent launch, sm_90+),
+// QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
+// tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
-// Why L2 prefetch: a warp holds one step of loads in registers while it computes the previous one, so at M = 1
-// an SM has only ~16-24 KB of weights in flight, too little to cover DRAM latency at 3 TB/s; deeper register or
-// shared-memory staging cost the warps that hide the decode. An L2 prefetch (prefetch.global.L2) holds no
-// register and no shared memory: each block asks for QM_PREFETCH steps of its weights ahead, so the warps' own
-// loads wait for L2 rather than DRAM.
-//
-// Why PDL: with programmatic dependent launch the next GEMV's blocks start while this one drains, and issue
-// their first L2 prefetches (weights, scales and minimums) before griddepcontrol.wait; activations are read and
-// outputs written only after it, when the previous grid has completed and its writes are visible. A prefetch
-// has no architectural effect, so it stays correct even if the previous kernel writes the weights. Each block
-// allows the dependent launch right after its wait, so at most two GEMVs overlap.
+// Why PDL: launched with programmatic stream serialization, the next GEMV's blocks are scheduled while this one
+// drains, into the SM slots its last wave leaves, instead of after it has fully completed: back-to-back GEMVs
+// lose the ramp-down of one and the launch and ramp-up of the next (docs/benchmarks.md: 3 bits at M = 1, 56 ->
+// ~50 us per Llama-3.1-8B layer). Every block waits (griddepcontrol.wait) before it reads anything, since the
+// previous kernel may write x, or even the weights; then it allows the next launch, so at most two GEMVs
+// overlap. Measured and not kept: L2 prefetches of the weights issued before the wait and ahead of the loads.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -57,9 +51,6 @@
 #endif
 #ifndef QM_STAGES
 #define QM_STAGES 1
-#endif
-#ifndef QM_PREFETCH
-#define QM_PREFETCH 0
 #endif
 #ifndef QM_PDL
 #define QM_PDL 0
@@ -213,8 +204,6 @@ __device__ __forceinline__ U2 ld_pair(const void *p) {  // 4 scales or minimums
   return v;
 }
 
-__device__ __forceinline__ void prefetch_l2(const void *p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
 // What one lane loads for one step: its words (4 columns each), its tokens' activations, scales and minimums.
@@ -264,54 +253,6 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
     const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
 #pragma unroll
     for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
-  }
-}
-
-// Steps of the block's weights into L2, each by one warp. Row blocks: each 16-column block's words run
-// contiguously along K, BITS * 256 bytes a step (a group of 1 << group_shift steps is that many such pieces), so
-// the step's 2 * BITS lines of each of the block's two row blocks go one per lane. Flat: the four lanes of g = 0
-// ask for the 128-byte rows (32 columns) of their chunk's BITS words, and lane 0 for the step's scale and minimum
-// rows. The lane's first address is computed once: a step costs one or a few prefetches and no other registers.
-struct Prefetcher {
-  const char *base;
-  bool live;
-
-  __device__ __forceinline__ Prefetcher(const Args &a, int lane) {
-    if (QM_BLOCKED) {
-      const int lines = 2 * BITS, blk = blockIdx.x * 2 + lane / lines;
-      live = lane < 2 * lines && blk * 16 < a.n;
-      base = reinterpret_cast<const char *>(a.w + (u64)blk * a.groups * (4 << a.group_shift) * BITS * 16) +
-             lane % lines * 128;
-    } else {
-      live = lane < 4;
-      base = reinterpret_cast<const char *>(a.w + (u64)lane * BITS * a.n + blockIdx.x * 32);
-    }
-  }
-
-  __device__ __forceinline__ void step(const Args &a, int q) const {
-    if (!live) return;
-    if (QM_BLOCKED) {
-      prefetch_l2(base + (u64)q * BITS * 256);
-    } else {
-      const char *w = base + (u64)q * 16 * BITS * a.n;  // 4 chunks of BITS rows of n words
-#pragma unroll
-      for (int j = 0; j < BITS; ++j) prefetch_l2(w + (u64)j * 4 * a.n);
-      if (base == reinterpret_cast<const char *>(a.w + blockIdx.x * 32)) {  // lane 0
-        const int grp = q >> a.group_shift;
-        prefetch_l2(a.s + (u64)grp * a.n + blockIdx.x * 32);
-        prefetch_l2(a.z + (u64)grp * a.n + blockIdx.x * 32);
-      }
-    }
-  }
-};
-
-// Row blocks: the scales and minimums of the block's two row blocks, contiguous along K (32 bytes a group each).
-__device__ __forceinline__ void prefetch_group_rows(const Args &a) {
-  const int per = (a.groups * 32 + 127) / 128;  // lines of one row block's scales
-  for (int i = threadIdx.x; i < 4 * per; i += blockDim.x) {
-    const int blk = blockIdx.x * 2 + (i / per) % 2;
-    const unsigned short *base = (i / per < 2 ? a.s : a.z) + (u64)blk * a.groups * 16;
-    if (blk * 16 < a.n) prefetch_l2(reinterpret_cast<const char *>(base) + (i % per) * 128);
   }
 }
 
@@ -412,11 +353,6 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[u][i / 4][i % 4] = 0.0f;
 
-  const Prefetcher pf(a, lane);
-  if (QM_PREFETCH) {  // the first QM_PREFETCH steps, shared among the warps; the loop asks for the rest
-    for (int q = warp; q < imin(QM_PREFETCH, a.steps); q += warps) pf.step(a, q);
-    if (QM_BLOCKED) prefetch_group_rows(a);
-  }
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here
   asm volatile("griddepcontrol.launch_dependents;");
@@ -430,7 +366,6 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
     for (int d = 0; d < STAGES; ++d) {
       const int sd = s + d * warps;
       if (sd < a.steps) {
-        if (QM_PREFETCH && sd + QM_PREFETCH < a.steps) pf.step(a, sd + QM_PREFETCH);
         Stage next;
         load(next, a, imin(sd + STAGES * warps, a.steps - 1), col, live, t, g);
         if (QM_LOAD_ONLY)

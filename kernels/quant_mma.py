@@ -37,15 +37,13 @@ class MmaConfig:
     """Launch shape: `warps` per block split K (each block owns 32 columns); `stages` steps of loads in flight per
     warp, in registers, while one is computed; `min_blocks` blocks per SM the register allocation must allow (2
     caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps.
-    `prefetch`: steps of the block's weights requested into L2 ahead of the warps' loads (0: none), which holds
-    no registers. `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs
-    overlap one's tail with the next one's start (quant_mma.cu says what runs before the wait).
-    `load_only` is a diagnostic for benchmarks: every load kept, decode and MMA skipped, the output meaningless."""
+    `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
+    tail with the next one's start (quant_mma.cu says why it stays correct). `load_only` is a diagnostic for
+    benchmarks: every load kept, decode and MMA skipped, the output meaningless."""
 
     warps: int = 8
     stages: int = 1
     min_blocks: int = 1
-    prefetch: int = 0
     pdl: bool = False
     load_only: bool = False
 
@@ -60,14 +58,13 @@ class Variant:
     token_tiles: int
     stages: int
     min_blocks: int
-    prefetch: int = 0
     pdl: bool = False
     load_only: bool = False
 
     def defines(self) -> list[str]:
         return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={int(self.blocked)}",
                 f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}",
-                f"-DQM_PREFETCH={self.prefetch}", f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}"]
+                f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}"]
 
 
 @functools.cache
@@ -195,14 +192,14 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.prefetch < 0:
-        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM, prefetch >= 0")
+    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2):
+        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM")
     m, n = x.shape[0], qw.out_features
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     pdl = cfg.pdl and torch.cuda.get_device_capability(device) >= (9, 0)
-    variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks,
-                      cfg.prefetch, pdl, cfg.load_only)
+    variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks, pdl,
+                      cfg.load_only)
     _ensure_context(device)
     fn = _function(variant, device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

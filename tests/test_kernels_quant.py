@@ -284,12 +284,11 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
-# tiles, two steps in flight, the register-capped build, L2 prefetch with programmatic dependent launch on both
-# layouts (register-capped: what decode runs), and the load-only diagnostic.
-MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1) for b in BITS] + [
-    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2),
-] + [Variant(b, True, True, 1, 1, 2, 16, True) for b in BITS] + [
-    Variant(3, True, False, 2, 1, 2, 16, True), Variant(4, True, True, 1, 1, 1, 16, False, True),
+# tiles, two steps in flight, the register-capped build, programmatic dependent launch (what decode runs) on both
+# layouts, and the load-only diagnostic.
+MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1, True) for b in BITS] + [
+    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2, True),
+    Variant(4, True, True, 2, 1, 2, True), Variant(4, True, True, 1, 1, 1, False, True),
 ]
 
 
@@ -330,8 +329,7 @@ def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
         w_hat = dequantize(qw).double()  # on the GPU: the fp64 reference without a CPU matmul per case
         bias = torch.randn(n, device=DEVICE).to(dtype)
         for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
-                       (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, 16, True)), (2, MmaConfig(4, 1, 2, 3, True)),
-                       (11, MmaConfig(8, 1, 2, 64, True))):
+                       (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, True)), (11, MmaConfig(8, 1, 1, True))):
             x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
             assert usable(x, qw, bias)
             with nan_allocations():
@@ -364,7 +362,7 @@ def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m):
     CUDA graph, must give bit for bit what the same kernel gives launched plainly."""
     qws = [row_blocked(_case(b, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=b), 16) for b in (3, 4, 2)]
     qws += [_case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=5)]  # flat
-    plain, overlapped = MmaConfig(8, 1, 2), MmaConfig(8, 1, 2, 16, True)
+    plain, overlapped = MmaConfig(8, 1, 2), MmaConfig(8, 1, 2, True)
 
     def chain(x: torch.Tensor, mma: MmaConfig) -> torch.Tensor:
         for i, qw in enumerate(qws * 2):
