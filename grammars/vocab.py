@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .nb_store import packed
+from .nb_walk import NODE_FIELDS
 
 
 @dataclass
@@ -113,17 +114,23 @@ class VocabIndex:
 
     @property
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
-        """The trie with all levels in one node numbering, packed for nb_walk (its V_* parts): per node its
-        byte, lo, hi, term, children's [start, end) as node ids, reach and 8 words of the bytes below it,
-        then the level-0 node of each first byte. Built on first use."""
+        """The trie for nb_walk, packed: one record of NODE_FIELDS int32 per node (byte, lo, hi, term, the
+        index just past its subtree, depth, reach, then 8 words of the bytes below it), nodes in depth-first
+        order, which is sorted string order: a walk reads it front to back, skipping subtrees. Built on
+        first use."""
         flat = self.__dict__.get("_flat")
         if flat is None:
             levels = self.levels
-            start = np.cumsum([0] + [len(lvl.lo) for lvl in levels])
-            cat = lambda arrays: np.concatenate(arrays) if arrays else np.zeros(0, np.int64)  # noqa: E731
-            flat = self.__dict__["_flat"] = packed([
-                cat([lvl.byte for lvl in levels]), cat([lvl.lo for lvl in levels]), cat([lvl.hi for lvl in levels]),
-                cat([lvl.term for lvl in levels]), cat([lvl.child_lo + start[d + 1] for d, lvl in enumerate(levels)]),
-                cat([lvl.child_hi + start[d + 1] for d, lvl in enumerate(levels)]), cat([lvl.reach for lvl in levels]),
-                cat([lvl.below.view(np.int32).reshape(-1) for lvl in levels]), self.first_node])
+            cols = [np.concatenate([getattr(lvl, name) for lvl in levels]) if levels else np.zeros(0, np.int64)
+                    for name in ("byte", "lo", "hi", "term", "reach")]
+            byte, lo, hi, term, reach = cols
+            depth = np.concatenate([np.full(len(lvl.lo), d) for d, lvl in enumerate(levels)]) if levels else lo
+            below = np.concatenate([lvl.below for lvl in levels]).view(np.int32) if levels else np.zeros((0, 8))
+            order = np.lexsort((depth, lo))
+            skip = np.searchsorted(lo[order], hi[order], side="left")
+            node = np.empty((len(order), NODE_FIELDS), dtype=np.int32)
+            for k, col in enumerate((byte, lo, hi, term, None, depth, reach)):
+                node[:, k] = skip if col is None else col[order]
+            node[:, 7:] = below[order]
+            flat = self.__dict__["_flat"] = packed([node.reshape(-1), np.asarray([self.max_len])])
         return flat
