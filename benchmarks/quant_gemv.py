@@ -53,7 +53,12 @@ from treadle.kernels.quant_matmul import (
     quant_matmul_reference,
     with_split_k,
 )
-from treadle.kernels.quant_mma import MmaConfig, available, shape_supported
+from treadle.kernels.quant_mma import (
+    MmaConfig,
+    available,
+    shape_supported,
+    x_fits_shared,
+)
 from treadle.kernels.quantize import QuantizedWeight, quantization_error, quantize_rtn
 
 # (name, in_features K, out_features N): q/k/v and gate/up fused as the engine runs them.
@@ -101,8 +106,9 @@ def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" the previous one with PDL and register-capped, and the load-only diagnostic (one and two steps in
-    flight, with and without PDL), "all" also (row-blocked layouts only:
+    "overlap" the previous one with PDL and register-capped, x in shared memory with 1-3 steps in flight where
+    it fits, and the load-only diagnostic (one and two steps in flight, with and without PDL, x in shared
+    memory), "all" also (row-blocked layouts only:
     the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
     M >= 4."""
     mma = available() and shape_supported(m, qw)
@@ -112,9 +118,14 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
     if sweep == "overlap" and mma:
         prev = previous_mma(m, n, sms)
-        shapes = [dataclasses.replace(prev, pdl=True), dataclasses.replace(prev, min_blocks=2, pdl=True),
-                  dataclasses.replace(prev, load_only=True), dataclasses.replace(prev, stages=2, load_only=True),
-                  dataclasses.replace(prev, pdl=True, load_only=True)]
+        pdl = dataclasses.replace(prev, pdl=True)
+        shapes = [pdl, dataclasses.replace(pdl, min_blocks=2), dataclasses.replace(prev, load_only=True),
+                  dataclasses.replace(prev, stages=2, load_only=True), dataclasses.replace(pdl, load_only=True)]
+        if x_fits_shared(m, qw.in_features):
+            xs = dataclasses.replace(pdl, x_shared=True)
+            shapes += [xs, dataclasses.replace(xs, stages=2), dataclasses.replace(xs, stages=3, min_blocks=2),
+                       dataclasses.replace(xs, warps=12 - xs.warps, stages=2),
+                       dataclasses.replace(xs, stages=2, load_only=True)]
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
         return list(dict.fromkeys(out))
     if sweep != "none" and mma:
@@ -196,9 +207,9 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
-# Whole-layer variants: the previous and the current default, and the current one with PDL register-capped for
-# two blocks per SM.
-LAYER_VARIANTS = ("previous", "default", "pdl mb2")
+# Whole-layer variants: the previous and the current default, the current one register-capped for two blocks
+# per SM, and with x in shared memory and two steps in flight where x fits.
+LAYER_VARIANTS = ("previous", "default", "pdl mb2", "x-smem st2")
 
 
 def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
@@ -208,6 +219,8 @@ def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMa
     cfg = default_config(m, qw.out_features, qw, sms, True)
     if variant == "pdl mb2" and cfg.mma is not None:
         return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, min_blocks=2, pdl=True))
+    if variant == "x-smem st2" and cfg.mma is not None and x_fits_shared(m, qw.in_features):
+        return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, x_shared=True, stages=2))
     return cfg
 
 
@@ -315,7 +328,8 @@ def main() -> int:
                       flush=True)
                 for c, t, _ in tried:
                     if c.mma and args.sweep == "overlap":
-                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
+                        print(f"    {'load-only ' if c.mma.load_only else ''}{'x-smem ' if c.mma.x_shared else ''}"
+                              f"w{c.mma.warps} st{c.mma.stages} "
                               f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
                               f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
         del weight, w_ts
@@ -332,7 +346,7 @@ def main() -> int:
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         if c.get("mma"):
-            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d}".format(**c["mma"])
+            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d} xs{x_shared:d}".format(**c["mma"])
         table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
                       f"{r.previous_us:.1f}" if r.previous_us else "", f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)

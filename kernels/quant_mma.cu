@@ -28,7 +28,10 @@
 // one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
 // (blocks per SM the register allocation must allow), QM_PDL (programmatic dependent launch, sm_90+),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
-// tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
+// tells the memory side's rate from the issue side's), QM_XSMEM (the block copies x into shared memory once and
+// the warps read it there, so a step in flight holds only weights, scales and minimums in registers: at M = 1
+// 16 registers instead of 32 at 3 bits, which pays for more steps in flight). No headers: the source compiles as
+// is with nvcc or NVRTC.
 //
 // Why PDL: launched with programmatic stream serialization, the next GEMV's blocks are scheduled while this one
 // drains, into the SM slots its last wave leaves, instead of after it has fully completed: back-to-back GEMVs
@@ -58,6 +61,9 @@
 #ifndef QM_LOAD_ONLY
 #define QM_LOAD_ONLY 0
 #endif
+#ifndef QM_XSMEM
+#define QM_XSMEM 0
+#endif
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -68,6 +74,7 @@ constexpr int BITS = QM_BITS;
 constexpr bool BF16 = QM_BF16;
 constexpr int NT = QM_NT;
 constexpr int STAGES = QM_STAGES;
+constexpr bool XSMEM = QM_XSMEM;
 constexpr bool HALVES = 16 % BITS == 0;  // fields never cross a 16-bit half
 constexpr int MANT = BF16 ? 7 : 10;      // mantissa bits of the 16-bit float the codes are decoded into
 constexpr bool VIA_F32 = BF16 && BITS > MANT;  // 8-bit codes do not fit bf16's mantissa: decode through fp32
@@ -177,7 +184,7 @@ __device__ __forceinline__ float to_f32(u32 h) {  // a 16-bit float in the low h
   return f;
 }
 
-struct U4 {
+struct alignas(16) U4 {
   u32 x, y, z, w;
 };
 struct U2 {
@@ -206,10 +213,22 @@ __device__ __forceinline__ U2 ld_pair(const void *p) {  // 4 scales or minimums
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-// What one lane loads for one step: its words (4 columns each), its tokens' activations, scales and minimums.
+// What one lane loads for one step: its words (4 columns each), its tokens' activations (unless they are read
+// from shared memory), scales and minimums.
+template <bool IN_SMEM>
+struct XRegs {
+  U4 v[NT][4];
+};
+template <>
+struct XRegs<true> {};
+__device__ __forceinline__ void put_x(XRegs<false> &r, int u, int i, const U4 &v) { r.v[u][i] = v; }
+__device__ __forceinline__ void put_x(XRegs<true> &, int, int, const U4 &) {}
+__device__ __forceinline__ U4 get_x(const XRegs<false> &r, int u, int i) { return r.v[u][i]; }
+__device__ __forceinline__ U4 get_x(const XRegs<true> &, int, int) { return ZERO4; }
+
 struct Stage {
   U4 w[BITS];
-  U4 x[NT][4];
+  XRegs<XSMEM> x;
   U2 s, z;
 };
 
@@ -247,24 +266,43 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
   }
   st.s = live ? ld_pair(s) : U2{0, 0};
   st.z = live ? ld_pair(z) : U2{0, 0};
+  if (!XSMEM) {
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      const int tok = u * 8 + g;
+      const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) put_x(st.x, u, i, tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4);
+    }
+  }
+}
+
+// The lane's activations of step `step` (its chunk t, tokens u * 8 + g), from the stage or shared memory (xsm:
+// [m][K] 16-bit), as 16 registers of two per token tile.
+__device__ __forceinline__ void activations(u32 (&x)[NT][16], const Stage &st, const unsigned short *xsm,
+                                            const Args &a, int step, int t, int g) {
 #pragma unroll
   for (int u = 0; u < NT; ++u) {
     const int tok = u * 8 + g;
-    const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
+    for (int i = 0; i < 4; ++i) {
+      const U4 v = !XSMEM     ? get_x(st.x, u, i)
+                   : tok < a.m ? *reinterpret_cast<const U4 *>(xsm + tok * a.steps * 128 + ((step << 2) + t) * 32 + 8 * i)
+                               : ZERO4;
+      x[u][4 * i] = v.x, x[u][4 * i + 1] = v.y, x[u][4 * i + 2] = v.z, x[u][4 * i + 3] = v.w;
+    }
   }
 }
 
 // QM_LOAD_ONLY: fold every loaded word into the sums with one XOR each, so no load is dead code.
-__device__ __forceinline__ void fold(const Stage &st, float (&acc)[NT][2][4]) {
+__device__ __forceinline__ void fold(const Stage &st, const u32 (&x)[NT][16], float (&acc)[NT][2][4]) {
   u32 h = st.s.x ^ st.s.y ^ st.z.x ^ st.z.y;
 #pragma unroll
   for (int j = 0; j < BITS; ++j) h ^= st.w[j].x ^ st.w[j].y ^ st.w[j].z ^ st.w[j].w;
 #pragma unroll
   for (int u = 0; u < NT; ++u)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h ^= st.x[u][i].x ^ st.x[u][i].y ^ st.x[u][i].z ^ st.x[u][i].w;
+    for (int i = 0; i < 16; ++i) h ^= x[u][i];
   acc[0][0][0] += as_float(h & 0x3F7FFFFFu);
 }
 
@@ -272,18 +310,12 @@ __device__ __forceinline__ u32 comp(const U4 &v, int i) { return i == 0 ? v.x : 
 
 // acc[u][tile][e]: token tile u; tile 0 holds columns 0, 1 of the lane's four, tile 1 columns 2, 3 (MMA rows g
 // and g + 8); e as the MMA's accumulator fragment (e / 2: which column, e % 2: token 2t or 2t + 1).
-__device__ __forceinline__ void compute(const Stage &st, float (&acc)[NT][2][4]) {
+__device__ __forceinline__ void compute(const Stage &st, const u32 (&x)[NT][16], float (&acc)[NT][2][4]) {
   u32 xs[NT][16];
 #pragma unroll
-  for (int u = 0; u < NT; ++u) {
-    u32 x[16];
+  for (int u = 0; u < NT; ++u)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      x[4 * i] = st.x[u][i].x, x[4 * i + 1] = st.x[u][i].y, x[4 * i + 2] = st.x[u][i].z, x[4 * i + 3] = st.x[u][i].w;
-    }
-#pragma unroll
-    for (int p = 0; p < 16; ++p) xs[u][p] = x_pair(x, p);
-  }
+    for (int p = 0; p < 16; ++p) xs[u][p] = x_pair(x[u], p);
   float xsum[NT][4];
 #pragma unroll
   for (int u = 0; u < NT; ++u) {
@@ -342,7 +374,8 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
                    int group_shift, int stride_x, int stride_out) {
   using namespace qm;
   const Args a = {w, s, z, x, bias, out, m, n, steps, groups, group_shift, stride_x, stride_out};
-  extern __shared__ float partial[];  // [warps][NT * 8][32]
+  extern __shared__ float partial[];  // [warps][NT * 8][32], then with QM_XSMEM the block's x: [m][K] 16-bit
+  unsigned short *xsm = reinterpret_cast<unsigned short *>(partial + (blockDim.x >> 5) * NT * 8 * 32);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int col = blockIdx.x * 32 + (g >> 2) * 16 + (g & 3) * 4;  // the first of the lane's four columns
@@ -361,6 +394,14 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
   Stage st[STAGES];
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t, g);
+  if (XSMEM) {  // while the first weights are on their way
+    const int k8 = a.steps * 16;  // 16-byte vectors per row of x
+    for (int i = threadIdx.x; i < a.m * k8; i += blockDim.x) {
+      const int r = i / k8, c = i - r * k8;
+      *reinterpret_cast<U4 *>(xsm + (r * k8 + c) * 8) = ld_shared_by_all(a.x + (u64)r * a.stride_x + c * 8);
+    }
+    __syncthreads();
+  }
   for (int s = warp; s < a.steps; s += STAGES * warps) {
 #pragma unroll
     for (int d = 0; d < STAGES; ++d) {
@@ -368,10 +409,12 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
       if (sd < a.steps) {
         Stage next;
         load(next, a, imin(sd + STAGES * warps, a.steps - 1), col, live, t, g);
+        u32 x[NT][16];
+        activations(x, st[d], xsm, a, sd, t, g);
         if (QM_LOAD_ONLY)
-          fold(st[d], acc);
+          fold(st[d], x, acc);
         else
-          compute(st[d], acc);
+          compute(st[d], x, acc);
         st[d] = next;
       }
     }
