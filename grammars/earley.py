@@ -52,7 +52,7 @@ class Space:
         self.ir = ir
         self.irt = nb_earley.ir_arrays(ir)
         self.st = new_store()
-        self._configs: list[Config | None] = []
+        self.configs: list[Config | None] = []  # by id, None until `config` creates it
         self.contrib: dict = {}
         self.shapes: dict[frozenset, int] = {}  # mask.py's interned configuration shapes and contexts
         self.contexts: dict[tuple[int, int], object] = {}
@@ -101,7 +101,7 @@ class Space:
         return self._call(nb_walk.walk, vt, start, exits, cum)[1:]
 
     def config(self, cid: int) -> Config:
-        cfgs = self._configs
+        cfgs = self.configs
         if cid >= len(cfgs):
             cfgs.extend([None] * (self.n_configs - len(cfgs)))
         c = cfgs[cid]

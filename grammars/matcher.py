@@ -51,7 +51,10 @@ class GrammarMatcher:
         if self._stopped_at is not None:
             return False
         cid = self._hist[-1]
-        cfg = self._space.config(cid)
+        cfgs = self._space.configs
+        cfg = cfgs[cid] if cid < len(cfgs) else None
+        if cfg is None:
+            cfg = self._space.config(cid)
         nid = cfg.tok.get(token_id)
         if nid is None:
             if not isinstance(token_id, (int, np.integer)) or not 0 <= token_id < self._vocab_size:
@@ -108,7 +111,10 @@ class GrammarMatcher:
             rows[index] = self._stop_mask()
             return True
         cid = self._hist[-1]
-        cfg = self._space.config(cid)
+        cfgs = self._space.configs
+        cfg = cfgs[cid] if cid < len(cfgs) else None
+        if cfg is None:
+            cfg = self._space.config(cid)
         mask = cfg.mask
         if mask is None:
             with self._space.lock:
