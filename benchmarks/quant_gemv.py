@@ -53,12 +53,7 @@ from treadle.kernels.quant_matmul import (
     quant_matmul_reference,
     with_split_k,
 )
-from treadle.kernels.quant_mma import (
-    MmaConfig,
-    available,
-    shape_supported,
-    x_fits_shared,
-)
+from treadle.kernels.quant_mma import MmaConfig, available, shape_supported
 from treadle.kernels.quantize import QuantizedWeight, quantization_error, quantize_rtn
 
 # (name, in_features K, out_features N): q/k/v and gate/up fused as the engine runs them.
@@ -106,9 +101,8 @@ def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" the previous one with PDL and register-capped, x in shared memory with 1-3 steps in flight where
-    it fits, and the load-only diagnostic (one and two steps in flight, with and without PDL, x in shared
-    memory), "all" also (row-blocked layouts only:
+    "overlap" the previous one with PDL triggered early and late and register-capped, and the load-only
+    diagnostic (one and two steps in flight, with and without PDL), "all" also (row-blocked layouts only:
     the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
     M >= 4."""
     mma = available() and shape_supported(m, qw)
@@ -118,14 +112,9 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
     if sweep == "overlap" and mma:
         prev = previous_mma(m, n, sms)
-        pdl = dataclasses.replace(prev, pdl=True)
-        shapes = [pdl, dataclasses.replace(pdl, min_blocks=2), dataclasses.replace(prev, load_only=True),
-                  dataclasses.replace(prev, stages=2, load_only=True), dataclasses.replace(pdl, load_only=True)]
-        if x_fits_shared(m, qw.in_features):
-            xs = dataclasses.replace(pdl, x_shared=True)
-            shapes += [xs, dataclasses.replace(xs, stages=2), dataclasses.replace(xs, stages=3, min_blocks=2),
-                       dataclasses.replace(xs, warps=12 - xs.warps, stages=2),
-                       dataclasses.replace(xs, stages=2, load_only=True)]
+        early, late = dataclasses.replace(prev, pdl=1), dataclasses.replace(prev, pdl=2)
+        shapes = [early, late, dataclasses.replace(late, min_blocks=2), dataclasses.replace(prev, load_only=True),
+                  dataclasses.replace(prev, stages=2, load_only=True), dataclasses.replace(late, load_only=True)]
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
         return list(dict.fromkeys(out))
     if sweep != "none" and mma:
@@ -207,21 +196,21 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
-# Whole-layer variants: the previous and the current default, the current one register-capped for two blocks
-# per SM, and with x in shared memory and two steps in flight where x fits.
-LAYER_VARIANTS = ("previous", "default", "pdl mb2", "x-smem st2")
+# Whole-layer variants: the previous and the current default, and the previous launch shapes with PDL triggered
+# early (1) and late (2); "+k": a small elementwise torch kernel after each GEMV, as decode has norms, RoPE and
+# attention between them (those times include the four small kernels).
+LAYER_VARIANTS = ("previous", "default", "pdl 1", "pdl 2", "previous +k", "pdl 1 +k", "pdl 2 +k")
 
 
 def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
     """The config of one of LAYER_VARIANTS for this projection."""
-    if variant == "previous":
-        return QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, qw.out_features, sms))
-    cfg = default_config(m, qw.out_features, qw, sms, True)
-    if variant == "pdl mb2" and cfg.mma is not None:
-        return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, min_blocks=2, pdl=True))
-    if variant == "x-smem st2" and cfg.mma is not None and x_fits_shared(m, qw.in_features):
-        return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, x_shared=True, stages=2))
-    return cfg
+    variant = variant.removesuffix(" +k")
+    if variant == "default":
+        return default_config(m, qw.out_features, qw, sms, True)
+    prev = previous_mma(m, qw.out_features, sms)
+    if variant != "previous":
+        prev = dataclasses.replace(prev, pdl=int(variant[-1]))
+    return QuantMatmulConfig(False, m, 32, 4, 1, mma=prev)
 
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
@@ -235,6 +224,7 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
     bf16_layers = [[w.t() if r == 0 else w.clone().t() for _, _, w in weights] for r in range(reps)]
     for m in (1, 4):
         xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in weights}
+        scratch = torch.zeros(m, 4096, device="cuda", dtype=torch.bfloat16)
         bf16 = time_graphs([(capture([lambda w=w, x=xs[w.shape[0]]: torch.matmul(x, w) for layer in bf16_layers
                                       for w in layer]), len(bf16_layers))], args.replays)[0]
         for bits in args.bits:
@@ -248,6 +238,8 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
                     for q in lay:
                         cfg = layer_config(name, m, q, sms)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
+                        if name.endswith("+k"):
+                            calls.append(lambda s=scratch: s.add_(1.0))
                 graphs.append((capture(calls), len(layers)))
             row |= dict(zip(LAYER_VARIANTS, time_graphs(graphs, args.replays), strict=True))
             del graphs
@@ -328,8 +320,7 @@ def main() -> int:
                       flush=True)
                 for c, t, _ in tried:
                     if c.mma and args.sweep == "overlap":
-                        print(f"    {'load-only ' if c.mma.load_only else ''}{'x-smem ' if c.mma.x_shared else ''}"
-                              f"w{c.mma.warps} st{c.mma.stages} "
+                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
                               f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
                               f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
         del weight, w_ts
@@ -346,7 +337,7 @@ def main() -> int:
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         if c.get("mma"):
-            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d} xs{x_shared:d}".format(**c["mma"])
+            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d}".format(**c["mma"])
         table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
                       f"{r.previous_us:.1f}" if r.previous_us else "", f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)

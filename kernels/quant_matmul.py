@@ -479,11 +479,10 @@ MMA_MAX_M = 16
 def mma_config(m: int, n: int, num_sms: int) -> MmaConfig:
     """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
     flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, down, and qkv at M <= 8),
-    4 warps and two blocks per SM where there are many (gate_up: 896 blocks); programmatic dependent launch, so
-    that back-to-back GEMVs overlap (a Llama-3.1-8B layer at 3 bits, M = 1: 56 -> ~50 us)."""
+    4 warps and two blocks per SM where there are many (gate_up: 896 blocks)."""
     blocks = -(-n // 32)
     many = blocks >= 4 * num_sms
-    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, pdl=True)
+    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1)
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
 
 

@@ -26,19 +26,17 @@
 // Compile-time parameters (-D): QM_BITS (2, 3, 4, 5, 6, 8), QM_BF16 (1: bf16 activations and scales, else
 // fp16), QM_BLOCKED (1: the 16-column row-blocked layout of quant_pack.to_row_blocks, else the flat [K-rows, N]
 // one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
-// (blocks per SM the register allocation must allow), QM_PDL (programmatic dependent launch, sm_90+),
+// (blocks per SM the register allocation must allow), QM_PDL (programmatic dependent launch, sm_90+: 1 lets
+// the next grid launch as soon as this one has started, 2 once its blocks are past their main loops),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
-// tells the memory side's rate from the issue side's), QM_XSMEM (the block copies x into shared memory once and
-// the warps read it there, so a step in flight holds only weights, scales and minimums in registers: at M = 1
-// 16 registers instead of 32 at 3 bits, which pays for more steps in flight). No headers: the source compiles as
-// is with nvcc or NVRTC.
+// tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
-// Why PDL: launched with programmatic stream serialization, the next GEMV's blocks are scheduled while this one
-// drains, into the SM slots its last wave leaves, instead of after it has fully completed: back-to-back GEMVs
-// lose the ramp-down of one and the launch and ramp-up of the next (docs/benchmarks.md: 3 bits at M = 1, 56 ->
-// ~50 us per Llama-3.1-8B layer). Every block waits (griddepcontrol.wait) before it reads anything, since the
-// previous kernel may write x, or even the weights; then it allows the next launch, so at most two GEMVs
-// overlap. Measured and not kept: L2 prefetches of the weights issued before the wait and ahead of the loads.
+// Why PDL: launched with programmatic stream serialization, the next GEMV's blocks can be scheduled while this
+// one drains instead of after it has fully completed, hiding the launch and the ramp. Every block waits
+// (griddepcontrol.wait) before it reads anything, since the previous kernel may write x, or even the weights;
+// then it lets the next grid launch, either at once (1) or after its main loop (2). docs/benchmarks.md has
+// what it measured: the early trigger gains a few percent on back-to-back calls of one shape but loses ~16% on
+// the four projections of a layer back to back, whose blocks it places on SMs unevenly.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -61,9 +59,6 @@
 #ifndef QM_LOAD_ONLY
 #define QM_LOAD_ONLY 0
 #endif
-#ifndef QM_XSMEM
-#define QM_XSMEM 0
-#endif
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -74,7 +69,6 @@ constexpr int BITS = QM_BITS;
 constexpr bool BF16 = QM_BF16;
 constexpr int NT = QM_NT;
 constexpr int STAGES = QM_STAGES;
-constexpr bool XSMEM = QM_XSMEM;
 constexpr bool HALVES = 16 % BITS == 0;  // fields never cross a 16-bit half
 constexpr int MANT = BF16 ? 7 : 10;      // mantissa bits of the 16-bit float the codes are decoded into
 constexpr bool VIA_F32 = BF16 && BITS > MANT;  // 8-bit codes do not fit bf16's mantissa: decode through fp32
@@ -184,7 +178,7 @@ __device__ __forceinline__ float to_f32(u32 h) {  // a 16-bit float in the low h
   return f;
 }
 
-struct alignas(16) U4 {
+struct U4 {
   u32 x, y, z, w;
 };
 struct U2 {
@@ -213,22 +207,10 @@ __device__ __forceinline__ U2 ld_pair(const void *p) {  // 4 scales or minimums
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
-// What one lane loads for one step: its words (4 columns each), its tokens' activations (unless they are read
-// from shared memory), scales and minimums.
-template <bool IN_SMEM>
-struct XRegs {
-  U4 v[NT][4];
-};
-template <>
-struct XRegs<true> {};
-__device__ __forceinline__ void put_x(XRegs<false> &r, int u, int i, const U4 &v) { r.v[u][i] = v; }
-__device__ __forceinline__ void put_x(XRegs<true> &, int, int, const U4 &) {}
-__device__ __forceinline__ U4 get_x(const XRegs<false> &r, int u, int i) { return r.v[u][i]; }
-__device__ __forceinline__ U4 get_x(const XRegs<true> &, int, int) { return ZERO4; }
-
+// What one lane loads for one step: its words (4 columns each), its tokens' activations, scales and minimums.
 struct Stage {
   U4 w[BITS];
-  XRegs<XSMEM> x;
+  U4 x[NT][4];
   U2 s, z;
 };
 
@@ -266,43 +248,24 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
   }
   st.s = live ? ld_pair(s) : U2{0, 0};
   st.z = live ? ld_pair(z) : U2{0, 0};
-  if (!XSMEM) {
-#pragma unroll
-    for (int u = 0; u < NT; ++u) {
-      const int tok = u * 8 + g;
-      const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) put_x(st.x, u, i, tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4);
-    }
-  }
-}
-
-// The lane's activations of step `step` (its chunk t, tokens u * 8 + g), from the stage or shared memory (xsm:
-// [m][K] 16-bit), as 16 registers of two per token tile.
-__device__ __forceinline__ void activations(u32 (&x)[NT][16], const Stage &st, const unsigned short *xsm,
-                                            const Args &a, int step, int t, int g) {
 #pragma unroll
   for (int u = 0; u < NT; ++u) {
     const int tok = u * 8 + g;
+    const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const U4 v = !XSMEM     ? get_x(st.x, u, i)
-                   : tok < a.m ? *reinterpret_cast<const U4 *>(xsm + tok * a.steps * 128 + ((step << 2) + t) * 32 + 8 * i)
-                               : ZERO4;
-      x[u][4 * i] = v.x, x[u][4 * i + 1] = v.y, x[u][4 * i + 2] = v.z, x[u][4 * i + 3] = v.w;
-    }
+    for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
   }
 }
 
 // QM_LOAD_ONLY: fold every loaded word into the sums with one XOR each, so no load is dead code.
-__device__ __forceinline__ void fold(const Stage &st, const u32 (&x)[NT][16], float (&acc)[NT][2][4]) {
+__device__ __forceinline__ void fold(const Stage &st, float (&acc)[NT][2][4]) {
   u32 h = st.s.x ^ st.s.y ^ st.z.x ^ st.z.y;
 #pragma unroll
   for (int j = 0; j < BITS; ++j) h ^= st.w[j].x ^ st.w[j].y ^ st.w[j].z ^ st.w[j].w;
 #pragma unroll
   for (int u = 0; u < NT; ++u)
 #pragma unroll
-    for (int i = 0; i < 16; ++i) h ^= x[u][i];
+    for (int i = 0; i < 4; ++i) h ^= st.x[u][i].x ^ st.x[u][i].y ^ st.x[u][i].z ^ st.x[u][i].w;
   acc[0][0][0] += as_float(h & 0x3F7FFFFFu);
 }
 
@@ -310,12 +273,18 @@ __device__ __forceinline__ u32 comp(const U4 &v, int i) { return i == 0 ? v.x : 
 
 // acc[u][tile][e]: token tile u; tile 0 holds columns 0, 1 of the lane's four, tile 1 columns 2, 3 (MMA rows g
 // and g + 8); e as the MMA's accumulator fragment (e / 2: which column, e % 2: token 2t or 2t + 1).
-__device__ __forceinline__ void compute(const Stage &st, const u32 (&x)[NT][16], float (&acc)[NT][2][4]) {
+__device__ __forceinline__ void compute(const Stage &st, float (&acc)[NT][2][4]) {
   u32 xs[NT][16];
 #pragma unroll
-  for (int u = 0; u < NT; ++u)
+  for (int u = 0; u < NT; ++u) {
+    u32 x[16];
 #pragma unroll
-    for (int p = 0; p < 16; ++p) xs[u][p] = x_pair(x[u], p);
+    for (int i = 0; i < 4; ++i) {
+      x[4 * i] = st.x[u][i].x, x[4 * i + 1] = st.x[u][i].y, x[4 * i + 2] = st.x[u][i].z, x[4 * i + 3] = st.x[u][i].w;
+    }
+#pragma unroll
+    for (int p = 0; p < 16; ++p) xs[u][p] = x_pair(x, p);
+  }
   float xsum[NT][4];
 #pragma unroll
   for (int u = 0; u < NT; ++u) {
@@ -374,8 +343,7 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
                    int group_shift, int stride_x, int stride_out) {
   using namespace qm;
   const Args a = {w, s, z, x, bias, out, m, n, steps, groups, group_shift, stride_x, stride_out};
-  extern __shared__ float partial[];  // [warps][NT * 8][32], then with QM_XSMEM the block's x: [m][K] 16-bit
-  unsigned short *xsm = reinterpret_cast<unsigned short *>(partial + (blockDim.x >> 5) * NT * 8 * 32);
+  extern __shared__ float partial[];  // [warps][NT * 8][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int col = blockIdx.x * 32 + (g >> 2) * 16 + (g & 3) * 4;  // the first of the lane's four columns
@@ -388,20 +356,14 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
 
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here
+#endif
+#if QM_PDL == 1
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
   Stage st[STAGES];
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t, g);
-  if (XSMEM) {  // while the first weights are on their way
-    const int k8 = a.steps * 16;  // 16-byte vectors per row of x
-    for (int i = threadIdx.x; i < a.m * k8; i += blockDim.x) {
-      const int r = i / k8, c = i - r * k8;
-      *reinterpret_cast<U4 *>(xsm + (r * k8 + c) * 8) = ld_shared_by_all(a.x + (u64)r * a.stride_x + c * 8);
-    }
-    __syncthreads();
-  }
   for (int s = warp; s < a.steps; s += STAGES * warps) {
 #pragma unroll
     for (int d = 0; d < STAGES; ++d) {
@@ -409,16 +371,17 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
       if (sd < a.steps) {
         Stage next;
         load(next, a, imin(sd + STAGES * warps, a.steps - 1), col, live, t, g);
-        u32 x[NT][16];
-        activations(x, st[d], xsm, a, sd, t, g);
         if (QM_LOAD_ONLY)
-          fold(st[d], x, acc);
+          fold(st[d], acc);
         else
-          compute(st[d], x, acc);
+          compute(st[d], acc);
         st[d] = next;
       }
     }
   }
+#if QM_PDL == 2
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 
 #pragma unroll
   for (int u = 0; u < NT; ++u)

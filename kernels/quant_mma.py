@@ -29,7 +29,6 @@ SOURCE = Path(__file__).with_name("quant_mma.cu")
 CACHE = Path.home() / ".cache" / "treadle" / "quant_mma"
 KERNEL = b"quant_mma_gemv"
 MAX_M = 16  # two tiles of 8 tokens (the MMA's N side)
-X_SHARED_MAX = 40 * 1024  # bytes of x a block may copy into shared memory: with the partial sums, within 48 KB
 STEP = 128  # codes along K per warp step: 4 lanes x 32-code chunks
 
 
@@ -39,17 +38,15 @@ class MmaConfig:
     warp, in registers, while one is computed; `min_blocks` blocks per SM the register allocation must allow (2
     caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps.
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
-    tail with the next one's start (quant_mma.cu says why it stays correct). `load_only` is a diagnostic for
-    benchmarks: every load kept, decode and MMA skipped, the output meaningless. `x_shared`: each block copies x
-    into shared memory (M * in_features * 2 bytes, at most X_SHARED_MAX), so steps in flight hold only weights
-    in registers."""
+    tail with the next one's start; 0 off, 1 the next grid may launch once this one has started, 2 once its
+    blocks are past their main loops (quant_mma.cu says why it stays correct). `load_only` is a diagnostic for
+    benchmarks: every load kept, decode and MMA skipped, the output meaningless."""
 
     warps: int = 8
     stages: int = 1
     min_blocks: int = 1
-    pdl: bool = False
+    pdl: int = 0
     load_only: bool = False
-    x_shared: bool = False
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,13 @@ class Variant:
     token_tiles: int
     stages: int
     min_blocks: int
-    pdl: bool = False
+    pdl: int = 0
     load_only: bool = False
-    x_shared: bool = False
 
     def defines(self) -> list[str]:
         return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={int(self.blocked)}",
                 f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}",
-                f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}",
-                f"-DQM_XSMEM={int(self.x_shared)}"]
+                f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}"]
 
 
 @functools.cache
@@ -114,11 +109,6 @@ def unsupported_reason(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
 
 def usable(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> bool:
     return unsupported_reason(x, qw, bias) is None
-
-
-def x_fits_shared(m: int, in_features: int) -> bool:
-    """Whether MmaConfig.x_shared can hold this x."""
-    return m * in_features * 2 <= X_SHARED_MAX
 
 
 def _check(result, what: str):
@@ -203,16 +193,14 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2):
-        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM")
+    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2):
+        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM, pdl 0-2")
     m, n = x.shape[0], qw.out_features
-    if cfg.x_shared and not x_fits_shared(m, qw.in_features):
-        raise ValueError(f"x_shared needs M * in_features * 2 <= {X_SHARED_MAX} bytes, got {m} x {qw.in_features}")
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    pdl = cfg.pdl and torch.cuda.get_device_capability(device) >= (9, 0)
+    pdl = cfg.pdl if torch.cuda.get_device_capability(device) >= (9, 0) else 0
     variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks, pdl,
-                      cfg.load_only, cfg.x_shared)
+                      cfg.load_only)
     _ensure_context(device)
     fn = _function(variant, device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -225,7 +213,7 @@ def quant_mma_matmul(
         (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32),
     )
     stream = driver.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
-    smem = cfg.warps * tiles * 8 * 32 * 4 + (m * qw.in_features * 2 if cfg.x_shared else 0)
+    smem = cfg.warps * tiles * 8 * 32 * 4
     if pdl:
         launch = driver.CUlaunchConfig()
         launch.gridDimX, launch.gridDimY, launch.gridDimZ = -(-n // 32), 1, 1

@@ -25,7 +25,6 @@ from treadle.kernels.quant_matmul import (
 )
 from treadle.kernels.quant_mma import (
     SOURCE,
-    X_SHARED_MAX,
     MmaConfig,
     Variant,
     available,
@@ -285,12 +284,11 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
-# tiles, two steps in flight, the register-capped build, programmatic dependent launch (what decode runs) on both
-# layouts, x in shared memory, and the load-only diagnostic.
-MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1, True) for b in BITS] + [
-    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2, True),
-    Variant(4, True, True, 2, 1, 2, True), Variant(4, True, True, 1, 1, 1, False, True),
-    Variant(3, True, True, 1, 2, 1, True, False, True), Variant(4, False, False, 2, 2, 1, True, False, True),
+# tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early and late
+# on both layouts, and the load-only diagnostic.
+MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1, b % 2 + 1) for b in BITS] + [
+    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2, 1),
+    Variant(4, True, True, 2, 1, 2, 2), Variant(4, True, True, 1, 1, 1, 0, True),
 ]
 
 
@@ -331,11 +329,8 @@ def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
         w_hat = dequantize(qw).double()  # on the GPU: the fp64 reference without a CPU matmul per case
         bias = torch.randn(n, device=DEVICE).to(dtype)
         for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
-                       (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, True)), (11, MmaConfig(8, 1, 1, True)),
-                       (1, MmaConfig(8, 2, 1, True, x_shared=True)), (4, MmaConfig(4, 3, 1, x_shared=True)),
-                       (10, MmaConfig(8, 2, 1, x_shared=True))):
-            if cfg.x_shared and m * k * 2 > X_SHARED_MAX:
-                continue
+                       (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, 1)), (2, MmaConfig(4, 1, 2, 2)),
+                       (11, MmaConfig(8, 1, 1, 2))):
             x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
             assert usable(x, qw, bias)
             with nan_allocations():
@@ -362,15 +357,14 @@ def test_mma_runs_in_cuda_graphs_on_torch_stream():
 
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
 @pytest.mark.parametrize("m", [1, 16])
-def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m):
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m, pdl):
     """With programmatic dependent launch each GEMV may start before the previous kernel ends: a chain whose
     every input is the previous GEMV's output (or a torch kernel's, between them), eager and replayed from a
-    CUDA graph, must give bit for bit what the same kernel gives launched plainly (at M = 1 also with x read
-    from shared memory and two steps in flight, which sum in the same order)."""
+    CUDA graph, must give bit for bit what the same kernel gives launched plainly."""
     qws = [row_blocked(_case(b, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=b), 16) for b in (3, 4, 2)]
     qws += [_case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=5)]  # flat
-    plain = MmaConfig(8, 1, 2)
-    overlapped = MmaConfig(8, 2, 1, True, x_shared=True) if m == 1 else MmaConfig(8, 1, 2, True)
+    plain, overlapped = MmaConfig(8, 1, 2), MmaConfig(8, 1, 2, pdl)
 
     def chain(x: torch.Tensor, mma: MmaConfig) -> torch.Tensor:
         for i, qw in enumerate(qws * 2):
