@@ -92,7 +92,8 @@ MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb i
 
 
 def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
-    """The launch shape mma_config chose before PDL (commit 97ff1d6): the baseline of this session's A/B."""
+    """The launch shape mma_config chose at commit 97ff1d6, before PDL existed (and still chooses): the baseline
+    that the PDL and load-only variants are measured against."""
     blocks = -(-n // 32)
     many = blocks >= 4 * sms
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)

@@ -31,12 +31,13 @@
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
 // tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
-// Why PDL: launched with programmatic stream serialization, the next GEMV's blocks can be scheduled while this
-// one drains instead of after it has fully completed, hiding the launch and the ramp. Every block waits
+// Why PDL is there but off by default: launched with programmatic stream serialization, the next GEMV's blocks
+// can be scheduled while this one drains instead of after it has fully completed. Every block waits
 // (griddepcontrol.wait) before it reads anything, since the previous kernel may write x, or even the weights;
-// then it lets the next grid launch, either at once (1) or after its main loop (2). docs/benchmarks.md has
-// what it measured: the early trigger gains a few percent on back-to-back calls of one shape but loses ~16% on
-// the four projections of a layer back to back, whose blocks it places on SMs unevenly.
+// then it lets the next grid launch, either at once (1) or after its main loop (2). Measured on the H100
+// (docs/benchmarks.md): the early trigger saves ~0.4 us per call on back-to-back calls of one shape, but the four
+// projections of a layer back to back ran ~16% slower with either trigger (the late one also on o and down
+// alone), and with a small kernel between the GEMVs, as in decode, it made no difference.
 
 #ifndef QM_BITS
 #define QM_BITS 4
