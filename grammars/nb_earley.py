@@ -152,7 +152,8 @@ def expand(ir, s, buf):
     n = 1
     if part(ir, R_REPB)[s] >= 0:
         return buf, n
-    rn_ptr, rn_rule, rn_tgt, nullable = part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RN_TGT), part(ir, R_NULLABLE)
+    rn_ptr, rn_rule, rn_tgt = part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RN_TGT)
+    nullable = part(ir, R_NULLABLE)
     i = 0
     while i < n:
         x = buf[i]
@@ -282,11 +283,11 @@ def origin(ir, st, o, r):
 @njit(I(IRT, ST, A, I), cache=True)
 def predicted(ir, st, states, n):
     """The self set (states predicted by fresh rule instances) of sorted predicting states, interned with
-    its scanning states first; its id."""
-    sizes = part(ir, R_SIZES)
-    repb, rn_ptr, rn_rule, base, scans = part(ir, R_REPB), part(ir, R_RN_PTR), part(ir, R_RN_RULE), part(ir, R_RULE_BASE), part(ir, R_SCANS)
-    rseen = np.zeros(sizes[1], np.uint8)
-    sseen = np.zeros(sizes[0], np.uint8)
+    its scanning states first; its id. A rule's states are added once, when the rule is first predicted
+    (states of different rules are distinct), so only rules need marking."""
+    repb, rn_ptr, rn_rule = part(ir, R_REPB), part(ir, R_RN_PTR), part(ir, R_RN_RULE)
+    base, scans = part(ir, R_RULE_BASE), part(ir, R_SCANS)
+    rseen = np.zeros(part(ir, R_SIZES)[1], np.uint8)
     stack = states[:n].copy()
     ns = n
     out = np.empty(16, np.int32)
@@ -312,21 +313,19 @@ def predicted(ir, st, states, n):
             rseen[r] = 1
             ebuf, ne = expand(ir, base[r], ebuf)
             for i in range(ne):
-                y = ebuf[i]
-                if not sseen[y]:
-                    sseen[y] = 1
-                    out, no = _push(out, no, y)
-                    stack, ns = _push(stack, ns, y)
+                out, no = _push(out, no, ebuf[i])
+                stack, ns = _push(stack, ns, ebuf[i])
+    out[:no].sort()
     seq = np.empty(max(no, 1), np.int32)
     nscan = 0
-    for y in range(sizes[0]):  # sorted, scanning states first
-        if sseen[y] and scans[y]:
-            seq[nscan] = y
+    for i in range(no):  # scanning states first
+        if scans[out[i]]:
+            seq[nscan] = out[i]
             nscan += 1
     m = nscan
-    for y in range(sizes[0]):
-        if sseen[y] and not scans[y]:
-            seq[m] = y
+    for i in range(no):
+        if not scans[out[i]]:
+            seq[m] = out[i]
             m += 1
     k = lookup(st, K_SELF, seq, 0, no)
     if k < 0:
