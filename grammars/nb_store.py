@@ -8,8 +8,8 @@ offsets (`packed`). Compiled code cannot grow an array its caller holds, so an i
 arrays full changes nothing, records which slot needs room in META and returns FULL; the Python side grows
 that slot and calls again. Every memo entry is written only once its dependencies are complete, so a call
 cut short leaves a consistent memo and the retry finds what was built. Numba compiles each function once
-per machine (`cache=True`, next to the module; a change in nb_earley.py leaves nb_walk.py's cache stale, so
-clear __pycache__/nb_* when editing).
+per machine (`cache=True`, next to the module); `_drop_stale_caches` keeps the caches of the nb_*.py modules
+consistent with each other.
 
 The interner maps tagged int32 sequences (kind, payload...) to dense ids with one value each (open
 addressing over a power-of-two table): kernels, scanned item sets, prediction sets, self sets, origin keys,
@@ -18,8 +18,37 @@ waiting sets and root flags all share it.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 from numba import njit, types
+
+
+def _drop_stale_caches() -> None:
+    """numba keys a function's cache on its own file, but compiled code embeds the compiled functions it calls
+    from other files: after an edit of nb_earley.py, nb_walk.py's cache would still run the old code (and read
+    the memo with an old layout). So the caches of all nb_*.py modules are dropped together whenever any of their
+    sources changes, recorded by a hash of them beside the caches. Runs before this module compiles anything."""
+    here = Path(__file__).parent
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(here.glob("nb_*.py")))).hexdigest()
+    cache = here / "__pycache__"
+    stamp = cache / "nb_sources.sha256"
+    try:
+        if stamp.read_text() == digest:
+            return
+    except OSError:
+        pass
+    try:  # an installed, read-only package has caches elsewhere (numba's user-wide ones) and never changes
+        for f in [*cache.glob("nb_*.nbi"), *cache.glob("nb_*.nbc")]:
+            f.unlink(missing_ok=True)
+        cache.mkdir(exist_ok=True)
+        stamp.write_text(digest)
+    except OSError:
+        pass
+
+
+_drop_stale_caches()
 
 FULL = -3  # an array is full: grow the slot named in META and call again
 UNKNOWN = -2
