@@ -131,23 +131,17 @@ class _Server:
         while True:
             if ctl[ACC_POSTED] != acc_done:
                 _fence()
-                if not self.drain():
+                acc_done = self.serve_post(ACC_POSTED, ACC_DONE, self.accept_posted)
+                if acc_done is None:
                     return
-                acc_done = int(ctl[ACC_POSTED])
-                self.accept_posted()
-                _fence()
-                ctl[ACC_DONE] = acc_done
                 idle_since = time.monotonic()
             elif ctl[ROW_POSTED] != row_done:
                 _fence()
                 if ctl[ACC_POSTED] != acc_done:  # posted before these rows: accepted first
                     continue
-                if not self.drain():
+                row_done = self.serve_post(ROW_POSTED, ROW_DONE, self.fill_rows)
+                if row_done is None:
                     return
-                row_done = int(ctl[ROW_POSTED])
-                self.fill_rows()
-                _fence()
-                ctl[ROW_DONE] = row_done
                 idle_since = time.monotonic()
             elif self.conn.poll():
                 if not self.handle(self.conn.recv()):
@@ -162,6 +156,17 @@ class _Server:
                 idle_since = time.monotonic()
             else:
                 time.sleep(POLL_S)
+
+    def serve_post(self, posted: int, done: int, work: Callable[[], None]) -> int | None:
+        """Handle what the engine sent before a post, do the post's work and mark it done: the post's count, or
+        None to stop."""
+        if not self.drain():
+            return None
+        count = int(self.ctl[posted])
+        work()
+        _fence()
+        self.ctl[done] = count
+        return count
 
     def drain(self) -> bool:
         """Handle what the engine sent before its post; False to stop."""

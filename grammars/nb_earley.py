@@ -422,20 +422,26 @@ def intern_config(ir, st, kern, rootf, nk, can_end):
     return cid
 
 
+@njit(inline="always")
+def _tset_slot(k1, k2, a, b):
+    """Where key (a, b) is in an open-addressing item set, or the empty slot where it would go."""
+    mask = len(k1) - 1
+    h = a * np.int64(-7046029254386353131) + b * np.int64(-4658895280553007687)
+    h = (h ^ (h >> 31)) & mask
+    while k1[h] >= 0 and not (k1[h] == a and k2[h] == b):
+        h = (h + 1) & mask
+    return h
+
+
 @njit(B(I64A, I64A, I, I, I), cache=True)
 def _tset_add(k1, k2, s, o, c):
     """Adds item (s, o, c) to an open-addressing set kept under half full; whether it was new."""
     a = (np.int64(s) << 32) | np.int64(o + 2)
-    b = np.int64(c)
-    mask = len(k1) - 1
-    h = a * np.int64(-7046029254386353131) + b * np.int64(-4658895280553007687)
-    h = (h ^ (h >> 31)) & mask
-    while k1[h] >= 0:
-        if k1[h] == a and k2[h] == b:
-            return False
-        h = (h + 1) & mask
+    h = _tset_slot(k1, k2, a, np.int64(c))
+    if k1[h] >= 0:
+        return False
     k1[h] = a
-    k2[h] = b
+    k2[h] = c
     return True
 
 
@@ -443,13 +449,9 @@ def _tset_add(k1, k2, s, o, c):
 def _tset_grow(k1, k2):
     n1 = np.full(2 * len(k1), -1, np.int64)
     n2 = np.empty(2 * len(k1), np.int64)
-    mask = len(n1) - 1
     for i in range(len(k1)):
         if k1[i] >= 0:
-            h = k1[i] * np.int64(-7046029254386353131) + k2[i] * np.int64(-4658895280553007687)
-            h = (h ^ (h >> 31)) & mask
-            while n1[h] >= 0:
-                h = (h + 1) & mask
+            h = _tset_slot(n1, n2, k1[i], k2[i])
             n1[h] = k1[i]
             n2[h] = k2[i]
     return n1, n2
@@ -457,16 +459,7 @@ def _tset_grow(k1, k2):
 
 @njit(B(I64A, I64A, I, I, I), cache=True)
 def _tset_has(k1, k2, s, o, c):
-    a = (np.int64(s) << 32) | np.int64(o + 2)
-    b = np.int64(c)
-    mask = len(k1) - 1
-    h = a * np.int64(-7046029254386353131) + b * np.int64(-4658895280553007687)
-    h = (h ^ (h >> 31)) & mask
-    while k1[h] >= 0:
-        if k1[h] == a and k2[h] == b:
-            return True
-        h = (h + 1) & mask
-    return False
+    return k1[_tset_slot(k1, k2, (np.int64(s) << 32) | np.int64(o + 2), np.int64(c))] >= 0
 
 
 @njit(I(IRT, ST, A, I), cache=True)
