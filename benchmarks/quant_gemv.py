@@ -53,7 +53,7 @@ from treadle.kernels.quant_matmul import (
     quant_matmul_reference,
     with_split_k,
 )
-from treadle.kernels.quant_mma import MmaConfig, available, shape_supported
+from treadle.kernels.quant_mma import MmaConfig, available, shape_supported, stream_read
 from treadle.kernels.quantize import QuantizedWeight, quantization_error, quantize_rtn
 
 # (name, in_features K, out_features N): q/k/v and gate/up fused as the engine runs them.
@@ -80,6 +80,7 @@ class Result:
     gbps: float  # bytes of weight, scales, x and out over best time
     out_rel_err: float  # best config vs the fp32 reference
     tried: list  # [config, us] for every candidate
+    reads: list  # --sweep stream: plain reads of the packed words (stream_probes), us and GB/s
 
 
 # GEMV tilings on the row-blocked layout: (columns per program, chunks per step, warps, steps loaded ahead),
@@ -89,6 +90,21 @@ BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1)
 
 # Launch shapes of the CUDA tensor-core kernel (quant_mma): warps per block, steps in flight, blocks per SM.
 MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb in (1, 2))
+
+
+# Persistent grids of the CUDA kernel (--sweep stream): (warps, blocks per SM, register cap for 2 blocks, adjacent
+# tiles per block).
+PERSISTENT = tuple(MmaConfig(w, 1, mb, persistent=pb, contiguous=c) for w, pb, mb, c in (
+    (8, 1, 1, False), (8, 2, 2, False), (4, 2, 2, False), (4, 3, 2, False), (4, 4, 2, False), (8, 1, 1, True),
+    (4, 2, 2, True)))
+
+
+def stream_probes(n: int, sms: int, warps: int) -> list[tuple[str, int, int, bool]]:
+    """Plain reads of the packed weight's bytes (quant_mma.stream_read), the in-run ceiling: (name, blocks,
+    threads, grid_stride) as the kernel's grid (a block per 32-column tile, its bytes), persistent contiguous
+    shares, and the whole grid sweeping the buffer together."""
+    return [("tile blocks", -(-n // 32), 32 * warps, False), ("2/SM contiguous", 2 * sms, 512, False),
+            ("4/SM contiguous", 4 * sms, 256, False), ("2/SM grid-stride", 2 * sms, 512, True)]
 
 
 def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
@@ -111,11 +127,17 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
     out = [base, default_config(m, n, qw, sms)]
     if base.mma is not None:
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
+    prev = previous_mma(m, n, sms)
     if sweep == "overlap" and mma:
-        prev = previous_mma(m, n, sms)
         early, late = dataclasses.replace(prev, pdl=1), dataclasses.replace(prev, pdl=2)
         shapes = [early, late, dataclasses.replace(late, min_blocks=2), dataclasses.replace(prev, load_only=True),
                   dataclasses.replace(prev, stages=2, load_only=True), dataclasses.replace(late, load_only=True)]
+        out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
+        return list(dict.fromkeys(out))
+    if sweep == "stream" and mma:
+        shapes = [dataclasses.replace(prev, load_only=True)]
+        for c in PERSISTENT:
+            shapes += [c, dataclasses.replace(c, load_only=True)]
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
         return list(dict.fromkeys(out))
     if sweep != "none" and mma:
@@ -259,9 +281,10 @@ def main() -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--layouts", type=int, nargs="+", default=[0, 8], help="QuantizedWeight.block_n values")
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
-    p.add_argument("--sweep", choices=("none", "mma", "overlap", "all"), default="all",
+    p.add_argument("--sweep", choices=("none", "mma", "overlap", "stream", "all"), default="all",
                    help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
-                        "launch shapes; overlap: PDL and the load-only diagnostic; all: also Triton tilings")
+                        "launch shapes; overlap: PDL and the load-only diagnostic; stream: persistent grids, full and "
+                        "load-only, and plain reads of the same bytes; all: also Triton tilings")
     p.add_argument("--layer", action="store_true", help="also time whole layers back to back (M = 1 and 4)")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
@@ -306,7 +329,14 @@ def main() -> int:
                     errs.append(float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm()))
                     graphs.append((capture([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]),
                                    len(qws)))
-                tried = list(zip(plan[name, bits, lb, m], time_graphs(graphs, args.replays), errs, strict=True))
+                probes = stream_probes(n, sms, previous_mma(m, n, sms).warps) if args.sweep == "stream" else []
+                for _, blocks, threads, gs in probes:
+                    graphs.append((capture([lambda q=q, b=blocks, th=threads, gs=gs: stream_read(q.packed, b, th, gs)
+                                            for q in qws]), len(qws)))
+                times = time_graphs(graphs, args.replays)
+                tried = list(zip(plan[name, bits, lb, m], times, errs, strict=False))
+                reads = [{"probe": p, "blocks": b, "threads": th, "us": t, "gbps": qw.packed.nbytes / t / 1e3}
+                         for (p, b, th, _), t in zip(probes, times[len(tried):], strict=True)]
                 del graphs
                 cfg, us, err = min(((c, t, e) for c, t, e in tried if not (c.mma and c.mma.load_only)),
                                    key=lambda t: t[1])
@@ -315,15 +345,19 @@ def main() -> int:
                 previous_us = next((t for c, t, _ in tried if c.mma == previous_mma(m, n, sms)), None)
                 results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, previous_us, us, asdict(cfg),
                                       bf16_us, bf16_us / us, nbytes / us / 1e3, err,
-                                      [[asdict(c), t, e] for c, t, e in tried]))
+                                      [[asdict(c), t, e] for c, t, e in tried], reads))
                 print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, triton {triton_us:.1f} "
                       f"us, previous {previous_us or 0:.1f} us, best {us:.1f} us (bf16 {bf16_us:.1f} us) {cfg}",
                       flush=True)
                 for c, t, _ in tried:
-                    if c.mma and args.sweep == "overlap":
+                    if c.mma and args.sweep in ("overlap", "stream"):
                         print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
-                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
+                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)} persistent {c.mma.persistent}"
+                              f"{' contiguous' if c.mma.contiguous else ''}: {t:.2f} us, "
                               f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
+                for r in reads:
+                    print(f"    read {r['probe']} ({r['blocks']} x {r['threads']}): {r['us']:.2f} us, "
+                          f"{r['gbps']:.0f} GB/s of packed words", flush=True)
         del weight, w_ts
 
     console = Console(width=150)

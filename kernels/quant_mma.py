@@ -40,13 +40,19 @@ class MmaConfig:
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
     tail with the next one's start; 0 off, 1 the next grid may launch once this one has started, 2 once its
     blocks are past their main loops (quant_mma.cu says why it stays correct). `load_only` is a diagnostic for
-    benchmarks: every load kept, decode and MMA skipped, the output meaningless."""
+    benchmarks: every load kept, decode and MMA skipped, the output meaningless. `persistent`: 0 launches a block
+    per 32-column tile; p > 0 launches p blocks per SM (never more than the tiles) that loop over the tiles,
+    their loads running ahead across tile boundaries, so a block pays its ramp once and no partial last wave
+    of short blocks is left; `contiguous` gives each such block a run of adjacent tiles instead of every
+    gridDim-th one."""
 
     warps: int = 8
     stages: int = 1
     min_blocks: int = 1
     pdl: int = 0
     load_only: bool = False
+    persistent: int = 0
+    contiguous: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ def compile_cubin(variant: Variant, arch: str) -> bytes:
 
 _thread = threading.local()
 _lock = threading.Lock()
-_functions: dict[tuple[Variant, int], object] = {}
+_functions: dict[tuple[Variant, int, bytes], object] = {}
 
 
 def _ensure_context(device: int) -> None:
@@ -170,8 +176,13 @@ def _ensure_context(device: int) -> None:
     _thread.device = device
 
 
-def _function(variant: Variant, device: int):
-    key = (variant, device)
+@functools.cache
+def _num_sms(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _function(variant: Variant, device: int, name: bytes = KERNEL):
+    key = (variant, device, name)
     fn = _functions.get(key)
     if fn is None:
         with _lock:
@@ -181,7 +192,7 @@ def _function(variant: Variant, device: int):
                 major, minor = torch.cuda.get_device_capability(device)
                 module = _check(driver.cuModuleLoadData(compile_cubin(variant, f"sm_{major}{minor}")),
                                 "cuModuleLoadData")
-                fn = _functions[key] = _check(driver.cuModuleGetFunction(module, KERNEL), "cuModuleGetFunction")
+                fn = _functions[key] = _check(driver.cuModuleGetFunction(module, name), "cuModuleGetFunction")
     return fn
 
 
@@ -193,8 +204,10 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2):
-        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM, pdl 0-2")
+    if (not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2)
+            or cfg.persistent < 0):
+        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM, pdl 0-2, "
+                         "persistent >= 0")
     m, n = x.shape[0], qw.out_features
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -209,20 +222,22 @@ def quant_mma_matmul(
     args = (
         (qw.packed.data_ptr(), qw.scales.data_ptr(), qw.mins.data_ptr(), x.data_ptr(),
          bias.data_ptr() if bias is not None else 0, out.data_ptr(), m, n, qw.in_features // STEP, qw.groups,
-         (qw.group_size // STEP).bit_length() - 1, x.stride(0), out.stride(0)),
-        (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32),
+         (qw.group_size // STEP).bit_length() - 1, x.stride(0), out.stride(0), int(cfg.contiguous)),
+        (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32, i32),
     )
+    col_tiles = -(-n // 32)
+    grid = min(col_tiles, cfg.persistent * _num_sms(device)) if cfg.persistent else col_tiles
     stream = driver.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
     smem = cfg.warps * tiles * 8 * 32 * 4
     if pdl:
         launch = driver.CUlaunchConfig()
-        launch.gridDimX, launch.gridDimY, launch.gridDimZ = -(-n // 32), 1, 1
+        launch.gridDimX, launch.gridDimY, launch.gridDimZ = grid, 1, 1
         launch.blockDimX, launch.blockDimY, launch.blockDimZ = 32 * cfg.warps, 1, 1
         launch.sharedMemBytes, launch.hStream = smem, stream
         launch.attrs, launch.numAttrs = [_pdl_attribute()], 1
         _check(driver.cuLaunchKernelEx(launch, fn, args, 0), "cuLaunchKernelEx")
     else:
-        _check(driver.cuLaunchKernel(fn, -(-n // 32), 1, 1, 32 * cfg.warps, 1, 1, smem, stream, args, 0),
+        _check(driver.cuLaunchKernel(fn, grid, 1, 1, 32 * cfg.warps, 1, 1, smem, stream, args, 0),
                "cuLaunchKernel")
     return out
 
@@ -237,3 +252,26 @@ def _pdl_attribute():
     attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
     attr.value.programmaticStreamSerializationAllowed = 1
     return attr
+
+
+def stream_read(t: torch.Tensor, blocks: int, threads: int = 256, grid_stride: bool = False) -> None:
+    """A benchmark's in-run ceiling: read every byte of `t` (16-byte aligned, a multiple of 16 bytes) and nothing
+    else, over `blocks` blocks of `threads` threads, each block a contiguous share (or, with `grid_stride`, the
+    grid sweeping the buffer together). Nothing is written."""
+    if not available(t.device) or not t.is_contiguous() or t.data_ptr() % 16 or t.nbytes % 16:
+        raise ValueError("stream_read needs a contiguous, 16-byte aligned CUDA tensor of whole 16-byte vectors")
+    device = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    _ensure_context(device)
+    fn = _function(Variant(4, True, True, 1, 1, 1), device, b"stream_read")
+    n = t.nbytes // 16
+    sink = _sink(device)
+    driver, _ = _bindings()
+    args = ((t.data_ptr(), n, -(-n // blocks), int(grid_stride), sink.data_ptr()),
+            (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int, ctypes.c_void_p))
+    stream = driver.CUstream(torch.cuda.current_stream(t.device).cuda_stream)
+    _check(driver.cuLaunchKernel(fn, blocks, 1, 1, threads, 1, 1, 0, stream, args, 0), "cuLaunchKernel")
+
+
+@functools.cache
+def _sink(device: int) -> torch.Tensor:
+    return torch.zeros(4, dtype=torch.int32, device=f"cuda:{device}")
