@@ -56,7 +56,7 @@ class Space:
         self.contrib: dict = {}
         self.shapes: dict[frozenset, int] = {}  # mask.py's interned configuration shapes and contexts
         self.contexts: dict[tuple[int, int], object] = {}
-        self.shape_masks: dict[int, np.ndarray] = {}
+        self.shape_masks: dict[int, tuple[np.ndarray, bool]] = {}  # mask.py: words, whether they mask anything
         self.lock = threading.RLock()
 
     def _call(self, fn, *args):

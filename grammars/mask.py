@@ -192,12 +192,12 @@ class Masker:
         if cfg.mask is not None:
             return cfg.mask
         sid = self.shape(cid)
-        words = self.space.shape_masks.get(sid)
-        if words is None:
-            words = self.space.shape_masks[sid] = self._roots_mask(cid)
-        cfg.mask = words
-        cfg.need_apply = not np.array_equal(words, self.full)
-        return words
+        hit = self.space.shape_masks.get(sid)
+        if hit is None:
+            words = self._roots_mask(cid)
+            hit = self.space.shape_masks[sid] = (words, not np.array_equal(words, self.full))
+        cfg.mask, cfg.need_apply = hit
+        return cfg.mask
 
     def _roots_mask(self, cid: int) -> np.ndarray:
         """The OR of a configuration's kernel items' contributions (its roots cover the other items)."""
