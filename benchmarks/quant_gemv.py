@@ -92,11 +92,9 @@ BLOCKED_TILES = ((16, 64, 4, 1), (16, 64, 4, 2), (16, 32, 4, 1), (16, 128, 8, 1)
 MMA_TILES = tuple(MmaConfig(w, st, mb) for w in (4, 8) for st in (1, 2) for mb in (1, 2))
 
 
-# Persistent grids of the CUDA kernel (--sweep stream): (warps, blocks per SM, register cap for 2 blocks, adjacent
-# tiles per block).
-PERSISTENT = tuple(MmaConfig(w, 1, mb, persistent=pb, contiguous=c) for w, pb, mb, c in (
-    (8, 1, 1, False), (8, 2, 2, False), (4, 2, 2, False), (4, 3, 2, False), (4, 4, 2, False), (8, 1, 1, True),
-    (4, 2, 2, True)))
+# Launch shapes of the CUDA kernel that --sweep stream adds: more warps per block (one block per SM, registers
+# capped at 128) and 8 warps capped at 128 registers (two blocks per SM).
+WIDE = (MmaConfig(16), MmaConfig(12), MmaConfig(8, 1, 2))
 
 
 def stream_probes(n: int, sms: int, warps: int) -> list[tuple[str, int, int, bool]]:
@@ -136,7 +134,7 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
         return list(dict.fromkeys(out))
     if sweep == "stream" and mma:
         shapes = [dataclasses.replace(prev, load_only=True)]
-        for c in PERSISTENT:
+        for c in WIDE:
             shapes += [c, dataclasses.replace(c, load_only=True)]
         out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
         return list(dict.fromkeys(out))
@@ -283,7 +281,7 @@ def main() -> int:
     p.add_argument("--replays", type=int, default=20, help="graph replays per measurement (median)")
     p.add_argument("--sweep", choices=("none", "mma", "overlap", "stream", "all"), default="all",
                    help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
-                        "launch shapes; overlap: PDL and the load-only diagnostic; stream: persistent grids, full and "
+                        "launch shapes; overlap: PDL and the load-only diagnostic; stream: wider blocks, full and "
                         "load-only, and plain reads of the same bytes; all: also Triton tilings")
     p.add_argument("--layer", action="store_true", help="also time whole layers back to back (M = 1 and 4)")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
@@ -329,7 +327,8 @@ def main() -> int:
                     errs.append(float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm()))
                     graphs.append((capture([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]),
                                    len(qws)))
-                probes = stream_probes(n, sms, previous_mma(m, n, sms).warps) if args.sweep == "stream" else []
+                stream = args.sweep == "stream" and m == args.m[0]  # the reads do not depend on M
+                probes = stream_probes(n, sms, previous_mma(m, n, sms).warps) if stream else []
                 for _, blocks, threads, gs in probes:
                     graphs.append((capture([lambda q=q, b=blocks, th=threads, gs=gs: stream_read(q.packed, b, th, gs)
                                             for q in qws]), len(qws)))
@@ -352,8 +351,7 @@ def main() -> int:
                 for c, t, _ in tried:
                     if c.mma and args.sweep in ("overlap", "stream"):
                         print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
-                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)} persistent {c.mma.persistent}"
-                              f"{' contiguous' if c.mma.contiguous else ''}: {t:.2f} us, "
+                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
                               f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
                 for r in reads:
                     print(f"    read {r['probe']} ({r['blocks']} x {r['threads']}): {r['us']:.2f} us, "

@@ -26,8 +26,9 @@
 // Compile-time parameters (-D): QM_BITS (2, 3, 4, 5, 6, 8), QM_BF16 (1: bf16 activations and scales, else
 // fp16), QM_BLOCKED (1: the 16-column row-blocked layout of quant_pack.to_row_blocks, else the flat [K-rows, N]
 // one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
-// (blocks per SM the register allocation must allow), QM_PDL (programmatic dependent launch, sm_90+: 1 lets
-// the next grid launch as soon as this one has started, 2 once its blocks are past their main loops),
+// (blocks per SM the register allocation must allow), QM_MAX_THREADS (256; 512 for 16 warps), QM_PDL
+// (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one has started, 2 once
+// its blocks are past their main loops),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
 // tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
@@ -226,8 +227,7 @@ struct Args {
   int stride_x, stride_out;  // in elements
 };
 
-__device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col, bool live, bool any, int t,
-                                     int g) {  // live: the columns exist; any: a unit of work at all
+__device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col, bool live, int t, int g) {
   const int grp = step >> a.group_shift;
   const int chunk = (step << 2) + t;
   const u32 *w;
@@ -255,7 +255,7 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
     const int tok = u * 8 + g;
     const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st.x[u][i] = any && tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
+    for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
   }
 }
 
@@ -335,33 +335,32 @@ __device__ __forceinline__ unsigned short from_f32(float f) {
 
 }  // namespace qm
 
-// A block computes 32-column tiles (two 16-column row blocks each), its warps splitting K in interleaved 128-code
-// steps. With gridDim.x == tiles each block owns one tile; with fewer blocks (a persistent grid) block b walks
-// `count` tiles, either b, b + gridDim.x, ... (`contiguous` 0: blocks running at once stream neighbouring slabs) or
-// a run of adjacent tiles (1), and each warp's loads run ahead across the tile boundary, so a block pays its
-// ramp once rather than per tile.
+// One block: 32 output columns (two 16-column row blocks), its warps splitting K in interleaved 128-code steps.
+// QM_MAX_THREADS 512 allows 16 warps (registers then capped at 128), for grids of about one block per SM, where
+// 8 warps keep too few bytes in flight (H100: a plain read of down's words by 128 blocks of 256 threads ran at
+// 1.9-2.1 TB/s against 2.3-2.4 with twice the threads in flight).
 #ifndef QM_MIN_BLOCKS
 #define QM_MIN_BLOCKS 1
 #endif
-extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
+#ifndef QM_MAX_THREADS
+#define QM_MAX_THREADS 256
+#endif
+extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
     quant_mma_gemv(const u32 *w, const unsigned short *s, const unsigned short *z, const unsigned short *x,
                    const unsigned short *bias, unsigned short *out, int m, int n, int steps, int groups,
-                   int group_shift, int stride_x, int stride_out, int contiguous) {
+                   int group_shift, int stride_x, int stride_out) {
   using namespace qm;
   const Args a = {w, s, z, x, bias, out, m, n, steps, groups, group_shift, stride_x, stride_out};
   extern __shared__ float partial[];  // [warps][NT * 8][32]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int lane_col = (g >> 2) * 16 + (g & 3) * 4;  // the first of the lane's four columns in a tile
-  const int ncols = QM_BLOCKED ? (a.n + 15) & ~15 : a.n;
-  const int tiles = (a.n + 31) >> 5, blocks = gridDim.x, b = blockIdx.x;
-  int first, count, stride;
-  if (contiguous) {
-    const int per = tiles / blocks, extra = tiles % blocks;
-    first = b * per + imin(b, extra), count = per + (b < extra), stride = 1;
-  } else {
-    first = b, count = (tiles - b + blocks - 1) / blocks, stride = blocks;
-  }
+  const int col = blockIdx.x * 32 + (g >> 2) * 16 + (g & 3) * 4;  // the first of the lane's four columns
+  const bool live = QM_BLOCKED ? col < ((a.n + 15) & ~15) : col < a.n;
+  float acc[NT][2][4];
+#pragma unroll
+  for (int u = 0; u < NT; ++u)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[u][i / 4][i % 4] = 0.0f;
 
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here
@@ -370,58 +369,44 @@ extern "C" __global__ void __launch_bounds__(256, QM_MIN_BLOCKS)
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
-  // The next unit of work to load: tile index li (of this block's count), step ls of that tile.
-  int li = warp < a.steps ? 0 : count, ls = warp;
-  auto load_next = [&](Stage &st) {
-    const bool any = li < count;
-    const int col = (first + (any ? li : 0) * stride) * 32 + lane_col;
-    load(st, a, any ? ls : 0, col, any && col < ncols, any, t, g);
-    ls += warps;
-    if (ls >= a.steps) ls = warp, ++li;
-  };
   Stage st[STAGES];
 #pragma unroll
-  for (int d = 0; d < STAGES; ++d) load_next(st[d]);
-  for (int i = 0; i < count; ++i) {
-    const int tile = first + i * stride;
-    float acc[NT][2][4];
+  for (int d = 0; d < STAGES; ++d) load(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t, g);
+  for (int s = warp; s < a.steps; s += STAGES * warps) {
 #pragma unroll
-    for (int u = 0; u < NT; ++u)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[u][e / 4][e % 4] = 0.0f;
-    for (int sw = warp; sw < a.steps; sw += warps) {
-      Stage next;
-      load_next(next);
-      if (QM_LOAD_ONLY)
-        fold(st[0], acc);
-      else
-        compute(st[0], acc);
-#pragma unroll
-      for (int d = 0; d + 1 < STAGES; ++d) st[d] = st[d + 1];
-      st[STAGES - 1] = next;
+    for (int d = 0; d < STAGES; ++d) {
+      const int sd = s + d * warps;
+      if (sd < a.steps) {
+        Stage next;
+        load(next, a, imin(sd + STAGES * warps, a.steps - 1), col, live, t, g);
+        if (QM_LOAD_ONLY)
+          fold(st[d], acc);
+        else
+          compute(st[d], acc);
+        st[d] = next;
+      }
     }
+  }
 #if QM_PDL == 2
-    if (i + 1 == count) asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 
 #pragma unroll
-    for (int u = 0; u < NT; ++u)
+  for (int u = 0; u < NT; ++u)
 #pragma unroll
-      for (int e = 0; e < 8; ++e) partial[(warp * NT * 8 + u * 8 + e) * 32 + lane] = acc[u][e / 4][e % 4];
-    __syncthreads();
-    for (int e = threadIdx.x; e < NT * 8 * 32; e += blockDim.x) {
-      float sum = 0.0f;
-      for (int v = 0; v < warps; ++v) sum += partial[v * NT * 8 * 32 + e];
-      const int u = e / 256, k = e / 32 % 8, l = e % 32;
-      const int lg = l >> 2, lt = l & 3;
-      const int c = tile * 32 + (lg >> 2) * 16 + (lg & 3) * 4 + 2 * (k / 4) + (k % 4) / 2;
-      const int tok = u * 8 + 2 * lt + k % 2;
-      if (c < a.n && tok < a.m) {
-        if (a.bias) sum += to_f32(a.bias[c]);
-        a.out[(u64)tok * a.stride_out + c] = from_f32(sum);
-      }
+    for (int i = 0; i < 8; ++i) partial[(warp * NT * 8 + u * 8 + i) * 32 + lane] = acc[u][i / 4][i % 4];
+  __syncthreads();
+  for (int e = threadIdx.x; e < NT * 8 * 32; e += blockDim.x) {
+    float sum = 0.0f;
+    for (int w = 0; w < warps; ++w) sum += partial[w * NT * 8 * 32 + e];
+    const int u = e / 256, i = e / 32 % 8, l = e % 32;
+    const int lg = l >> 2, lt = l & 3;
+    const int c = blockIdx.x * 32 + (lg >> 2) * 16 + (lg & 3) * 4 + 2 * (i / 4) + (i % 4) / 2;
+    const int tok = u * 8 + 2 * lt + i % 2;
+    if (c < a.n && tok < a.m) {
+      if (a.bias) sum += to_f32(a.bias[c]);
+      a.out[(u64)tok * a.stride_out + c] = from_f32(sum);
     }
-    __syncthreads();  // partial is written again for the next tile
   }
 }
 

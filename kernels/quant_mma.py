@@ -40,19 +40,14 @@ class MmaConfig:
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
     tail with the next one's start; 0 off, 1 the next grid may launch once this one has started, 2 once its
     blocks are past their main loops (quant_mma.cu says why it stays correct). `load_only` is a diagnostic for
-    benchmarks: every load kept, decode and MMA skipped, the output meaningless. `persistent`: 0 launches a block
-    per 32-column tile; p > 0 launches p blocks per SM (never more than the tiles) that loop over the tiles,
-    their loads running ahead across tile boundaries, so a block pays its ramp once and no partial last wave
-    of short blocks is left; `contiguous` gives each such block a run of adjacent tiles instead of every
-    gridDim-th one."""
+    benchmarks: every load kept, decode and MMA skipped, the output meaningless. Up to 16 warps (9-16 with one
+    block per SM: registers capped at 128)."""
 
     warps: int = 8
     stages: int = 1
     min_blocks: int = 1
     pdl: int = 0
     load_only: bool = False
-    persistent: int = 0
-    contiguous: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,11 +62,13 @@ class Variant:
     min_blocks: int
     pdl: int = 0
     load_only: bool = False
+    max_threads: int = 256
 
     def defines(self) -> list[str]:
         return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={int(self.blocked)}",
                 f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}",
-                f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}"]
+                f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}",
+                f"-DQM_MAX_THREADS={self.max_threads}"]
 
 
 @functools.cache
@@ -176,11 +173,6 @@ def _ensure_context(device: int) -> None:
     _thread.device = device
 
 
-@functools.cache
-def _num_sms(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _function(variant: Variant, device: int, name: bytes = KERNEL):
     key = (variant, device, name)
     fn = _functions.get(key)
@@ -204,16 +196,16 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if (not 1 <= cfg.warps <= 8 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2)
-            or cfg.persistent < 0):
-        raise ValueError(f"bad launch config {cfg}: 1-8 warps, 1+ stages, 1 or 2 blocks per SM, pdl 0-2, "
-                         "persistent >= 0")
+    if (not 1 <= cfg.warps <= 16 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2)
+            or (cfg.warps > 8 and cfg.min_blocks != 1)):
+        raise ValueError(f"bad launch config {cfg}: 1-16 warps, 1+ stages, 1 or 2 blocks per SM (1 above 8 warps), "
+                         "pdl 0-2")
     m, n = x.shape[0], qw.out_features
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     pdl = cfg.pdl if torch.cuda.get_device_capability(device) >= (9, 0) else 0
     variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks, pdl,
-                      cfg.load_only)
+                      cfg.load_only, 512 if cfg.warps > 8 else 256)
     _ensure_context(device)
     fn = _function(variant, device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -222,11 +214,10 @@ def quant_mma_matmul(
     args = (
         (qw.packed.data_ptr(), qw.scales.data_ptr(), qw.mins.data_ptr(), x.data_ptr(),
          bias.data_ptr() if bias is not None else 0, out.data_ptr(), m, n, qw.in_features // STEP, qw.groups,
-         (qw.group_size // STEP).bit_length() - 1, x.stride(0), out.stride(0), int(cfg.contiguous)),
-        (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32, i32),
+         (qw.group_size // STEP).bit_length() - 1, x.stride(0), out.stride(0)),
+        (ptr, ptr, ptr, ptr, ptr, ptr, i32, i32, i32, i32, i32, i32, i32),
     )
-    col_tiles = -(-n // 32)
-    grid = min(col_tiles, cfg.persistent * _num_sms(device)) if cfg.persistent else col_tiles
+    grid = -(-n // 32)
     stream = driver.CUstream(torch.cuda.current_stream(x.device).cuda_stream)
     smem = cfg.warps * tiles * 8 * 32 * 4
     if pdl:

@@ -8,7 +8,7 @@
 # tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
 # (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the CUDA kernel's L2
 # prefetch and PDL, the load-only diagnostic and whole layers back to back, $QBITS x $QOM on row blocks of 16),
-# stream (quant_gemv.py --sweep stream: persistent grids of the CUDA kernel, full and load-only, and plain reads
+# stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
 # of the same bytes, $QBITS x $QSM on row blocks of 16), pdledge (whether stream capture keeps the CUDA kernel's
 # PDL launch as a programmatic graph edge).
 set -u

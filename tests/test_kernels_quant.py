@@ -7,7 +7,6 @@ TRITON_INTERPRET=1 on small odd shapes; on a GPU the same tests also run at Llam
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import shutil
 import subprocess
@@ -286,10 +285,11 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
 # tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early and late
-# on both layouts, and the load-only diagnostic.
+# on both layouts, the load-only diagnostic, and 512-thread blocks (16 warps).
 MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1, b % 2 + 1) for b in BITS] + [
     Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2, 1),
     Variant(4, True, True, 2, 1, 2, 2), Variant(4, True, True, 1, 1, 1, 0, True),
+    Variant(3, True, True, 1, 1, 1, 0, False, 512), Variant(6, False, True, 2, 1, 1, 0, False, 512),
 ]
 
 
@@ -331,36 +331,13 @@ def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
         bias = torch.randn(n, device=DEVICE).to(dtype)
         for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
                        (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, 1)), (2, MmaConfig(4, 1, 2, 2)),
-                       (11, MmaConfig(8, 1, 1, 2))):
+                       (11, MmaConfig(8, 1, 1, 2)), (1, MmaConfig(16)), (13, MmaConfig(12))):
             x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
             assert usable(x, qw, bias)
             with nan_allocations():
                 out = quant_matmul(x, qw, bias if m % 2 else None, QuantMatmulConfig(False, 1, 32, 4, 1, mma=cfg))
             ref = x.double() @ w_hat + (bias.double() if m % 2 else 0)
             assert rel_err(out, ref) < TOL[dtype], (dtype, n, m, cfg)
-
-
-@pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
-@pytest.mark.parametrize("bits", [3, 4])
-@pytest.mark.parametrize("block_n", [0, 16])
-def test_mma_persistent_grid_matches_a_block_per_tile_on_gpu(bits, block_n):
-    """Blocks that loop over tiles (every gridDim-th one or a run of adjacent ones, each warp's loads running ahead
-    across tile boundaries) must give bit for bit what a block per tile gives with the same warps, at a
-    gate_up-wide N plus 4 (897 tiles, the last one partial, several tiles per block), M 1, 5 and 16."""
-    n, k = 28676, 1024
-    qw = row_blocked(_case(bits, n=n, k=k, group=128, dtype=torch.bfloat16, seed=bits), block_n)
-    w_hat = dequantize(qw).double()
-    configs = (MmaConfig(8, 1, 1, persistent=1), MmaConfig(4, 1, 2, persistent=2, contiguous=True),
-               MmaConfig(4, 2, 2, persistent=3), MmaConfig(8, 1, 1, 1, persistent=1, contiguous=True))
-    for m in (1, 5, 16):
-        x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 3, k, device=DEVICE)).to(torch.bfloat16)
-        for cfg in configs:
-            plain = dataclasses.replace(cfg, persistent=0, contiguous=False, pdl=0)
-            with nan_allocations():
-                want = quant_matmul(x, qw, config=QuantMatmulConfig(False, 1, 32, 4, 1, mma=plain))
-                got = quant_matmul(x, qw, config=QuantMatmulConfig(False, 1, 32, 4, 1, mma=cfg))
-            assert torch.equal(got, want), (m, cfg)
-        assert rel_err(want, x.double() @ w_hat) < TOL[torch.bfloat16], m
 
 
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
