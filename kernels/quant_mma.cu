@@ -24,8 +24,8 @@
 // sit at the same offset of the two halves (a code crossing half-words is joined from two registers).
 //
 // Compile-time parameters (-D): QM_BITS (2, 3, 4, 5, 6, 8), QM_BF16 (1: bf16 activations and scales, else
-// fp16), QM_BLOCKED (1: the 16-column row-blocked layout of quant_pack.to_row_blocks, else the flat [K-rows, N]
-// one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
+// fp16), QM_BLOCKED (16, 32 or 64: the row-blocked layout of quant_pack.to_row_blocks with that many columns
+// per block; 0: the flat [K-rows, N] one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
 // (blocks per SM the register allocation must allow), QM_MAX_THREADS (256; 512 for 16 warps), QM_PDL
 // (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one has started, 2 once
 // its blocks are past their main loops),
@@ -47,7 +47,7 @@
 #define QM_BF16 1
 #endif
 #ifndef QM_BLOCKED
-#define QM_BLOCKED 1
+#define QM_BLOCKED 16
 #endif
 #ifndef QM_NT
 #define QM_NT 1
@@ -232,14 +232,16 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
   const int chunk = (step << 2) + t;
   const u32 *w;
   const unsigned short *s, *z;
-  if (QM_BLOCKED) {  // block col / 16: runs of RUN chunks of BITS words of 16 columns, contiguous along K
-    const int run = 4 << a.group_shift, blk = col >> 4, c = chunk & (run - 1);
-    w = a.w + (u64)blk * a.groups * run * BITS * 16 + ((u64)grp * BITS * run + c) * 16 + (col & 15);
-    s = a.s + ((u64)blk * a.groups + grp) * 16 + (col & 15);
-    z = a.z + ((u64)blk * a.groups + grp) * 16 + (col & 15);
+  if (QM_BLOCKED) {  // block col / LB: runs of RUN chunks of BITS words of LB columns, contiguous along K
+    constexpr int LB = QM_BLOCKED ? QM_BLOCKED : 1;  // this branch is compiled, not taken, in the flat build
+    constexpr int LOG_LB = LB == 64 ? 6 : LB == 32 ? 5 : 4;
+    const int run = 4 << a.group_shift, blk = col >> LOG_LB, in = col & (LB - 1), c = chunk & (run - 1);
+    w = a.w + (u64)blk * a.groups * run * BITS * LB + ((u64)grp * BITS * run + c) * LB + in;
+    s = a.s + ((u64)blk * a.groups + grp) * LB + in;
+    z = a.z + ((u64)blk * a.groups + grp) * LB + in;
 #pragma unroll
     for (int j = 0; j < BITS; ++j)
-      st.w[j] = live ? ld_stream(w + j * run * 16) : ZERO4;
+      st.w[j] = live ? ld_stream(w + j * run * LB) : ZERO4;
   } else {
     w = a.w + (u64)chunk * BITS * a.n + col;
     s = a.s + (u64)grp * a.n + col;
@@ -355,7 +357,7 @@ extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int col = blockIdx.x * 32 + (g >> 2) * 16 + (g & 3) * 4;  // the first of the lane's four columns
-  const bool live = QM_BLOCKED ? col < ((a.n + 15) & ~15) : col < a.n;
+  const bool live = QM_BLOCKED ? col < (a.n + QM_BLOCKED - 1) / QM_BLOCKED * QM_BLOCKED : col < a.n;
   float acc[NT][2][4];
 #pragma unroll
   for (int u = 0; u < NT; ++u)

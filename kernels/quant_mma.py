@@ -56,7 +56,7 @@ class Variant:
 
     bits: int
     bf16: bool
-    blocked: bool
+    layout: int  # QuantizedWeight.block_n: 0 flat, else columns per row block
     token_tiles: int
     stages: int
     min_blocks: int
@@ -65,7 +65,7 @@ class Variant:
     max_threads: int = 256
 
     def defines(self) -> list[str]:
-        return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={int(self.blocked)}",
+        return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={self.layout}",
                 f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}",
                 f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}",
                 f"-DQM_MAX_THREADS={self.max_threads}"]
@@ -91,7 +91,7 @@ def available(device: torch.device | str = "cuda") -> bool:
 def shape_supported(m: int, qw: QuantizedWeight) -> bool:
     """Whether M and the weight's shape and layout suit the kernel (dtypes and alignment aside)."""
     return (1 <= m <= MAX_M and qw.in_features % STEP == 0 and qw.group_size % STEP == 0
-            and (qw.block_n == 16 or (qw.block_n == 0 and qw.out_features % 4 == 0)))
+            and (qw.block_n in (16, 32, 64) or (qw.block_n == 0 and qw.out_features % 4 == 0)))
 
 
 def unsupported_reason(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None) -> str | None:
@@ -104,7 +104,7 @@ def unsupported_reason(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor 
         return "scales, minimums and bias must have the activations' dtype"
     if not shape_supported(x.shape[0], qw):
         return (f"needs M <= {MAX_M}, in_features and group_size multiples of {STEP}, and the weight row-blocked "
-                "by 16 columns or flat with out_features a multiple of 4")
+                "by 16, 32 or 64 columns or flat with out_features a multiple of 4")
     if x.stride(1) != 1 or x.stride(0) % 8 or any(t.data_ptr() % 16 for t in (x, qw.packed, qw.scales, qw.mins)):
         return "x rows and the weight's arrays must be 16-byte aligned"
     return None
@@ -204,7 +204,7 @@ def quant_mma_matmul(
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     pdl = cfg.pdl if torch.cuda.get_device_capability(device) >= (9, 0) else 0
-    variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n == 16, tiles, cfg.stages, cfg.min_blocks, pdl,
+    variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n, tiles, cfg.stages, cfg.min_blocks, pdl,
                       cfg.load_only, 512 if cfg.warps > 8 else 256)
     _ensure_context(device)
     fn = _function(variant, device)
@@ -253,7 +253,7 @@ def stream_read(t: torch.Tensor, blocks: int, threads: int = 256, grid_stride: b
         raise ValueError("stream_read needs a contiguous, 16-byte aligned CUDA tensor of whole 16-byte vectors")
     device = t.device.index if t.device.index is not None else torch.cuda.current_device()
     _ensure_context(device)
-    fn = _function(Variant(4, True, True, 1, 1, 1), device, b"stream_read")
+    fn = _function(Variant(4, True, 16, 1, 1, 1), device, b"stream_read")
     n = t.nbytes // 16
     sink = _sink(device)
     driver, _ = _bindings()

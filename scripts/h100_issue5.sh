@@ -9,7 +9,7 @@
 # (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the CUDA kernel's L2
 # prefetch and PDL, the load-only diagnostic and whole layers back to back, $QBITS x $QOM on row blocks of 16),
 # stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
-# of the same bytes, $QBITS x $QSM on row blocks of 16), pdledge (whether stream capture keeps the CUDA kernel's
+# of the same bytes, $QBITS x $QSM on layouts $QSLAYOUTS), pdledge (whether stream capture keeps the CUDA kernel's
 # PDL launch as a programmatic graph edge).
 set -u
 export PYTHONUNBUFFERED=1
@@ -51,7 +51,7 @@ for step in ${STEPS:-decode quant}; do
         --m ${QOM:-1 2 4 16} --layouts 16 --layer --out "$OUT/quant_overlap.json" ;;
     stream)
       run /tmp/new ${QSSECS:-240} python3 benchmarks/quant_gemv.py --sweep stream --bits ${QBITS:-3 4} \
-        --m ${QSM:-1} --layouts 16 --out "$OUT/quant_stream.json" ;;
+        --m ${QSM:-1} --layouts ${QSLAYOUTS:-16} --out "$OUT/quant_stream.json" ;;
     pdledge)
       run /tmp/new 60 python3 - <<'EOF'
 import torch

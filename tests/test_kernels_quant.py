@@ -285,11 +285,12 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
 # tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early and late
-# on both layouts, the load-only diagnostic, and 512-thread blocks (16 warps).
-MMA_VARIANTS = [Variant(b, True, True, 1, 1, 1, b % 2 + 1) for b in BITS] + [
-    Variant(3, False, False, 2, 1, 1), Variant(8, False, True, 1, 2, 1), Variant(4, True, False, 1, 1, 2, 1),
-    Variant(4, True, True, 2, 1, 2, 2), Variant(4, True, True, 1, 1, 1, 0, True),
-    Variant(3, True, True, 1, 1, 1, 0, False, 512), Variant(6, False, True, 2, 1, 1, 0, False, 512),
+# on both layouts, the load-only diagnostic, 512-thread blocks (16 warps), and row blocks of 32 and 64 columns.
+MMA_VARIANTS = [Variant(b, True, 16, 1, 1, 1, b % 2 + 1) for b in BITS] + [
+    Variant(3, False, 0, 2, 1, 1), Variant(8, False, 16, 1, 2, 1), Variant(4, True, 0, 1, 1, 2, 1),
+    Variant(4, True, 16, 2, 1, 2, 2), Variant(4, True, 16, 1, 1, 1, 0, True),
+    Variant(3, True, 16, 1, 1, 1, 0, False, 512), Variant(6, False, 16, 2, 1, 1, 0, False, 512),
+    Variant(3, True, 32, 1, 1, 2), Variant(5, False, 64, 2, 1, 1),
 ]
 
 
@@ -319,7 +320,7 @@ ON_MMA = ON_GPU and available()
 
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
 @pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("block_n", [0, 16])
+@pytest.mark.parametrize("block_n", [0, 16, 32, 64])
 def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
     """Real widths, N not a multiple of the block's 32 columns (flat: of 16 either), group 128 and 256, M from 1
     to 16 (one and two token tiles, partial ones), bias, activations up to ~1e4 (no fp16 sums to overflow), and
