@@ -10,6 +10,7 @@ so `maxLength: 10000` costs one rule, not ten thousand states.
 from __future__ import annotations
 
 import bisect
+import itertools
 import hashlib
 from dataclasses import dataclass
 
@@ -408,12 +409,29 @@ class GrammarIR:
         self._follow: list | None = None
         self._root_ref: bool | None = None
         self._hash: list = [None] * len(self.rule_names)
+        self._kids: list[list[int]] | None = None
+        self._owned: list = [None] * len(self.rule_names)
+        self._byte_table: np.ndarray | None = None
         self._cyclic: list[bool] | None = None
         self._info: list = [None] * self.n_states
         self._scanning: dict[frozenset, tuple] = {}
         self._predicted: dict[frozenset, frozenset] = {}
         self._groups: dict[int, list] = {}  # keyed by id() of a bnext dict, which lives as long as self
         self._targets: dict[int, np.ndarray] = {}
+
+    def byte_table(self) -> np.ndarray:
+        """The byte transitions as a dense int32 [n_states, 256] table (-1: none), built once with numpy: the
+        compiled parser's table (nb_earley.ir_arrays) and the rule hashes read it."""
+        if self._byte_table is None:
+            n = self.n_states
+            blen = np.fromiter(map(len, self.bnext), dtype=np.int64, count=n)
+            table = np.full((n, 256), -1, dtype=np.int32)
+            if blen.sum():
+                rows = np.repeat(np.arange(n), blen)
+                table[rows, np.fromiter(itertools.chain.from_iterable(self.bnext), dtype=np.int64)] = np.fromiter(
+                    itertools.chain.from_iterable(d.values() for d in self.bnext), dtype=np.int32)
+            self._byte_table = table
+        return self._byte_table
 
     def byte_groups(self, bnext: dict[int, int]) -> list[tuple[int, np.ndarray]]:
         """A state's byte transitions grouped by target: [(target, bytes as an index array)]."""
@@ -638,41 +656,51 @@ class GrammarIR:
         return tables
 
     def _own(self, r: int) -> tuple:
-        """Rule r's automaton with states renumbered from 0; references keep global rule ids."""
+        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of their table rows);
+        references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it reaches."""
+        own = self._owned[r]
+        if own is not None:
+            return own
         base, end = self.rule_base[r], self.rule_base[r + 1]
         rep = self.rep_of[base]
         if rep is not None:
-            return ("rep", rep)
-        states = []
-        for s in range(base, end):
-            runs: list[list[int]] = []
-            for byte, t in sorted(self.bnext[s].items()):
-                if runs and runs[-1][1] == byte - 1 and runs[-1][2] == t - base:
-                    runs[-1][1] = byte
-                else:
-                    runs.append([byte, byte, t - base])
-            refs = tuple(sorted((r2, t - base) for r2, t in self.rnext[s].items()))
-            states.append((self.final[s], tuple(map(tuple, runs)), refs))
-        return ("dfa", tuple(states))
+            return ("rep", rep)  # cheap: not memoized
+        rows = self.byte_table()[base:end]
+        rows = hashlib.blake2b(np.maximum(rows - base, -1).tobytes(), digest_size=16).digest()
+        rnext = self.rnext
+        refs = tuple((s - base, tuple(sorted((r2, t - base) for r2, t in rnext[s].items())))
+                     for s in range(base, end) if rnext[s])
+        own = self._owned[r] = ("dfa", rows, tuple(self.final[base:end]), refs)
+        return own
 
     def _children(self, own: tuple) -> list[int]:
         if own[0] == "rep":
             return [own[1][0]]
-        return sorted({r2 for _, _, refs in own[1] for r2, _ in refs})
+        return sorted({r2 for _, refs in own[3] for r2, _ in refs})
+
+    def kids(self) -> list[list[int]]:
+        """Per rule, the rules it refers to (sorted)."""
+        if self._kids is None:
+            kids = []
+            for r in range(len(self.rule_names)):
+                base, end = self.rule_base[r], self.rule_base[r + 1]
+                rep = self.rep_of[base]
+                kids.append([rep[0]] if rep is not None else sorted({r2 for s in range(base, end) for r2 in self.rnext[s]}))
+            self._kids = kids
+        return self._kids
 
     def reach_exceeds(self, r: int, limit: int) -> bool:
         """Whether the rules reachable from r have more than `limit` states (hashing them would cost more
         than the cross-grammar sharing of their classifications is likely to save)."""
         seen, stack, total = {r}, [r], 0
+        all_kids = self.kids()
         while stack:
             x = stack.pop()
             base, end = self.rule_base[x], self.rule_base[x + 1]
             total += end - base
             if total > limit:
                 return True
-            rep = self.rep_of[base]
-            kids = (rep[0],) if rep is not None else {r2 for s in range(base, end) for r2 in self.rnext[s]}
-            for k in kids:
+            for k in all_kids[x]:
                 if k not in seen:
                     seen.add(k)
                     stack.append(k)
@@ -713,11 +741,7 @@ class GrammarIR:
     def _find_cyclic(self) -> list[bool]:
         """Marks rules that can reach themselves through references (Tarjan's SCC, iteratively)."""
         n = len(self.rule_names)
-        kids = []
-        for r in range(n):
-            base, end = self.rule_base[r], self.rule_base[r + 1]
-            rep = self.rep_of[base]
-            kids.append([rep[0]] if rep is not None else sorted({r2 for s in range(base, end) for r2 in self.rnext[s]}))
+        kids = self.kids()
         index = [-1] * n
         low = [0] * n
         on = [False] * n
@@ -764,4 +788,4 @@ def _relabel(own: tuple, label: dict) -> tuple:
     if own[0] == "rep":
         body, lo, hi = own[1]
         return ("rep", label[body], lo, hi)
-    return ("dfa", tuple((f, runs, tuple((label[r2], t) for r2, t in refs)) for f, runs, refs in own[1]))
+    return ("dfa", own[1], own[2], tuple((i, tuple((label[r2], t) for r2, t in refs)) for i, refs in own[3]))

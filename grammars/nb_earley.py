@@ -49,12 +49,7 @@ ORIGIN_SIG = I(IRT, ST, I, I)
 def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, np.ndarray]:
     """The IR's tables (R_* order) packed into one int32 array, without a Python loop over bytes."""
     n = ir.n_states
-    blen = np.fromiter(map(len, ir.bnext), dtype=np.int64, count=n)
-    bnext = np.full((n, 256), -1, dtype=np.int32)
-    if blen.sum():
-        rows = np.repeat(np.arange(n), blen)
-        bnext[rows, np.fromiter(itertools.chain.from_iterable(ir.bnext), dtype=np.int64)] = np.fromiter(
-            itertools.chain.from_iterable(d.values() for d in ir.bnext), dtype=np.int32)
+    bnext = ir.byte_table()
     sbits = np.packbits(bnext >= 0, axis=1, bitorder="little").view(np.int32)
     rlen = np.fromiter(map(len, ir.rnext), dtype=np.int64, count=n)
     rn_ptr = np.zeros(n + 1, dtype=np.int32)
@@ -67,7 +62,7 @@ def ir_arrays(ir: GrammarIR) -> tuple[np.ndarray, np.ndarray]:
     if (rep[:, 1:] >= 2 ** 31 - 2).any():
         raise ValueError("a repetition bound exceeds 2**31 - 2")
     return packed([
-        bnext.reshape(-1), sbits.reshape(-1), (blen > 0).astype(np.int32),
+        bnext.reshape(-1), sbits.reshape(-1), (bnext >= 0).any(axis=1).astype(np.int32),
         np.asarray(ir.final, dtype=np.int32), 1 - np.asarray(ir.dead_end, dtype=np.int32),
         np.asarray(ir.rule_of, dtype=np.int32), rep[:, 0].astype(np.int32), rep[:, 1].astype(np.int32),
         rep[:, 2].astype(np.int32), rn_ptr, rn_rule, rn_tgt, np.asarray(ir.rule_base, dtype=np.int32),

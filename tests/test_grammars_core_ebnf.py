@@ -260,3 +260,20 @@ def test_matchers_on_threads_agree_with_a_single_thread():
     for runs in results.values():
         for t, got in runs:
             assert all(torch.equal(a, b) for a, b in zip(got, expected[t]))
+
+
+def test_rule_hash_is_structural():
+    """Classifications are shared across grammars by rule hash: equal for the same sub-grammar under other
+    names and numbering (on a cycle too), different when one byte or one bound differs."""
+    from treadle.grammars.automata import GrammarIR
+
+    def h(ebnf, rule):
+        ir = GrammarIR(parse_ebnf(ebnf))
+        return ir.rule_hash(ir.rule_names.index(rule))
+
+    value = 'v ::= "[" ws (v ("," ws v)*)? "]" | [0-9]+ | s\ns ::= "\\"" [a-z]{0,8} "\\""\nws ::= [ ]*'
+    same = 'root ::= "x" q\nq ::= "[" sp (q ("," sp q)*)? "]" | [0-9]+ | t\nsp ::= [ ]*\nt ::= "\\"" [a-z]{0,8} "\\""'
+    assert h("root ::= v\n" + value, "v") == h(same, "q")
+    assert h("root ::= v\n" + value, "s") == h(same, "t")
+    assert h("root ::= v\n" + value, "v") != h("root ::= v\n" + value.replace("[0-9]+", "[0-8]+"), "v")
+    assert h("root ::= v\n" + value, "s") != h("root ::= v\n" + value.replace("{0,8}", "{0,9}"), "s")
