@@ -106,8 +106,8 @@ def stream_probes(n: int, sms: int, warps: int) -> list[tuple[str, int, int, boo
 
 
 def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
-    """The launch shape mma_config chose at commit 97ff1d6, before PDL existed (and still chooses): the baseline
-    that the PDL and load-only variants are measured against."""
+    """The launch shape mma_config chose from commit 97ff1d6 until 16 warps for down: the baseline that the PDL,
+    load-only and wider variants are measured against."""
     blocks = -(-n // 32)
     many = blocks >= 4 * sms
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)

@@ -3,8 +3,9 @@
 # an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
 # and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
 # weight layouts $QLAYOUTS), qdefault (quant_gemv.py default_config only, every bit width, $QDM, layouts
-# $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default), mma (quant_gemv.py, the
-# CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts $QMLAYOUTS, also on .base.tar when carried),
+# $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default; widths $QDBITS if set, whole
+# layers if $QDLAYER), mma (quant_gemv.py, the CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts
+# $QMLAYOUTS, also on .base.tar when carried),
 # tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
 # (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the CUDA kernel's L2
 # prefetch and PDL, the load-only diagnostic and whole layers back to back, $QBITS x $QOM on row blocks of 16),
@@ -45,7 +46,7 @@ for step in ${STEPS:-decode quant}; do
         --m ${QMM:-1 16} --layouts ${QMLAYOUTS:-0 16} --out "$OUT/quant_mma_base.json" ;;
     qdefault)
       run /tmp/new ${QDSECS:-300} python3 benchmarks/quant_gemv.py --no-sweep --m ${QDM:-1 2 4 16 64} \
-        --layouts ${QDLAYOUTS:-0 16} --out "$OUT/quant_default.json" ;;
+        ${QDBITS:+--bits $QDBITS} --layouts ${QDLAYOUTS:-0 16} ${QDLAYER:+--layer} --out "$OUT/quant_default.json" ;;
     overlap)
       run /tmp/new ${QOSECS:-240} python3 benchmarks/quant_gemv.py --sweep overlap --bits ${QBITS:-3 4} \
         --m ${QOM:-1 2 4 16} --layouts 16 --layer --out "$OUT/quant_overlap.json" ;;

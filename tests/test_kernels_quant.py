@@ -20,6 +20,7 @@ from treadle.kernels.quant_matmul import (
     GEMV_MAX_M,
     QuantMatmulConfig,
     default_config,
+    mma_config,
     quant_matmul,
     quant_matmul_reference,
 )
@@ -313,6 +314,17 @@ def test_mma_is_the_default_only_where_it_runs():
     assert unsupported_reason(x, qw) is not None
     with pytest.raises(ValueError, match="quant_mma"):
         quant_mma_matmul(x, qw)
+
+
+def test_mma_config_takes_16_warps_for_one_block_per_sm_and_a_long_k():
+    """down (K 14336, 128 blocks) at 2-4 bits takes 16 warps; o (short K), gate_up (many blocks), 8 bits and
+    callers that pass no K keep their shapes."""
+    assert mma_config(1, 4096, 132, 14336, 3) == mma_config(16, 4096, 132, 14336, 4) == MmaConfig(16)
+    assert mma_config(1, 4096, 132, 4096, 3) == mma_config(1, 4096, 132) == MmaConfig(8)
+    assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2)
+    assert mma_config(4, 4096, 132, 14336, 8) == MmaConfig(8)
+    qw = _case(3, n=64, k=8192, group=128, dtype=torch.float32, seed=0)
+    assert default_config(1, 64, qw, 132, mma=True).mma == MmaConfig(16)
 
 
 ON_MMA = ON_GPU and available()
