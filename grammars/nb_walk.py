@@ -17,21 +17,25 @@ from numba import njit, types
 from .nb_earley import IRT, main, step
 from .nb_store import BITS, CFG, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, A, I, ST, part
 
-# a trie node's fields in VocabIndex.flat
-N_BYTE, N_LO, N_HI, N_TERM, N_SKIP, N_DEPTH, N_REACH, N_BELOW = range(8)
-NODE_FIELDS = 15
+# a trie node's record in VocabIndex.flat: what every visit reads (HOT int32), kept small so the walk's reads
+# stay in cache, and what only wholesale acceptance reads (COLD int32)
+H_KEY, H_LO, H_HI, H_SKIP = range(4)  # H_KEY: byte | depth << 8 | TERM (the string at lo ends at the node)
+HOT = 4
+TERM = 1 << 30
+C_REACH, C_BELOW = 0, 1  # longest string's bytes below the node, then 8 words: the bytes below it
+COLD = 9
 SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
 LOOP_MIN = 32  # byte groups smaller than this are not followed to accept whole subtrees
 VT = PK
 
 
 @njit(I(IRT, ST, A, I, I), cache=True)
-def _whole(ir, st, node, cid, f):
-    """1 if every string under the node at record f (reached in configuration cid) stays on main byte
+def _whole(ir, st, cold, cid, f):
+    """1 if every string under the node at cold record f (reached in configuration cid) stays on main byte
     groups, 0 if not, FULL if the memo needs room."""
     cfg, bits = st[CFG], st[BITS]
     k = cid
-    for _ in range(node[f + N_REACH]):
+    for _ in range(cold[f + C_REACH]):
         if cfg[NCF * k + F_NALLOW] < LOOP_MIN:
             return 0
         t = cfg[NCF * k + F_MAIN_T]
@@ -42,7 +46,7 @@ def _whole(ir, st, node, cid, f):
         if t < 0 or cfg[NCF * k + F_MAIN_N] < LOOP_MIN:
             return 0
         for w in range(8):
-            if node[f + N_BELOW + w] & ~bits[16 * k + 8 + w]:
+            if cold[f + C_BELOW + w] & ~bits[16 * k + 8 + w]:
                 return 0
         if t == k:
             return 1
@@ -64,8 +68,8 @@ def walk(ir, st, vt, start, exits, cum):
     disjoint ranges [lo, hi) sorted by lo (adjacent ones merged) and, when `exits`, the ranges of strings
     that pass a point where the bottom item's rule has ended with the byte that comes next there. Status
     FULL: grow and call again."""
-    node = part(vt, 0)
-    n_nodes = len(node) // NODE_FIELDS
+    hot, cold = part(vt, 0), part(vt, 1)
+    n_nodes = len(hot) // HOT
     cfg, bits, table = st[CFG], st[BITS], st[TABLE]
     filt = len(cum) > 0
     acc_lo = np.empty(64, np.int32)
@@ -75,17 +79,17 @@ def walk(ir, st, vt, start, exits, cum):
     ex_hi = np.empty(64, np.int32)
     ex_b = np.empty(64, np.int32)
     ne = 0
-    at = np.empty(part(vt, 1)[0] + 2, np.int32)  # at[d]: the configuration the nodes of depth d step from
+    at = np.empty(part(vt, 2)[0] + 2, np.int32)  # at[d]: the configuration the nodes of depth d step from
     at[0] = start
     empty = np.empty(0, np.int32)
     i = 0
     while i < n_nodes:
-        f = NODE_FIELDS * i
-        lo, hi, skip = node[f + N_LO], node[f + N_HI], node[f + N_SKIP]
+        f = HOT * i
+        key, lo, hi, skip = hot[f + H_KEY], hot[f + H_LO], hot[f + H_HI], hot[f + H_SKIP]
         if filt and cum[hi] <= cum[lo]:
             i = skip
             continue
-        d, b = node[f + N_DEPTH], node[f + N_BYTE]
+        d, b = (key & (TERM - 1)) >> 8, key & 255
         p = at[d]
         if exits and d and cfg[NCF * p + F_CAN_END]:
             if ne == len(ex_lo):
@@ -103,7 +107,7 @@ def walk(ir, st, vt, start, exits, cum):
         if c < 0:
             i = skip
             continue
-        t = node[f + N_TERM]
+        t = lo if key & TERM else -1
         if t >= 0:
             if na and acc_hi[na - 1] == t:
                 acc_hi[na - 1] = t + 1
@@ -116,7 +120,7 @@ def walk(ir, st, vt, start, exits, cum):
             i = skip
             continue
         if hi - lo >= SKIP_SPAN and cfg[NCF * c + F_NALLOW] >= LOOP_MIN:
-            w = _whole(ir, st, node, c, f)
+            w = _whole(ir, st, cold, c, COLD * i)
             if w == FULL:
                 return FULL, empty, empty, empty, empty, empty
             if w:

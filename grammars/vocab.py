@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .nb_store import packed
-from .nb_walk import NODE_FIELDS
+from .nb_walk import COLD, HOT, TERM
 
 
 @dataclass
@@ -114,10 +114,11 @@ class VocabIndex:
 
     @property
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
-        """The trie for nb_walk, packed: one record of NODE_FIELDS int32 per node (byte, lo, hi, term, the
-        index just past its subtree, depth, reach, then 8 words of the bytes below it), nodes in depth-first
-        order, which is sorted string order: a walk reads it front to back, skipping subtrees. Built on
-        first use."""
+        """The trie for nb_walk, packed: per node a hot record of HOT int32 (byte | depth << 8 | TERM when a
+        string ends at the node -- it is then the node's first string, lo --, lo, hi, the index just past its
+        subtree) and a cold one of COLD int32 (reach, then 8 words of the bytes below it), nodes in depth-first
+        order, which is sorted string order: a walk reads the hot records front to back, skipping subtrees.
+        Built on first use."""
         flat = self.__dict__.get("_flat")
         if flat is None:
             levels = self.levels
@@ -127,10 +128,13 @@ class VocabIndex:
             depth = np.concatenate([np.full(len(lvl.lo), d) for d, lvl in enumerate(levels)]) if levels else lo
             below = np.concatenate([lvl.below for lvl in levels]).view(np.int32) if levels else np.zeros((0, 8))
             order = np.lexsort((depth, lo))
-            skip = np.searchsorted(lo[order], hi[order], side="left")
-            node = np.empty((len(order), NODE_FIELDS), dtype=np.int32)
-            for k, col in enumerate((byte, lo, hi, term, None, depth, reach)):
-                node[:, k] = skip if col is None else col[order]
-            node[:, 7:] = below[order]
-            flat = self.__dict__["_flat"] = packed([node.reshape(-1), np.asarray([self.max_len])])
+            hot = np.empty((len(order), HOT), dtype=np.int32)
+            hot[:, 0] = (byte | depth << 8 | np.where(term >= 0, TERM, 0))[order]
+            hot[:, 1] = lo[order]
+            hot[:, 2] = hi[order]
+            hot[:, 3] = np.searchsorted(lo[order], hi[order], side="left")
+            cold = np.empty((len(order), COLD), dtype=np.int32)
+            cold[:, 0] = reach[order]
+            cold[:, 1:] = below[order]
+            flat = self.__dict__["_flat"] = packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len])])
         return flat
