@@ -17,10 +17,11 @@ the same run. Each case times `default_config` and, where that picks the CUDA te
 also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
 `--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
 what `default_config` is tuned from; `--sweep overlap` the CUDA kernel's previous launch shape with programmatic
-dependent launch, and its load-only diagnostic (memory side alone). Where default_config takes the CUDA kernel,
-the "previous" column times the launch shape it took before PDL. Compiling the unrolled kernels
-one by one takes minutes, so `--jobs` worker processes compile them first into Triton's and quant_mma's on-disk
-caches.
+dependent launch, and its load-only diagnostic (memory side alone); `--sweep stream` wider blocks of the CUDA
+kernel (full and load-only) and plain reads of the same packed words (`quant_mma.stream_read`), the in-run
+ceiling of each shape. Where default_config takes the CUDA kernel, the "previous" column times the launch shape
+it took before 16-warp blocks for down (`previous_mma`). Compiling the unrolled kernels one by one takes
+minutes, so `--jobs` worker processes compile them first into Triton's and quant_mma's on-disk caches.
 
 `--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
 copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, for the previous
