@@ -263,7 +263,8 @@ def gemm_wna16_cuda_mma(x, qweight, scales, mins, bits, group_size):
     from .quant_mma import quant_mma_matmul
 
     qw = _quantized(qweight, scales, mins, bits, group_size, x.shape[1])
-    return quant_mma_matmul(x, qw, config=mma_config(x.shape[0], qw.out_features, _num_sms(x.device)))
+    return quant_mma_matmul(x, qw, config=mma_config(x.shape[0], qw.out_features, _num_sms(x.device), qw.in_features,
+                                                     qw.bits))
 
 
 def gqa_paged_decode_triton(q, k_cache, v_cache, kv_indptr, kv_indices, sm_scale):

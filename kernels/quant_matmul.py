@@ -477,7 +477,7 @@ MMA_MAX_M = 16
 WIDE_MIN_K = 8192  # in_features from which a lone block per SM takes 16 warps (64 steps of 128, 4+ a warp)
 
 
-def mma_config(m: int, n: int, num_sms: int, k: int = 0, bits: int = 0) -> MmaConfig:
+def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
     flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, and qkv at M <= 8), 4 warps
     and two blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM and a long
@@ -488,6 +488,8 @@ def mma_config(m: int, n: int, num_sms: int, k: int = 0, bits: int = 0) -> MmaCo
         return MmaConfig(16)
     many = blocks >= 4 * num_sms
     return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1)
+
+
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
 
 

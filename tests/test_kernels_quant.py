@@ -320,7 +320,7 @@ def test_mma_config_takes_16_warps_for_one_block_per_sm_and_a_long_k():
     """down (K 14336, 128 blocks) at 2-4 bits takes 16 warps; o (short K), gate_up (many blocks), 8 bits and
     callers that pass no K keep their shapes."""
     assert mma_config(1, 4096, 132, 14336, 3) == mma_config(16, 4096, 132, 14336, 4) == MmaConfig(16)
-    assert mma_config(1, 4096, 132, 4096, 3) == mma_config(1, 4096, 132) == MmaConfig(8)
+    assert mma_config(1, 4096, 132, 4096, 3) == mma_config(1, 4096, 132, 14336, 8) == MmaConfig(8)
     assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2)
     assert mma_config(4, 4096, 132, 14336, 8) == MmaConfig(8)
     qw = _case(3, n=64, k=8192, group=128, dtype=torch.float32, seed=0)
