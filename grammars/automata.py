@@ -409,7 +409,7 @@ class GrammarIR:
         self._follow: list | None = None
         self._root_ref: bool | None = None
         self._hash: list = [None] * len(self.rule_names)
-        self._kids: list[list[int]] | None = None
+        self._kids: list = [None] * len(self.rule_names)
         self._owned: list = [None] * len(self.rule_names)
         self._byte_table: np.ndarray | None = None
         self._cyclic: list[bool] | None = None
@@ -678,29 +678,28 @@ class GrammarIR:
             return [own[1][0]]
         return sorted({r2 for _, refs in own[3] for r2, _ in refs})
 
-    def kids(self) -> list[list[int]]:
-        """Per rule, the rules it refers to (sorted)."""
-        if self._kids is None:
-            kids = []
-            for r in range(len(self.rule_names)):
-                base, end = self.rule_base[r], self.rule_base[r + 1]
-                rep = self.rep_of[base]
-                kids.append([rep[0]] if rep is not None else sorted({r2 for s in range(base, end) for r2 in self.rnext[s]}))
-            self._kids = kids
-        return self._kids
+    def kids(self, r: int) -> list[int]:
+        """The rules rule r refers to (sorted), memoized per rule: a reach check stops early, so it lists only
+        the rules it visits."""
+        k = self._kids[r]
+        if k is None:
+            base, end = self.rule_base[r], self.rule_base[r + 1]
+            rep = self.rep_of[base]
+            k = self._kids[r] = [rep[0]] if rep is not None else sorted(
+                {r2 for s in range(base, end) for r2 in self.rnext[s]})
+        return k
 
     def reach_exceeds(self, r: int, limit: int) -> bool:
         """Whether the rules reachable from r have more than `limit` states (hashing them would cost more
         than the cross-grammar sharing of their classifications is likely to save)."""
         seen, stack, total = {r}, [r], 0
-        all_kids = self.kids()
         while stack:
             x = stack.pop()
             base, end = self.rule_base[x], self.rule_base[x + 1]
             total += end - base
             if total > limit:
                 return True
-            for k in all_kids[x]:
+            for k in self.kids(x):
                 if k not in seen:
                     seen.add(k)
                     stack.append(k)
@@ -741,7 +740,7 @@ class GrammarIR:
     def _find_cyclic(self) -> list[bool]:
         """Marks rules that can reach themselves through references (Tarjan's SCC, iteratively)."""
         n = len(self.rule_names)
-        kids = self.kids()
+        kids = [self.kids(r) for r in range(n)]
         index = [-1] * n
         low = [0] * n
         on = [False] * n
