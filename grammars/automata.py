@@ -337,6 +337,9 @@ def _determinize(nfa: _NFA) -> RuleDFA:
     return RuleDFA(bnext, rnext, final)
 
 
+SMALL_RULE_BYTES = 128  # rules with at most this many byte transitions are hashed from Python tuples
+
+
 class GrammarIR:
     """All rules' automata with global state ids, plus the static facts the Earley matcher precomputes.
 
@@ -411,7 +414,6 @@ class GrammarIR:
         self._hash: list = [None] * len(self.rule_names)
         self._kids: list = [None] * len(self.rule_names)
         self._owned: list = [None] * len(self.rule_names)
-        self._byte_table: np.ndarray | None = None
         self._cyclic: list[bool] | None = None
         self._info: list = [None] * self.n_states
         self._scanning: dict[frozenset, tuple] = {}
@@ -419,19 +421,18 @@ class GrammarIR:
         self._groups: dict[int, list] = {}  # keyed by id() of a bnext dict, which lives as long as self
         self._targets: dict[int, np.ndarray] = {}
 
-    def byte_table(self) -> np.ndarray:
-        """The byte transitions as a dense int32 [n_states, 256] table (-1: none), built once with numpy: the
-        compiled parser's table (nb_earley.ir_arrays) and the rule hashes read it."""
-        if self._byte_table is None:
-            n = self.n_states
-            blen = np.fromiter(map(len, self.bnext), dtype=np.int64, count=n)
-            table = np.full((n, 256), -1, dtype=np.int32)
-            if blen.sum():
-                rows = np.repeat(np.arange(n), blen)
-                table[rows, np.fromiter(itertools.chain.from_iterable(self.bnext), dtype=np.int64)] = np.fromiter(
-                    itertools.chain.from_iterable(d.values() for d in self.bnext), dtype=np.int32)
-            self._byte_table = table
-        return self._byte_table
+    def byte_table(self, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """The byte transitions of states [lo, hi) as a dense int32 [states, 256] table (-1: none), built with
+        numpy, not kept (a 500-tool grammar's is ~17 MB): the compiled parser's table (nb_earley.ir_arrays)
+        and the rule hashes read it."""
+        ds = self.bnext[lo:hi]
+        lens = np.fromiter(map(len, ds), dtype=np.int64, count=len(ds))
+        table = np.full((len(ds), 256), -1, dtype=np.int32)
+        if lens.sum():
+            rows = np.repeat(np.arange(len(ds)), lens)
+            table[rows, np.fromiter(itertools.chain.from_iterable(ds), dtype=np.int64)] = np.fromiter(
+                itertools.chain.from_iterable(d.values() for d in ds), dtype=np.int32)
+        return table
 
     def byte_groups(self, bnext: dict[int, int]) -> list[tuple[int, np.ndarray]]:
         """A state's byte transitions grouped by target: [(target, bytes as an index array)]."""
@@ -665,8 +666,12 @@ class GrammarIR:
         rep = self.rep_of[base]
         if rep is not None:
             return ("rep", rep)  # cheap: not memoized
-        rows = self.byte_table()[base:end]
-        rows = hashlib.blake2b(np.maximum(rows - base, -1).tobytes(), digest_size=16).digest()
+        ds = self.bnext[base:end]
+        if sum(map(len, ds)) <= SMALL_RULE_BYTES:  # numpy's fixed costs would dominate: plain tuples
+            rows = ("pairs", tuple(tuple(sorted((b, t - base) for b, t in d.items())) for d in ds))
+        else:
+            table = self.byte_table(base, end)
+            rows = ("table", hashlib.blake2b(np.maximum(table - base, -1).tobytes(), digest_size=16).digest())
         rnext = self.rnext
         refs = tuple((s - base, tuple(sorted((r2, t - base) for r2, t in rnext[s].items())))
                      for s in range(base, end) if rnext[s])

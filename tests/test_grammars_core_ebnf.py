@@ -277,3 +277,6 @@ def test_rule_hash_is_structural():
     assert h("root ::= v\n" + value, "s") == h(same, "t")
     assert h("root ::= v\n" + value, "v") != h("root ::= v\n" + value.replace("[0-9]+", "[0-8]+"), "v")
     assert h("root ::= v\n" + value, "s") != h("root ::= v\n" + value.replace("{0,8}", "{0,9}"), "s")
+    wide = 'root ::= u "."\nu ::= "<" [^>]* ">" u?'  # over SMALL_RULE_BYTES: hashed from its table rows
+    assert h(wide, "u") == h('root ::= "!" w\nw ::= "<" [^>]* ">" w?', "w")
+    assert h(wide, "u") != h('root ::= "!" w\nw ::= "<" [^<]* ">" w?', "w")
