@@ -1,13 +1,14 @@
 """Grammar-constrained decoding in the engine: compiles off the event loop, one matcher per sequence, token
 masks built on a worker thread while the model runs.
 
-Everything that touches grammar-engine state other than `accept_token` (compiling, warming a new grammar's first
-mask, filling masks) runs on one worker thread. The grammar engine grows shared state lazily (per-grammar
-configuration tables, the compiler's cross-grammar caches), so those calls must not interleave; one thread
-serializes them without locks. Masks for step t+1 depend only on the token sampled at step t, so the engine
-submits them before the forward of step t+1 and collects them after: torch releases the GIL in its kernels, and
-the fill overlaps the forward. `accept_token` stays on the engine thread: it only touches the state of grammars
-whose masks are not being filled at that moment (fills and accepts of one step never overlap).
+Everything that touches grammar-engine state (compiling, warming a new grammar's first mask, accepting sampled
+tokens, filling masks) runs on one worker thread, except accepting a stop token. The grammar engine grows shared
+state lazily (per-grammar configuration tables, the compiler's cross-grammar caches), so those calls must not
+interleave; one thread serializes them without locks. Masks for step t+1 depend only on the token sampled at step
+t, so the engine submits them (with that token, accepted in front of the fill) around the forward of step t+1 and
+collects them after: torch releases the GIL in its kernels, and the fill overlaps the forward. A stop token, the
+only one that can end a grammar, is accepted on the engine thread at once, outside any fill (fills and accepts of
+one step never overlap).
 
 A compile has a time budget, counted from when the worker starts it (queueing behind other compiles is free).
 Python threads cannot be killed, so an over-budget compile is interrupted by raising an exception inside the

@@ -108,6 +108,8 @@ def build_serve_config(flags: dict[str, Any], config_file: str | None = None) ->
         raise ConfigError(f"option {key}: {err['msg']} (got {err.get('input')!r})") from None
     if not 0 <= checked.port <= 65535:
         raise ConfigError(f"option port: must be in [0, 65535] (got {checked.port})")
+    if checked.engine.grammar_workers < 0:
+        raise ConfigError(f"option grammar_workers: must be 0 or more (got {checked.engine.grammar_workers})")
     if not checked.grammar_compile_timeout > 0:
         raise ConfigError(f"option grammar_compile_timeout: must be positive (got {checked.grammar_compile_timeout})")
     if checked.parallel is not None:

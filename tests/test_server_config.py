@@ -66,6 +66,7 @@ def test_api_key_from_environment_unless_given(monkeypatch):
         ("page_size: sixteen\n", "option page_size"),
         ("- a list\n", "expected a mapping"),
         ("port: 70000\n", "option port"),
+        ("grammar_workers: -1\n", "option grammar_workers: must be 0 or more"),
         ("key: [unclosed\n", "not valid YAML"),
     ],
 )
