@@ -16,16 +16,19 @@ Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0
 the same run. Each case times `default_config` and, where that picks the CUDA tensor-core kernel (quant_mma),
 also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
 `--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
-what `default_config` is tuned from; `--sweep overlap` the CUDA kernel's previous launch shape with programmatic
-dependent launch, and its load-only diagnostic (memory side alone); `--sweep stream` wider blocks of the CUDA
-kernel (full and load-only) and plain reads of the same packed words (`quant_mma.stream_read`), the in-run
-ceiling of each shape. Where default_config takes the CUDA kernel, the "previous" column times the launch shape
-it took before 16-warp blocks for down (`previous_mma`). Compiling the unrolled kernels one by one takes
-minutes, so `--jobs` worker processes compile them first into Triton's and quant_mma's on-disk caches.
+what `default_config` is tuned from; `--sweep overlap` the default launch shape of the CUDA kernel in the ways
+of overlapping one GEMV with the next (OVERLAP_VARIANTS: programmatic dependent launch with the weights loaded
+before or after the wait, L2 prefetch), its load-only diagnostic, and plain reads of the same packed words
+(`quant_mma.stream_read`), the in-run ceiling of each shape, summed per layer at the end; `--sweep stream` wider
+blocks of the CUDA kernel (full and load-only) and those plain reads. Where default_config takes the CUDA
+kernel, the "previous" column times the launch shape it took before 16-warp blocks for down (`previous_mma`).
+Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker processes compile them first into
+Triton's and quant_mma's on-disk caches.
 
 `--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
-copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, for the previous
-and the current default, and bf16 torch.matmul. Graphs of one case take turns being timed (`time_graphs`).
+copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, in each of
+LAYER_VARIANTS (with and without a small kernel between the GEMVs, and plain reads), and bf16 torch.matmul.
+Graphs of one case take turns being timed (`time_graphs`).
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ class Result:
     gbps: float  # bytes of weight, scales, x and out over best time
     out_rel_err: float  # best config vs the fp32 reference
     tried: list  # [config, us] for every candidate
-    reads: list  # --sweep stream: plain reads of the packed words (stream_probes), us and GB/s
+    reads: list  # --sweep stream / overlap: plain reads of the packed words (stream_probes), us and GB/s
+    overlap: dict  # --sweep overlap: us of each of OVERLAP_VARIANTS
 
 
 # GEMV tilings on the row-blocked layout: (columns per program, chunks per step, warps, steps loaded ahead),
@@ -114,11 +118,39 @@ def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)
 
 
+# Launch variants of the CUDA kernel's default shape that overlap one GEMV with the next (quant_mma.MmaConfig):
+# "pdl" waits for the previous grid before any load and triggers the next at once (what was measured before);
+# "pre" loads each warp's first weights before the wait, x after it; "late" triggers the next grid after the
+# main loop; "l2 N" has the copy engine prefetch N KB of each block's words into L2 at the block's start
+# ("all": the whole slab), before the wait under PDL; "solo" takes 16-warp blocks (all of an SM's registers) where
+# the grid has at most one block per SM, so that blocks launched early cannot double up on the SMs that the
+# previous grid frees first. A prefetching build takes min_blocks 2 at 8 warps or fewer (128 registers: it costs
+# 3-bit builds 14 more, which would halve qkv's blocks per SM).
+OVERLAP_VARIANTS = ("default", "pdl", "pre", "pre late", "pre solo", "pre l2 32", "pre l2 all", "l2 32")
+
+
+def overlap_config(variant: str, base: QuantMatmulConfig, n: int, sms: int) -> QuantMatmulConfig:
+    """`base` (a default config on the CUDA kernel, `n` output columns) as one of OVERLAP_VARIANTS."""
+    mma = base.mma
+    if variant != "default":
+        pdl = 0 if variant.startswith("l2") else 2 if "late" in variant else 1
+        kb = 0 if "l2" not in variant else 4096 if variant.endswith("all") else int(variant.split()[-1])
+        solo = variant.endswith("solo") and -(-n // 32) <= sms
+        mma = dataclasses.replace(mma, pdl=pdl, preload=variant.startswith("pre"), prefetch_kb=kb,
+                                  warps=16 if solo else mma.warps,
+                                  min_blocks=2 if kb and mma.warps <= 8 else 1 if solo else mma.min_blocks)
+    return dataclasses.replace(base, mma=mma)
+
+
+def mma_label(c: MmaConfig) -> str:
+    return (f"{'load-only ' if c.load_only else ''}w{c.warps} st{c.stages} mb{c.min_blocks} pdl {c.pdl}"
+            f"{' pre' if c.preload else ''}{f' l2 {c.prefetch_kb}K' if c.prefetch_kb else ''}")
+
+
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" the previous one with PDL triggered early and late and register-capped, and the load-only
-    diagnostic (one and two steps in flight, with and without PDL), "all" also (row-blocked layouts only:
+    "overlap" the default one in OVERLAP_VARIANTS and its load-only diagnostic, "all" also (row-blocked layouts only:
     the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
     M >= 4."""
     mma = available() and shape_supported(m, qw)
@@ -127,11 +159,9 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
     if base.mma is not None:
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
     prev = previous_mma(m, n, sms)
-    if sweep == "overlap" and mma:
-        early, late = dataclasses.replace(prev, pdl=1), dataclasses.replace(prev, pdl=2)
-        shapes = [early, late, dataclasses.replace(late, min_blocks=2), dataclasses.replace(prev, load_only=True),
-                  dataclasses.replace(prev, stages=2, load_only=True), dataclasses.replace(late, load_only=True)]
-        out += [QuantMatmulConfig(False, m, 32, 4, 1, mma=c) for c in shapes]
+    if sweep == "overlap" and base.mma is not None:
+        out += [overlap_config(v, base, n, sms) for v in OVERLAP_VARIANTS[1:]]
+        out.append(dataclasses.replace(base, mma=dataclasses.replace(base.mma, load_only=True)))
         return list(dict.fromkeys(out))
     if sweep == "stream" and mma:
         shapes = [dataclasses.replace(prev, load_only=True)]
@@ -218,33 +248,23 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
-# Whole-layer variants: the previous and the current default, and the previous launch shapes with PDL triggered
-# early (1) and late (2); "+k": a small elementwise torch kernel after each GEMV, as decode has norms, RoPE and
-# attention between them (those times include the four small kernels).
-LAYER_VARIANTS = ("previous", "default", "pdl 1", "pdl 2", "previous +k", "pdl 1 +k", "pdl 2 +k")
-
-
-def layer_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
-    """The config of one of LAYER_VARIANTS for this projection."""
-    variant = variant.removesuffix(" +k")
-    if variant == "default":
-        return default_config(m, qw.out_features, qw, sms, True)
-    prev = previous_mma(m, qw.out_features, sms)
-    if variant != "previous":
-        prev = dataclasses.replace(prev, pdl=int(variant[-1]))
-    return QuantMatmulConfig(False, m, 32, 4, 1, mma=prev)
+# Whole-layer variants: OVERLAP_VARIANTS of the default; "+k": a small elementwise torch kernel after each GEMV,
+# as decode has norms, RoPE and attention between them (those times include the four small kernels); "read":
+# plain reads of each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back to
+# back, the in-run ceiling of separate launches.
+LAYER_VARIANTS = (*OVERLAP_VARIANTS, "default +k", "pre +k", "pre solo +k", "pre l2 32 +k", "pre l2 all +k", "read")
 
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
     """us per layer with the projections back to back in one graph (copies of the layer spanning 4x the L2), for
-    M = 1 and 4 on the first row-blocked layout of --layouts: LAYER_VARIANTS and bf16 torch.matmul. Each call
+    --layer-m on the first row-blocked layout of --layouts: LAYER_VARIANTS and bf16 torch.matmul. Each call
     reads its own x (the kernels' order, not their data, chains them)."""
     out = []
     lb = next((b for b in args.layouts if b), 16)
     weights = [(k, n, torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02) for _, k, n in shapes]
     reps = copies(sum(w.numel() * 2 for _, _, w in weights))
     bf16_layers = [[w.t() if r == 0 else w.clone().t() for _, _, w in weights] for r in range(reps)]
-    for m in (1, 4):
+    for m in args.layer_m:
         xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k, _, _ in weights}
         scratch = torch.zeros(m, 4096, device="cuda", dtype=torch.bfloat16)
         bf16 = time_graphs([(capture([lambda w=w, x=xs[w.shape[0]]: torch.matmul(x, w) for layer in bf16_layers
@@ -258,7 +278,11 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
                 calls = []
                 for lay in layers:
                     for q in lay:
-                        cfg = layer_config(name, m, q, sms)
+                        if name == "read":
+                            calls.append(lambda q=q: stream_read(q.packed, 4 * sms, 256))
+                            continue
+                        n = q.out_features
+                        cfg = overlap_config(name.removesuffix(" +k"), default_config(m, n, q, sms, True), n, sms)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
                         if name.endswith("+k"):
                             calls.append(lambda s=scratch: s.add_(1.0))
@@ -284,7 +308,8 @@ def main() -> int:
                    help="none: default_config (with and without the CUDA kernel); mma: also the CUDA kernel's "
                         "launch shapes; overlap: PDL and the load-only diagnostic; stream: wider blocks, full and "
                         "load-only, and plain reads of the same bytes; all: also Triton tilings")
-    p.add_argument("--layer", action="store_true", help="also time whole layers back to back (M = 1 and 4)")
+    p.add_argument("--layer", action="store_true", help="also time whole layers back to back")
+    p.add_argument("--layer-m", type=int, nargs="+", default=[1, 4], help="M of the whole layers")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
@@ -328,7 +353,7 @@ def main() -> int:
                     errs.append(float((quant_matmul(x, qw, config=cfg).float() - ref).norm() / ref.norm()))
                     graphs.append((capture([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]),
                                    len(qws)))
-                stream = args.sweep == "stream" and m == args.m[0]  # the reads do not depend on M
+                stream = args.sweep in ("stream", "overlap") and m == args.m[0]  # the reads do not depend on M
                 probes = stream_probes(n, sms, previous_mma(m, n, sms).warps) if stream else []
                 for _, blocks, threads, gs in probes:
                     graphs.append((capture([lambda q=q, b=blocks, th=threads, gs=gs: stream_read(q.packed, b, th, gs)
@@ -343,17 +368,20 @@ def main() -> int:
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
                 triton_us = next(t for c, t, _ in tried if c == default_config(m, n, qw, sms))
                 previous_us = next((t for c, t, _ in tried if c.mma == previous_mma(m, n, sms)), None)
+                over = {}
+                if args.sweep == "overlap" and tried[0][0].mma is not None:
+                    by_config = {c: t for c, t, _ in tried}
+                    over = {v: by_config[overlap_config(v, tried[0][0], n, sms)] for v in OVERLAP_VARIANTS}
                 results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, previous_us, us, asdict(cfg),
                                       bf16_us, bf16_us / us, nbytes / us / 1e3, err,
-                                      [[asdict(c), t, e] for c, t, e in tried], reads))
+                                      [[asdict(c), t, e] for c, t, e in tried], reads, over))
                 print(f"{name} bits={bits} layout={lb} m={m}: default {tried[0][1]:.1f} us, triton {triton_us:.1f} "
                       f"us, previous {previous_us or 0:.1f} us, best {us:.1f} us (bf16 {bf16_us:.1f} us) {cfg}",
                       flush=True)
-                for c, t, _ in tried:
+                for c, t, e in tried:
                     if c.mma and args.sweep in ("overlap", "stream"):
-                        print(f"    {'load-only ' if c.mma.load_only else ''}w{c.mma.warps} st{c.mma.stages} "
-                              f"mb{c.mma.min_blocks} pdl {int(c.mma.pdl)}: {t:.2f} us, "
-                              f"{nbytes / t / 1e3:.0f} GB/s", flush=True)
+                        print(f"    {mma_label(c.mma)}: {t:.2f} us, {nbytes / t / 1e3:.0f} GB/s, rel err {e:.1e}",
+                              flush=True)
                 for r in reads:
                     print(f"    read {r['probe']} ({r['blocks']} x {r['threads']}): {r['us']:.2f} us, "
                           f"{r['gbps']:.0f} GB/s of packed words", flush=True)
@@ -371,7 +399,7 @@ def main() -> int:
                   f"w{c['num_warps']} " + (f"pf{c['prefetch']}" if c.get("prefetch") else f"st{c['num_stages']}")
                   + (" f16x2" if c.get("f16x2") and not c["dot"] else ""))
         if c.get("mma"):
-            tiling = "cuda mma w{warps} st{stages} mb{min_blocks} pdl{pdl:d}".format(**c["mma"])
+            tiling = "cuda mma " + mma_label(MmaConfig(**c["mma"]))
         table.add_row(r.shape, str(r.bits), str(r.block_n), str(r.m), f"{r.default_us:.1f}", f"{r.triton_us:.1f}",
                       f"{r.previous_us:.1f}" if r.previous_us else "", f"{r.best_us:.1f}",
                       f"{r.bf16_us:.1f}", f"{r.speedup:.2f}x", f"{r.gbps:.0f}", f"{r.out_rel_err:.1e}", tiling)
@@ -381,7 +409,7 @@ def main() -> int:
     for col in ("bits", "layout", "M", "default us", "triton us", "previous us", "best us", "bf16 us",
                 "speedup (default)", "target", "weight rel err"):
         summary.add_column(col)
-    layer = []
+    layer, layer_over = [], []
     for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
         rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
         default, best = sum(r.default_us for r in rows), sum(r.best_us for r in rows)
@@ -397,6 +425,22 @@ def main() -> int:
                         f"{best:.1f}", f"{base:.1f}", f"{base / default:.2f}x", f">= {target}x" if target else "",
                         f"{err:.4f}")
     console.print(summary)
+
+    if args.sweep == "overlap":
+        over_table = Table(title="per layer, calls of one shape back to back, summed over the shapes: us (read: best plain "
+                                 "read of each shape's packed words, M of the first --m only)")
+        for col in ("bits", "layout", "M", *OVERLAP_VARIANTS, "read", "bf16"):
+            over_table.add_column(col)
+        for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
+            rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
+            sums = [sum(r.overlap[v] for r in rows) if rows and all(r.overlap for r in rows) else None
+                    for v in OVERLAP_VARIANTS]
+            read = sum(min(x["us"] for x in r.reads) for r in rows) if rows and all(r.reads for r in rows) else None
+            layer_over.append({"bits": bits, "block_n": lb, "m": m, **dict(zip(OVERLAP_VARIANTS, sums, strict=True)),
+                               "read": read, "bf16": sum(r.bf16_us for r in rows)})
+            over_table.add_row(str(bits), str(lb), str(m), *(f"{t:.1f}" if t else "" for t in sums),
+                         f"{read:.1f}" if read else "", f"{sum(r.bf16_us for r in rows):.1f}")
+        console.print(over_table)
 
     sequences = []
     if args.layer:
@@ -421,6 +465,7 @@ def main() -> int:
         "group_size": args.group_size,
         "results": [asdict(r) for r in results],
         "per_layer": layer,
+        "per_layer_overlap": layer_over,
         "layer_sequences": sequences,
         "weight_error": errors,
     }, indent=1))

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree (.clean.tar, and .base.tar for
-# an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
+# Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree ($CLEAN, .clean.tar by default,
+# and .base.tar for an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
 # and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
 # weight layouts $QLAYOUTS), qdefault (quant_gemv.py default_config only, every bit width, $QDM, layouts
 # $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default; widths $QDBITS if set, whole
 # layers if $QDLAYER), mma (quant_gemv.py, the CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts
 # $QMLAYOUTS, also on .base.tar when carried),
 # tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
-# (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the CUDA kernel's L2
-# prefetch and PDL, the load-only diagnostic and whole layers back to back, $QBITS x $QOM on row blocks of 16),
+# (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the default launch shape
+# with PDL, weights loaded before the wait, L2 prefetch; the load-only diagnostic, plain reads, and whole layers
+# back to back with and without a small kernel between the GEMVs, $QBITS x $QOM, layers at $QOLM, row blocks of 16),
 # stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
 # of the same bytes, $QBITS x $QSM on layouts $QSLAYOUTS), pdledge (whether stream capture keeps the CUDA kernel's
 # PDL launch as a programmatic graph edge).
@@ -21,7 +22,7 @@ setup() {  # $1: tarball, $2: root
   for d in engine server kernels grammars configs; do ln -sfn "$2/src/$d" "$2/t/treadle/$d"; done
 }
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-setup .clean.tar /tmp/new
+setup "${CLEAN:-.clean.tar}" /tmp/new
 [ -f .base.tar ] && setup .base.tar /tmp/base
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee -a "$log"
 run() {  # $1: root, $2: seconds, rest: command
@@ -49,7 +50,7 @@ for step in ${STEPS:-decode quant}; do
         ${QDBITS:+--bits $QDBITS} --layouts ${QDLAYOUTS:-0 16} ${QDLAYER:+--layer} --out "$OUT/quant_default.json" ;;
     overlap)
       run /tmp/new ${QOSECS:-240} python3 benchmarks/quant_gemv.py --sweep overlap --bits ${QBITS:-3 4} \
-        --m ${QOM:-1 2 4 16} --layouts 16 --layer --out "$OUT/quant_overlap.json" ;;
+        --m ${QOM:-1} --layouts 16 --layer --layer-m ${QOLM:-1 4} --out "$OUT/quant_overlap.json" ;;
     stream)
       run /tmp/new ${QSSECS:-240} python3 benchmarks/quant_gemv.py --sweep stream --bits ${QBITS:-3 4} \
         --m ${QSM:-1} --layouts ${QSLAYOUTS:-16} --out "$OUT/quant_stream.json" ;;
@@ -62,7 +63,7 @@ from treadle.kernels.quant_mma import MmaConfig
 from treadle.kernels.quantize import quantize_rtn
 qw = quantize_rtn(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, 4, 128, 16)
 x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-cfg = QuantMatmulConfig(False, 1, 32, 4, 1, mma=MmaConfig(8, 1, 2, 16, True))
+cfg = QuantMatmulConfig(False, 1, 32, 4, 1, mma=MmaConfig(8, 1, 2, 1, preload=True))
 quant_matmul(quant_matmul(x, qw, config=cfg), qw, config=cfg)
 g = torch.cuda.CUDAGraph(keep_graph=True)
 with torch.cuda.graph(g):

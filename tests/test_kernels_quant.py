@@ -286,12 +286,13 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
 # tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early and late
-# on both layouts, the load-only diagnostic, 512-thread blocks (16 warps), and row blocks of 32 and 64 columns.
+# on both layouts (weights loaded before the wait, and L2 prefetch, in some), the load-only diagnostic, 512-thread
+# blocks (16 warps), and row blocks of 32 and 64 columns.
 MMA_VARIANTS = [Variant(b, True, 16, 1, 1, 1, b % 2 + 1) for b in BITS] + [
-    Variant(3, False, 0, 2, 1, 1), Variant(8, False, 16, 1, 2, 1), Variant(4, True, 0, 1, 1, 2, 1),
-    Variant(4, True, 16, 2, 1, 2, 2), Variant(4, True, 16, 1, 1, 1, 0, True),
-    Variant(3, True, 16, 1, 1, 1, 0, False, 512), Variant(6, False, 16, 2, 1, 1, 0, False, 512),
-    Variant(3, True, 32, 1, 1, 2), Variant(5, False, 64, 2, 1, 1),
+    Variant(3, False, 0, 2, 1, 1), Variant(8, False, 16, 1, 2, 1), Variant(4, True, 0, 1, 1, 2, 1, preload=True),
+    Variant(4, True, 16, 2, 1, 2, 2, preload=True, prefetch_kb=32), Variant(4, True, 16, 1, 1, 1, 0, True),
+    Variant(3, True, 16, 1, 1, 1, 1, False, 512, True, 1024), Variant(6, False, 16, 2, 1, 1, 0, False, 512),
+    Variant(3, True, 32, 1, 1, 2, prefetch_kb=32), Variant(5, False, 64, 2, 1, 1),
 ]
 
 
@@ -369,21 +370,28 @@ def test_mma_runs_in_cuda_graphs_on_torch_stream():
         assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]
 
 
+# Overlapped launches: PDL triggered early or late, waiting before any load or loading the weights (and
+# prefetching them into L2) first, 8- and 16-warp blocks.
+OVERLAPPED = [MmaConfig(8, 1, 2, 1), MmaConfig(4, 1, 2, 2), MmaConfig(8, 1, 2, 1, preload=True),
+              MmaConfig(8, 1, 2, 2, preload=True, prefetch_kb=32), MmaConfig(16, 1, 1, 1, preload=True, prefetch_kb=1024)]
+
+
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
 @pytest.mark.parametrize("m", [1, 16])
-@pytest.mark.parametrize("pdl", [1, 2])
-def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m, pdl):
+@pytest.mark.parametrize("overlapped", OVERLAPPED, ids=str)
+def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m, overlapped):
     """With programmatic dependent launch each GEMV may start before the previous kernel ends: a chain whose
-    every input is the previous GEMV's output (or a torch kernel's, between them), eager and replayed from a
-    CUDA graph, must give bit for bit what the same kernel gives launched plainly."""
+    every input is the previous GEMV's output (three GEMVs in a row, then a torch kernel), eager and
+    replayed from a CUDA graph, must give bit for bit what the same kernel gives launched plainly."""
     qws = [row_blocked(_case(b, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=b), 16) for b in (3, 4, 2)]
     qws += [_case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=5)]  # flat
-    plain, overlapped = MmaConfig(8, 1, 2), MmaConfig(8, 1, 2, pdl)
+    plain = MmaConfig(overlapped.warps, 1, overlapped.min_blocks)
 
     def chain(x: torch.Tensor, mma: MmaConfig) -> torch.Tensor:
-        for i, qw in enumerate(qws * 2):
+        for i, qw in enumerate(qws * 3):
             x = quant_matmul(x, qw, config=QuantMatmulConfig(False, 1, 32, 4, 1, mma=mma))
-            x = x * 0.25 if i % 3 == 1 else x / x.float().norm(dim=1, keepdim=True).to(x.dtype)
+            if i % 3 == 2:
+                x = x / x.float().norm(dim=1, keepdim=True).to(x.dtype)
         return x
 
     x = torch.randn(m, 4096, device=DEVICE).to(torch.bfloat16)
