@@ -6,13 +6,19 @@ sequence's matcher lives in one of a few spawned processes, which build masks wh
 
 Each step has two posts per process, through shared memory rather than pipes (a pipe message each way per process
 and step costs tens of microseconds of system calls and wake-ups, a visible share of a few-millisecond GPU step):
-- right after sampling, the tokens just sampled (stop tokens excepted): the process accepts them and builds each
-  sequence's next mask in memory of its own, while the engine emits, schedules and runs the next forward;
-- once the next step's rows are known, which sequence is which bitmask row: the process copies the masks there.
+- once the step's rows are known, which sequence is which bitmask row: the process copies the masks there;
+- right after sampling, the tokens just sampled: the process accepts them and builds each sequence's next mask in
+  memory of its own, while the engine emits, schedules and runs the next forward. Usually every row sampled one
+  token, and the engine writes the step's tokens once, by row, for all processes (each knows its rows from the
+  row post); otherwise (forked choices of a prompt) it writes (matcher, token) pairs per process.
 A post is a table the engine writes and a counter it bumps; the process polls the counters while work keeps coming
 and bumps its own when done, which the engine spins on. A process idle for SPIN_S blocks on its pipe instead, and
 the engine wakes it with a message. The pipe carries everything that is not per step: new grammars, and matcher
-creation and release. Stop tokens are never sent: a sampled one ends its grammar (see `accept`).
+creation and release. A sampled stop token is not accepted: it ends its grammar (see `accept`).
+
+Sequences of one grammar go to the same process while it holds fewer than AFFINITY_ROWS of them: masks are built
+lazily and cached per process, so spreading one grammar's sequences would build each new parser configuration's
+mask once per process.
 
 A process that dies fails the sequences it held (they finish with "abort") and is replaced.
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import os
 import pickle
 import signal
@@ -46,6 +53,8 @@ SPIN_S = 0.02  # a worker polls this long after its last work before blocking on
 POLL_S = 2e-5  # its sleep between polls (~70 us with Linux's default timer slack): a busy spin would slow the
 # engine's thread on a sibling hyperthread, and the work it waits for comes a millisecond before it is due
 _LIVENESS_SPINS = 1024  # the engine checks that a worker it waits for is alive every this many spins
+AFFINITY_ROWS = 64  # sequences of one grammar a process takes before the next one shares them
+BY_ROW = -1  # an accept post's count meaning "the tokens of your last row post's rows, in the shared row tokens"
 # Columns of the control array, one row per worker: the two posts' counters, whether it sleeps, whether its
 # last rows restrict anything.
 ACC_POSTED, ACC_DONE, ROW_POSTED, ROW_DONE, SLEEPING, RESTRICTS = range(6)
@@ -80,11 +89,13 @@ def fill_row(m: GrammarMatcher, tokens: list[int], bitmask: torch.Tensor, row: i
 
 @dataclass
 class SharedArrays:
-    """What the engine and the worker processes share: the bitmask, and per worker its control counters, the
-    tokens of its last accept post (n, then matcher id and token per token), the rows of its last row post (n, then
-    row and matcher id per row) and the matchers that post found failed (n, then ids)."""
+    """What the engine and the worker processes share: the bitmask, the last sampled token of every row, and per
+    worker its control counters, the tokens of its last accept post (n, then matcher id and token per token; or
+    BY_ROW), the rows of its last row post (n, then row and matcher id per row) and the matchers that post found
+    failed (n, then ids)."""
 
     bitmask: torch.Tensor  # [rows, words] int32
+    row_tokens: torch.Tensor  # [rows] int32
     ctl: torch.Tensor  # [workers, 6] int64
     tokens: torch.Tensor  # [workers, 1 + 2 * rows] int32
     rows: torch.Tensor  # [workers, 1 + 2 * rows] int32
@@ -96,7 +107,8 @@ class SharedArrays:
         if ctl is None:
             ctl = torch.zeros(workers, 6, dtype=torch.int64).share_memory_()
         table = lambda n: torch.zeros(workers, n, dtype=torch.int32).share_memory_()  # noqa: E731
-        return cls(torch.zeros(rows, words, dtype=torch.int32).share_memory_(), ctl, table(1 + 2 * rows),
+        return cls(torch.zeros(rows, words, dtype=torch.int32).share_memory_(),
+                   torch.zeros(rows, dtype=torch.int32).share_memory_(), ctl, table(1 + 2 * rows),
                    table(1 + 2 * rows), table(1 + rows))
 
 
@@ -110,6 +122,8 @@ class _Server:
         self.index = index
         self.compiler = GrammarCompiler(info, cache_limit_bytes=cache_bytes)
         self.compile_spec = compile_spec
+        self.stop_token_ids = frozenset(info.stop_token_ids)
+        self.last_rows: list[tuple[int, int]] = []  # (row, matcher id) of the last row post
         self.words = shared.bitmask.shape[1]
         self.matchers: dict[int, GrammarMatcher | None] = {}  # None: creating it or accepting for it failed
         self.masks: dict[int, torch.Tensor] = {}  # each matcher's next mask, [1, words]
@@ -119,6 +133,7 @@ class _Server:
     def use(self, shared: SharedArrays) -> None:
         self.bitmask = shared.bitmask
         self.bitmask_np = shared.bitmask.numpy()
+        self.row_tokens = shared.row_tokens.numpy()
         self.ctl = shared.ctl.numpy()[self.index]
         self.tokens = shared.tokens.numpy()[self.index]
         self.rows = shared.rows.numpy()[self.index]
@@ -188,13 +203,20 @@ class _Server:
 
     def accept_posted(self) -> None:
         n = int(self.tokens[0])
-        for sid, tok in self.tokens[1 : 1 + 2 * n].reshape(n, 2).tolist():
-            self.advance(sid, [tok])
+        if n == BY_ROW:
+            row_tokens = self.row_tokens.tolist()
+            pairs = [(sid, row_tokens[row]) for row, sid in self.last_rows]
+        else:
+            pairs = self.tokens[1 : 1 + 2 * n].reshape(n, 2).tolist()
+        for sid, tok in pairs:
+            if tok not in self.stop_token_ids:
+                self.advance(sid, [tok])
 
     def fill_rows(self) -> None:
         n = int(self.rows[0])
         restricts, failed = False, []
-        for row, sid in self.rows[1 : 1 + 2 * n].reshape(n, 2).tolist():
+        self.last_rows = self.rows[1 : 1 + 2 * n].reshape(n, 2).tolist()
+        for row, sid in self.last_rows:
             if self.matchers.get(sid) is None:
                 self.bitmask_np[row] = -1
                 failed.append(sid)
@@ -229,8 +251,6 @@ class _Server:
                 self.matchers.pop(sid, None)
                 self.masks.pop(sid, None)
                 self.restricts.pop(sid, None)
-        elif kind == "pending":  # several tokens of one sequence at once (rare: not through a post)
-            self.advance(msg[1], msg[2])
         elif kind == "arrays":
             self.use(msg[1])
         elif kind == "count":
@@ -260,6 +280,7 @@ class _Worker:
     conn: Connection
     send_lock: threading.Lock = field(default_factory=threading.Lock)  # compiles broadcast from another thread
     live: int = 0  # sequences assigned and not yet released
+    grammars: dict[str, int] = field(default_factory=dict)  # of those, how many per grammar key
     acc_posted: int = 0  # accept posts so far
     row_posted: int = 0  # row posts so far
     drops: list[int] = field(default_factory=list)  # ids of released sequences, sent before its next post
@@ -272,27 +293,27 @@ class _Worker:
 
 @dataclass(eq=False)
 class _Entry:
-    """A constrained sequence: its worker, its matcher's id there, the tokens not posted yet, and how many posted
-    tokens `accept` has still to see."""
+    """A constrained sequence: its worker, its matcher's id there, and its grammar's key."""
 
     worker: _Worker
     sid: int
-    pending: list[int] = field(default_factory=list)
-    ahead: int = 0
+    key: str
     failed: bool = False
 
 
 @dataclass
 class ProcessMaskJob:
-    """Rows posted for one step: the workers to wait for and, per worker, its entries with their rows."""
+    """Rows posted for one step: the sequences by row, the workers to wait for and, per worker, its entries with
+    their rows."""
 
+    seqs: list[Sequence]
     sent: list[tuple[_Worker, list[tuple[int, _Entry]]]]
     free_rows: list[int]
-    rows: int
 
 
 class GrammarProcessPool:
-    """Matchers of constrained sequences, spread over `workers` processes (the least loaded takes a new one)."""
+    """Matchers of constrained sequences, spread over `workers` processes (by grammar, see the module docstring;
+    a grammar new to all takes the least loaded one)."""
 
     def __init__(self, info: TokenizerInfo, workers: int, rows: int, cache_bytes: int, compile_spec: CompileSpec,
                  pin_memory: bool = False):
@@ -311,6 +332,8 @@ class GrammarProcessPool:
         self._workers = [self._start(i) for i in range(workers)]
         self._entries: dict[Sequence, _Entry] = {}
         self._by_sid: dict[int, _Entry] = {}
+        self._homes: dict[str, list[_Worker]] = {}  # per grammar with live sequences, the workers holding them
+        self._job: ProcessMaskJob | None = None  # the step's rows, until its tokens are posted
         self._ids = itertools.count()
         self._closing = False
 
@@ -324,7 +347,7 @@ class GrammarProcessPool:
                           != torch.cuda.cudart().cudaError.success):
             log.warning("could not pin the shared grammar bitmask; it is uploaded through a staging copy")
             self._pin = False
-        self._ctl, self._tokens = shared.ctl.numpy(), shared.tokens.numpy()
+        self._ctl, self._tokens, self._row_tokens = shared.ctl.numpy(), shared.tokens.numpy(), shared.row_tokens.numpy()
         self._rows, self._failed = shared.rows.numpy(), shared.failed.numpy()
 
     def _start(self, index: int) -> _Worker:
@@ -348,10 +371,11 @@ class GrammarProcessPool:
         for w in self._workers:
             self._send(w, ("grammar", spec))
 
-    def add(self, seq: Sequence, spec: Any) -> None:
-        worker = min((w for w in self._workers if not w.dead), key=lambda w: w.live)
+    def add(self, seq: Sequence, spec: Any, key: str) -> None:
+        """A new constrained sequence; `key` names its grammar (GrammarSpec.key)."""
+        worker = self._assign(key)
         worker.live += 1
-        entry = _Entry(worker, next(self._ids))
+        entry = _Entry(worker, next(self._ids), key)
         self._entries[seq] = entry
         self._by_sid[entry.sid] = entry
         if not self._send(worker, ("add", entry.sid, spec)):
@@ -360,24 +384,35 @@ class GrammarProcessPool:
     def release(self, seq: Sequence) -> None:
         """The sequence finished: its matcher goes before the worker's next post."""
         entry = self._entries.pop(seq, None)
-        if entry is not None:
-            del self._by_sid[entry.sid]
-            entry.worker.live -= 1
-            entry.worker.drops.append(entry.sid)
+        if entry is None:
+            return
+        del self._by_sid[entry.sid]
+        entry.worker.live -= 1
+        entry.worker.drops.append(entry.sid)
+        entry.worker.grammars[entry.key] -= 1
+        if not entry.worker.grammars[entry.key]:
+            del entry.worker.grammars[entry.key]
+            homes = self._homes[entry.key]
+            homes.remove(entry.worker)
+            if not homes:
+                del self._homes[entry.key]
 
     def sampled(self, seqs: list[Sequence], token_ids: list[int]) -> None:
-        """Post the tokens just sampled, so that the workers accept them and build the next masks while the engine
-        emits them, schedules and runs the next forward. Stop tokens are left to `accept`."""
-        per_worker: dict[_Worker, list[_Entry]] = {}
+        """Post the tokens just sampled (every one must be, before `accept` sees it), so that the workers accept
+        them and build the next masks while the engine emits them, schedules and runs the next forward."""
+        job, self._job = self._job, None
+        if job is not None and len(seqs) == len(job.seqs) and all(map(operator.is_, seqs, job.seqs)):
+            self._row_tokens[: len(token_ids)] = token_ids  # every row as posted this step: one write for all
+            for worker, _ in job.sent:
+                self._post_tokens(worker, None)
+            return
+        per_worker: dict[_Worker, list[int]] = {}
         for seq, tok in zip(seqs, token_ids):
             e = self._entries.get(seq)
-            if e is None or e.failed or tok in self.stop_token_ids:
-                continue
-            e.pending.append(tok)
-            e.ahead += 1
-            per_worker.setdefault(e.worker, []).append(e)
-        for worker, entries in per_worker.items():
-            self._post_tokens(worker, entries)
+            if e is not None and not e.failed:
+                per_worker.setdefault(e.worker, []).extend((e.sid, tok))
+        for worker, pairs in per_worker.items():
+            self._post_tokens(worker, pairs)
 
     def start(self, seqs: list[Sequence]) -> ProcessMaskJob | None:
         """Post which sequence is which bitmask row this step (`seqs[i]` is row i); None when no row is
@@ -392,13 +427,11 @@ class GrammarProcessPool:
                 free_rows.append(row)
             else:
                 per_worker.setdefault(entry.worker, []).append((row, entry))
+        self._job = None
         if not per_worker:
             return None
         sent = []
         for worker, rows in per_worker.items():
-            unposted = [e for _, e in rows if e.pending]  # tokens that reached `accept` without `sampled`
-            if unposted:
-                self._post_tokens(worker, unposted)
             if self._ctl[worker.index, ROW_DONE] != worker.row_posted and not self._wait(worker, ROW_DONE):
                 self._lost(worker)  # a step left unfinished (an exception between start and finish): wait for it
             if worker.drops:
@@ -414,7 +447,8 @@ class GrammarProcessPool:
             worker.row_posted += 1
             self._post(worker, ROW_POSTED, worker.row_posted)
             sent.append((worker, rows))
-        return ProcessMaskJob(sent, free_rows, len(seqs))
+        self._job = ProcessMaskJob(list(seqs), sent, free_rows)
+        return self._job
 
     def finish(self, job: ProcessMaskJob) -> torch.Tensor | None:
         """Wait for the step's rows: the bitmask rows (or None when no row restricts anything)."""
@@ -436,25 +470,19 @@ class GrammarProcessPool:
             return None
         if job.free_rows:
             self.bitmask[job.free_rows] = -1
-        return self.bitmask[: job.rows]
+        return self.bitmask[: len(job.seqs)]
 
     def accept(self, seq: Sequence, token_id: int) -> str | None:
-        """A token was appended: posted already by `sampled`, or queued for the next post. The finish reason the
-        grammar gives, if any: "stop" for a stop token, without asking the worker, since the token was sampled
-        under the row's mask, which allows stop tokens only where the grammar can end (a row that allows
-        everything is either failed, hence "abort", or at such a point)."""
+        """A token posted by `sampled` was appended: the finish reason the grammar gives, if any. "stop" for a
+        stop token, without asking the worker, since the token was sampled under the row's mask, which allows stop
+        tokens only where the grammar can end (a row that allows everything is either failed, hence "abort", or at
+        such a point)."""
         entry = self._entries.get(seq)
         if entry is None:
             return None
         if entry.failed:
             return "abort"
-        if token_id in self.stop_token_ids:
-            return "stop"
-        if entry.ahead:
-            entry.ahead -= 1
-        else:
-            entry.pending.append(token_id)
-        return None
+        return "stop" if token_id in self.stop_token_ids else None
 
     def live_matchers(self) -> int:
         """Matchers alive in the workers, after dropping those of released sequences (for leak checks)."""
@@ -477,21 +505,31 @@ class GrammarProcessPool:
         self._unpin()
 
     # ---- internals -----------------------------------------------------------------------------------------
-    def _post_tokens(self, worker: _Worker, entries: list[_Entry]) -> None:
-        """An accept post of the entries' pending tokens (one each; several go by pipe, ahead of the post)."""
-        if self._ctl[worker.index, ACC_DONE] != worker.acc_posted and not self._wait(worker, ACC_DONE):
+    def _assign(self, key: str) -> _Worker:
+        """The worker for a new sequence of grammar `key`: one holding that grammar with room left, else the least
+        loaded."""
+        homes = self._homes.setdefault(key, [])
+        worker = next((w for w in homes if not w.dead and w.grammars[key] < AFFINITY_ROWS), None)
+        if worker is None:
+            worker = min((w for w in self._workers if not w.dead), key=lambda w: w.live)
+            if key not in worker.grammars:
+                homes.append(worker)
+        worker.grammars[key] = worker.grammars.get(key, 0) + 1
+        return worker
+
+    def _post_tokens(self, worker: _Worker, pairs: list[int] | None) -> None:
+        """An accept post: (matcher id, token) pairs flattened, or None for the tokens of the worker's last row post
+        by row, in the shared row tokens."""
+        if worker.dead or (self._ctl[worker.index, ACC_DONE] != worker.acc_posted
+                           and not self._wait(worker, ACC_DONE)):
             self._lost(worker)
-        flat = [0]
-        for e in entries:
-            pending, e.pending = e.pending, []
-            if len(pending) == 1:
-                flat += (e.sid, pending[0])
-            else:
-                self._send(worker, ("pending", e.sid, pending))
-        if worker.dead:
             return
-        flat[0] = (len(flat) - 1) // 2
-        self._tokens[worker.index, : len(flat)] = flat
+        table = self._tokens[worker.index]
+        if pairs is None:
+            table[0] = BY_ROW
+        else:
+            table[0] = len(pairs) // 2
+            table[1 : 1 + len(pairs)] = pairs
         worker.acc_posted += 1
         self._post(worker, ACC_POSTED, worker.acc_posted)
 

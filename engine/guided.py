@@ -193,7 +193,7 @@ class GuidedDecoder:
         self._max_rows = max_rows
         self._pin_memory = pin_memory
         self._pool: GrammarProcessPool | None = None  # started with the compiler
-        self._specs: weakref.WeakKeyDictionary[CompiledGrammar, GrammarSpec] = weakref.WeakKeyDictionary()
+        self._specs: weakref.WeakKeyDictionary[CompiledGrammar, tuple[GrammarSpec, str]] = weakref.WeakKeyDictionary()
         self._worker = GrammarWorker()
         self._compiler_future: concurrent.futures.Future | None = None
         self._matchers: weakref.WeakKeyDictionary[Sequence, GrammarMatcher] = weakref.WeakKeyDictionary()
@@ -274,7 +274,7 @@ class GuidedDecoder:
         while len(self._validated) > _MEMORY:
             self._validated.popitem(last=False)
         if self._pool is not None:
-            self._specs[compiled] = spec
+            self._specs[compiled] = spec, key
             self._pool.prepare(key, spec)
         return compiled
 
@@ -289,7 +289,7 @@ class GuidedDecoder:
         spec = self._specs.get(grammar)
         if spec is None:
             raise ValueError("a grammar for worker processes must come from this decoder's compile()")
-        self._pool.add(seq, spec)
+        self._pool.add(seq, *spec)
 
     def start_masks(self, seqs: list[Sequence]) -> MaskJob | ProcessMaskJob | None:
         """Submit the mask fill for the sequences about to get logits (None when none is constrained)."""
@@ -331,7 +331,7 @@ class GuidedDecoder:
 
     def sampled(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Tokens were just sampled, before the engine emits them: worker processes start on the next masks now.
-        (The thread takes its tokens with the next fill.)"""
+        (The thread takes its tokens with the next fill.) Every token `accept` sees must have come through here."""
         if self._pool is not None:
             self._pool.sampled(seqs, token_ids)
 

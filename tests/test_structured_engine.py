@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import xgrammar
 
+from treadle.engine import grammar_procs
 from treadle.engine.config import EngineConfig
 from treadle.engine.engine import LLMEngine
 from treadle.engine.guided import GrammarCompileTimeout, GrammarSpec, GrammarWorker, GuidedDecoder
@@ -166,12 +167,41 @@ def test_a_token_outside_the_grammar_aborts_the_sequence_one_token_later(loaded,
         mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
         allowed = lambda row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
         assert allowed(0, good) and not allowed(0, bad) and not allowed(1, eos)
+        guided.sampled(seqs, [good, bad])
         assert guided.accept(seqs[0], good) is None
         assert guided.accept(seqs[1], bad) is None  # accepted with the next fill, which finds it breaks the grammar
         mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
         assert allowed(0, eos) and allowed(1, good) and allowed(1, bad)  # a failed row is left unmasked
+        guided.sampled(seqs, [eos, good])
         assert guided.accept(seqs[1], good) == "abort"
         assert guided.accept(seqs[0], eos) == "stop"
+    finally:
+        guided.close()
+
+
+def test_sequences_of_one_grammar_share_a_worker_process_until_it_is_full(loaded, monkeypatch):
+    """Masks are cached per process, so one grammar's sequences stay together (AFFINITY_ROWS at a time); each row
+    still gets its own matcher's mask, and released sequences leave no bookkeeping behind."""
+    monkeypatch.setattr(grammar_procs, "AFFINITY_ROWS", 2)
+    tok = loaded.tokenizer
+    guided = GuidedDecoder(tok, loaded.config.vocab_size, 2, max_rows=4)
+    try:
+        letters, digits = (asyncio.run(guided.compile(GrammarSpec("regex", r), 60)) for r in ("[a-z]+", "[0-9]+"))
+        (a,), (seven,) = tok.encode("abc", add_special_tokens=False), tok.encode("7", add_special_tokens=False)
+        seqs = [_Seq() for _ in range(4)]
+        for s, c in zip(seqs, (letters, letters, letters, digits)):
+            guided.add(s, c)
+        pool = guided._pool
+        workers = [pool._entries[s].worker for s in seqs]
+        assert workers[0] is workers[1] and workers[2] is not workers[0] and workers[3] is workers[2]
+        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1, 2, 3])
+        allowed = lambda row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
+        assert [allowed(r, a) for r in range(4)] == [True, True, True, False]
+        assert [allowed(r, seven) for r in range(4)] == [False, False, False, True]
+        for s in seqs:
+            guided.release(s)
+        assert pool._homes == {} and all(not w.grammars for w in pool._workers)
+        assert pool.live_matchers() == 0
     finally:
         guided.close()
 
@@ -180,26 +210,28 @@ def test_a_dead_worker_process_aborts_its_sequences_and_is_replaced(loaded):
     tok = loaded.tokenizer
     guided = GuidedDecoder(tok, loaded.config.vocab_size, 2, max_rows=1)  # two rows grow the shared arrays
     try:
-        compiled = asyncio.run(guided.compile(GrammarSpec("regex", "[a-z]+"), 60))
+        compiled = [asyncio.run(guided.compile(GrammarSpec("regex", r), 60)) for r in ("[a-z]+", "[a-z]+!")]
         (good,), (bad,) = tok.encode("abc", add_special_tokens=False), tok.encode("7", add_special_tokens=False)
         allowed = lambda mask, row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
         seqs = [_Seq(), _Seq()]
-        for s in seqs:
-            guided.add(s, compiled)
+        for s, c in zip(seqs, compiled):  # two grammars: one process each
+            guided.add(s, c)
         pool = guided._pool
         doomed = pool._entries[seqs[0]].worker
         assert doomed is not pool._entries[seqs[1]].worker
         mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
         assert not allowed(mask, 0, bad) and not allowed(mask, 1, bad)
+        guided.sampled(seqs, [good, good])
         for s in seqs:
             assert guided.accept(s, good) is None
         doomed.process.kill()
         doomed.process.join()
         mask = guided.finish_masks(guided.start_masks(seqs), [0, 1])
         assert allowed(mask, 0, bad) and not allowed(mask, 1, bad)  # the lost row is left unmasked
+        guided.sampled(seqs, [good, good])
         assert guided.accept(seqs[0], good) == "abort" and guided.accept(seqs[1], good) is None
         fresh = _Seq()
-        guided.add(fresh, compiled)
+        guided.add(fresh, compiled[0])
         assert pool._entries[fresh].worker.process.is_alive()
         mask = guided.finish_masks(guided.start_masks([seqs[1], fresh]), [0, 1])
         assert not allowed(mask, 0, bad) and not allowed(mask, 1, bad) and allowed(mask, 1, good)
