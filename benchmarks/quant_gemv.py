@@ -16,14 +16,14 @@ Every case runs in each weight layout of `--layouts` (QuantizedWeight.block_n: 0
 the same run. Each case times `default_config` and, where that picks the CUDA tensor-core kernel (quant_mma),
 also the Triton-only default (the "triton" column), so old and new kernels are compared in the same run too;
 `--sweep` adds the CUDA kernel's launch shapes and Triton tilings (`candidates`) and reports the best, which is
-what `default_config` is tuned from; `--sweep overlap` the default launch shape of the CUDA kernel in the ways
+what `default_config` is tuned from; `--sweep overlap` the previous launch shape of the CUDA kernel in the ways
 of overlapping one GEMV with the next (OVERLAP_VARIANTS: programmatic dependent launch with the weights loaded
-before or after the wait, L2 prefetch), its load-only diagnostic, and plain reads of the same packed words
-(`quant_mma.stream_read`), the in-run ceiling of each shape, summed per layer at the end; `--sweep stream` wider
-blocks of the CUDA kernel (full and load-only) and those plain reads. Where default_config takes the CUDA
-kernel, the "previous" column times the launch shape it took before 16-warp blocks for down (`previous_mma`).
-Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker processes compile them first into
-Triton's and quant_mma's on-disk caches.
+before or after the wait, triggers, blocks per SM), the previous shape's load-only diagnostic, and plain reads
+of the same packed words (`quant_mma.stream_read`), the in-run ceiling of each shape, summed per layer at the
+end; `--sweep stream` wider blocks of the CUDA kernel (full and load-only) and those plain reads. Where
+default_config takes the CUDA kernel, the "previous" column times the launch shape it took before programmatic
+dependent launch (`previous_mma`). Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker
+processes compile them first into Triton's and quant_mma's on-disk caches.
 
 `--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
 copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, in each of
@@ -110,58 +110,58 @@ def stream_probes(n: int, sms: int, warps: int) -> list[tuple[str, int, int, boo
             ("4/SM contiguous", 4 * sms, 256, False), ("2/SM grid-stride", 2 * sms, 512, True)]
 
 
-def previous_mma(m: int, n: int, sms: int) -> MmaConfig:
-    """The launch shape mma_config chose from commit 97ff1d6 until 16 warps for down: the baseline that the PDL,
-    load-only and wider variants are measured against."""
+def previous_mma(m: int, n: int, sms: int, k: int, bits: int) -> MmaConfig:
+    """The launch shape mma_config chose from commit fbdcf12 (16 warps for down) until programmatic dependent
+    launch: the baseline that the overlap, load-only and wider variants are measured against."""
     blocks = -(-n // 32)
+    if blocks <= sms and k >= 8192 and 0 < bits <= 4:
+        return MmaConfig(16)
     many = blocks >= 4 * sms
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)
 
 
-# Launch variants of the CUDA kernel's default shape that overlap one GEMV with the next (quant_mma.MmaConfig):
-# "pdl" waits for the previous grid before any load and triggers the next at once (what was measured before);
-# "pre" loads each warp's first weights before the wait, x after it; "late" triggers the next grid after the
-# main loop; "l2 N" has the copy engine prefetch N KB of each block's words into L2 at the block's start
-# ("all": the whole slab), before the wait under PDL; "solo" takes 16-warp blocks (all of an SM's registers) where
-# the grid has at most one block per SM, so that blocks launched early cannot double up on the SMs that the
-# previous grid frees first. A prefetching build takes min_blocks 2 at 8 warps or fewer (128 registers: it costs
-# 3-bit builds 14 more, which would halve qkv's blocks per SM).
-OVERLAP_VARIANTS = ("default", "pdl", "pre", "pre late", "pre solo", "pre l2 32", "pre l2 all", "l2 32")
+# Ways of overlapping one GEMV with the next, on the previous launch shape: "pdl" waits for the previous grid
+# before any load and lets the next grid launch once past the wait (what was measured before); "pre" loads each
+# warp's first weights before the wait, x after it; "first" lets the next grid launch at the start, "late" after
+# the main loop; "solo" takes 16-warp blocks (all of an SM's registers) where the grid has at most one block per
+# SM, so that blocks launched early cannot double up on the SMs the previous grid frees first; "default" is
+# default_config.
+OVERLAP_VARIANTS = ("previous", "pdl", "pre", "pre first", "pre late", "solo", "pre solo", "default")
 
 
-def overlap_config(variant: str, base: QuantMatmulConfig, n: int, sms: int) -> QuantMatmulConfig:
-    """`base` (a default config on the CUDA kernel, `n` output columns) as one of OVERLAP_VARIANTS."""
-    mma = base.mma
-    if variant != "default":
-        pdl = 0 if variant.startswith("l2") else 2 if "late" in variant else 1
-        kb = 0 if "l2" not in variant else 4096 if variant.endswith("all") else int(variant.split()[-1])
-        solo = variant.endswith("solo") and -(-n // 32) <= sms
-        mma = dataclasses.replace(mma, pdl=pdl, preload=variant.startswith("pre"), prefetch_kb=kb,
-                                  warps=16 if solo else mma.warps,
-                                  min_blocks=2 if kb and mma.warps <= 8 else 1 if solo else mma.min_blocks)
-    return dataclasses.replace(base, mma=mma)
+def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
+    """One of OVERLAP_VARIANTS for x [m, qw.in_features] @ qw on the CUDA kernel."""
+    if variant == "default":
+        return default_config(m, qw.out_features, qw, sms, True)
+    mma = previous_mma(m, qw.out_features, sms, qw.in_features, qw.bits)
+    if "solo" in variant and -(-qw.out_features // 32) <= sms:
+        mma = MmaConfig(16)
+    if variant != "previous" and variant != "solo":
+        pdl = 3 if "first" in variant else 2 if "late" in variant else 1
+        mma = dataclasses.replace(mma, pdl=pdl, preload=variant.startswith("pre"))
+    return QuantMatmulConfig(False, m, 32, 4, 1, mma=mma)
 
 
 def mma_label(c: MmaConfig) -> str:
     return (f"{'load-only ' if c.load_only else ''}w{c.warps} st{c.stages} mb{c.min_blocks} pdl {c.pdl}"
-            f"{' pre' if c.preload else ''}{f' l2 {c.prefetch_kb}K' if c.prefetch_kb else ''}")
+            f"{' pre' if c.preload else ''}")
 
 
 def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" the default one in OVERLAP_VARIANTS and its load-only diagnostic, "all" also (row-blocked layouts only:
+    "overlap" OVERLAP_VARIANTS and the previous shape's load-only diagnostic, "all" also (row-blocked layouts only:
     the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
     M >= 4."""
     mma = available() and shape_supported(m, qw)
     base = default_config(m, n, qw, sms, mma)
     out = [base, default_config(m, n, qw, sms)]
+    prev = previous_mma(m, n, sms, qw.in_features, qw.bits)
     if base.mma is not None:
-        out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=previous_mma(m, n, sms)))
-    prev = previous_mma(m, n, sms)
+        out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=prev))
     if sweep == "overlap" and base.mma is not None:
-        out += [overlap_config(v, base, n, sms) for v in OVERLAP_VARIANTS[1:]]
-        out.append(dataclasses.replace(base, mma=dataclasses.replace(base.mma, load_only=True)))
+        out += [overlap_config(v, m, qw, sms) for v in OVERLAP_VARIANTS]
+        out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=dataclasses.replace(prev, load_only=True)))
         return list(dict.fromkeys(out))
     if sweep == "stream" and mma:
         shapes = [dataclasses.replace(prev, load_only=True)]
@@ -248,11 +248,11 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
     return len(configs)
 
 
-# Whole-layer variants: OVERLAP_VARIANTS of the default; "+k": a small elementwise torch kernel after each GEMV,
-# as decode has norms, RoPE and attention between them (those times include the four small kernels); "read":
-# plain reads of each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back to
-# back, the in-run ceiling of separate launches.
-LAYER_VARIANTS = (*OVERLAP_VARIANTS, "default +k", "pre +k", "pre solo +k", "pre l2 32 +k", "pre l2 all +k", "read")
+# Whole-layer variants: OVERLAP_VARIANTS; "+k": a small elementwise torch kernel after each GEMV, as decode has
+# norms, RoPE and attention between them (those times include the four small kernels); "read": plain reads of
+# each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back to back, the
+# in-run ceiling of separate launches.
+LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "pre +k", "default +k", "read")
 
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
@@ -281,8 +281,7 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
                         if name == "read":
                             calls.append(lambda q=q: stream_read(q.packed, 4 * sms, 256))
                             continue
-                        n = q.out_features
-                        cfg = overlap_config(name.removesuffix(" +k"), default_config(m, n, q, sms, True), n, sms)
+                        cfg = overlap_config(name.removesuffix(" +k"), m, q, sms)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
                         if name.endswith("+k"):
                             calls.append(lambda s=scratch: s.add_(1.0))
@@ -354,7 +353,8 @@ def main() -> int:
                     graphs.append((capture([lambda q=q, c=cfg, x=x: quant_matmul(x, q, config=c) for q in qws]),
                                    len(qws)))
                 stream = args.sweep in ("stream", "overlap") and m == args.m[0]  # the reads do not depend on M
-                probes = stream_probes(n, sms, previous_mma(m, n, sms).warps) if stream else []
+                prev = previous_mma(m, n, sms, k, bits)
+                probes = stream_probes(n, sms, prev.warps) if stream else []
                 for _, blocks, threads, gs in probes:
                     graphs.append((capture([lambda q=q, b=blocks, th=threads, gs=gs: stream_read(q.packed, b, th, gs)
                                             for q in qws]), len(qws)))
@@ -367,11 +367,11 @@ def main() -> int:
                                    key=lambda t: t[1])
                 nbytes = _nbytes(qw) + x.numel() * 2 + m * n * 2
                 triton_us = next(t for c, t, _ in tried if c == default_config(m, n, qw, sms))
-                previous_us = next((t for c, t, _ in tried if c.mma == previous_mma(m, n, sms)), None)
+                previous_us = next((t for c, t, _ in tried if c.mma == prev), None)
                 over = {}
                 if args.sweep == "overlap" and tried[0][0].mma is not None:
                     by_config = {c: t for c, t, _ in tried}
-                    over = {v: by_config[overlap_config(v, tried[0][0], n, sms)] for v in OVERLAP_VARIANTS}
+                    over = {v: by_config[overlap_config(v, m, qw, sms)] for v in OVERLAP_VARIANTS}
                 results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, previous_us, us, asdict(cfg),
                                       bf16_us, bf16_us / us, nbytes / us / 1e3, err,
                                       [[asdict(c), t, e] for c, t, e in tried], reads, over))

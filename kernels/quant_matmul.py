@@ -475,19 +475,23 @@ class QuantMatmulConfig:
 
 MMA_MAX_M = 16
 WIDE_MIN_K = 8192  # in_features from which a lone block per SM takes 16 warps (64 steps of 128, 4+ a warp)
+SOLO_MAX_M = 8  # up to this M a grid of at most one block per SM takes 16 warps at any K (see mma_config)
 
 
 def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
-    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, and qkv at M <= 8), 4 warps
-    and two blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM and a long
-    K (`k` in_features, at 2-4 `bits`: down) 16 warps, whose loads in flight the DRAM needs: 8-13% faster at
-    M = 1-16 there, where o's short K (2 steps a warp) lost."""
+    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (qkv at M <= 8), 4 warps and two
+    blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM at 2-4 `bits`, 16
+    warps (all of an SM's registers): their loads in flight are what the DRAM needs on a long K (`k` >= 8192,
+    down: 8-13% faster at M = 1-16), and on a short one (o) they keep the next GEMV's early blocks from doubling
+    up beside it. Every shape takes programmatic dependent launch with its weights loaded before the wait
+    (`pdl`, `preload`): each GEMV's blocks start while the previous kernel drains (layer of GEMVs back to back
+    3-5% faster at M = 1 and 4; no change with a small kernel between them, as in decode)."""
     blocks = -(-n // 32)
-    if blocks <= num_sms and k >= WIDE_MIN_K and 0 < bits <= 4:
-        return MmaConfig(16)
+    if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or m <= SOLO_MAX_M):
+        return MmaConfig(16, pdl=1, preload=True)
     many = blocks >= 4 * num_sms
-    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1)
+    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, pdl=1, preload=True)
 
 
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
@@ -557,7 +561,9 @@ def _num_sms(device: torch.device) -> int:
 def quant_matmul(
     x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = None, config: QuantMatmulConfig | None = None
 ) -> torch.Tensor:
-    """x [M, in_features] (fp16/bf16/fp32, rows contiguous) -> [M, out_features] in x.dtype."""
+    """x [M, in_features] (fp16/bf16/fp32, rows contiguous) -> [M, out_features] in x.dtype. On the CUDA kernel's
+    default launch (programmatic dependent launch, weights loaded before the wait) `qw` must not be written by the
+    kernel just before this call in the stream; x and bias may be."""
     if x.dim() != 2 or x.shape[1] != qw.in_features or x.stride(1) != 1:
         raise ValueError(f"x must be [M, {qw.in_features}] with contiguous rows, got {tuple(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -28,21 +28,20 @@
 // per block; 0: the flat [K-rows, N] one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
 // (blocks per SM the register allocation must allow), QM_MAX_THREADS (256; 512 for 16 warps), QM_PDL
 // (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one's blocks are past
-// their wait, 2 once they are past their main loops),
+// their wait, 2 once they are past their main loops, 3 as soon as they have started, before their wait),
 // QM_PRELOAD (with QM_PDL: each warp's first steps of weights, scales and minimums loaded before
-// griddepcontrol.wait, x after it), QM_PREFETCH_KB (row-blocked layouts, sm_90: the copy engine prefetches about
-// that many KB of each block's words into L2 at its start, before the wait under PDL),
+// griddepcontrol.wait, x after it),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
 // tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
 // PDL: launched with programmatic stream serialization, the next GEMV's blocks can be scheduled while this one
 // drains instead of after it has fully completed. Only x can come from the previous kernel: the weights are
 // written at load time, so with QM_PRELOAD a block scheduled beside the draining grid issues its first weight
-// loads (and with QM_PREFETCH_KB its L2 prefetch) at once and waits (griddepcontrol.wait) only before reading x.
-// Without it every block waits before it reads anything. Then it lets the next grid launch, either at once (1)
-// or after its main loop (2). Measured on the H100 (docs/benchmarks.md): waiting before any load, the early
-// trigger saved ~0.4 us per call on back-to-back calls of one shape, but the four projections of a layer back to
-// back ran ~16% slower with either trigger, and with a small kernel between the GEMVs it made no difference.
+// loads at once and waits (griddepcontrol.wait) only before reading x; without it every block waits before it
+// reads anything. The next grid may launch once all of this grid's blocks have triggered: at their start (3),
+// past their wait (1: at most two grids are then in flight) or past their main loops (2). Whatever the trigger,
+// a grid's wait returns only once the previous grid has completed and its writes are visible, and that grid
+// waited for its own predecessor: each GEMV still reads the x its predecessor wrote.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -67,9 +66,6 @@
 #endif
 #ifndef QM_PRELOAD
 #define QM_PRELOAD 0
-#endif
-#ifndef QM_PREFETCH_KB
-#define QM_PREFETCH_KB 0
 #endif
 
 typedef unsigned int u32;
@@ -282,31 +278,6 @@ __device__ __forceinline__ void load(Stage &st, const Args &a, int step, int col
   load_x(st, a, step, t, g);
 }
 
-// QM_PREFETCH_KB (row-blocked layouts, sm_90): the copy engine fetches the first groups of this block's row
-// blocks (words, scales, minimums; about QM_PREFETCH_KB KB of words per block) into L2, one instruction per
-// array and row block, issued by the first threads. Under PDL this runs before griddepcontrol.wait, so a block
-// scheduled while the previous grid drains already has DRAM streaming its weights.
-__device__ __forceinline__ void prefetch_l2(const void *p, u32 bytes) {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-__device__ __forceinline__ void prefetch_block(const Args &a) {
-  constexpr int LB = QM_BLOCKED ? QM_BLOCKED : 1;
-  const int run = 4 << a.group_shift;
-  const u32 group_bytes = (u32)BITS * run * LB * 4;
-  const int groups = imin(a.groups, (QM_PREFETCH_KB * 1024 + group_bytes - 1) / group_bytes);
-  const int first = blockIdx.x * 32 / LB, last = imin((blockIdx.x * 32 + 31) / LB, (a.n + LB - 1) / LB - 1);
-  const int r = threadIdx.x / 3, which = threadIdx.x % 3;  // row block, array
-  if (first + r > last) return;
-  const u64 blk = first + r;
-  if (which == 0)
-    prefetch_l2(a.w + blk * a.groups * run * BITS * LB, groups * group_bytes);
-  else
-    prefetch_l2((which == 1 ? a.s : a.z) + blk * a.groups * LB, (u32)groups * LB * 2);
-}
-
 // QM_LOAD_ONLY: fold every loaded word into the sums with one XOR each, so no load is dead code.
 __device__ __forceinline__ void fold(const Stage &st, float (&acc)[NT][2][4]) {
   u32 h = st.s.x ^ st.s.y ^ st.z.x ^ st.z.y;
@@ -410,13 +381,13 @@ extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[u][i / 4][i % 4] = 0.0f;
 
-#if QM_PREFETCH_KB && QM_BLOCKED
-  if (threadIdx.x < 6) prefetch_block(a);
-#endif
   Stage st[STAGES];
 #if QM_PRELOAD
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load_w(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t);
+#endif
+#if QM_PDL == 3
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here

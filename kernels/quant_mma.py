@@ -38,15 +38,13 @@ class MmaConfig:
     warp, in registers, while one is computed; `min_blocks` blocks per SM the register allocation must allow (2
     caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps.
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
-    tail with the next one's start; 0 off, 1 the next grid may launch once this one has started, 2 once its
-    blocks are past their main loops (quant_mma.cu says why it stays correct). `preload` (with pdl): each warp
-    loads its first steps' weights, scales and minimums before waiting for the previous grid, only x after, so
-    a block scheduled beside a draining grid already streams its weights; this needs the weights not to be
-    written by the kernel just before in the stream (they are written at load time). `prefetch_kb` (row-blocked
-    layouts, sm_90): the copy engine fetches about that many KB of each block's words (and their scales and
-    minimums) into L2 at the block's start, before the wait under PDL. `load_only` is a diagnostic for
-    benchmarks: every load kept, decode and MMA skipped, the output meaningless. Up to 16 warps (9-16 with one
-    block per SM: registers capped at 128)."""
+    tail with the next one's start; 0 off, else the next grid may launch once this one's blocks are past their
+    wait (1), past their main loops (2) or started (3) (quant_mma.cu says why it stays correct). `preload` (with
+    pdl): each warp loads its first steps' weights, scales and minimums before waiting for the previous grid,
+    only x after, so a block scheduled beside a draining grid already streams its weights; the weights must
+    therefore not be written by the kernel just before in the stream (they are written at load time).
+    `load_only` is a diagnostic for benchmarks: every load kept, decode and MMA skipped, the output meaningless.
+    Up to 16 warps (9-16 with one block per SM: registers capped at 128)."""
 
     warps: int = 8
     stages: int = 1
@@ -54,7 +52,6 @@ class MmaConfig:
     pdl: int = 0
     load_only: bool = False
     preload: bool = False
-    prefetch_kb: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,14 +68,12 @@ class Variant:
     load_only: bool = False
     max_threads: int = 256
     preload: bool = False
-    prefetch_kb: int = 0
 
     def defines(self) -> list[str]:
         return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={self.layout}",
                 f"-DQM_NT={self.token_tiles}", f"-DQM_STAGES={self.stages}", f"-DQM_MIN_BLOCKS={self.min_blocks}",
                 f"-DQM_PDL={int(self.pdl)}", f"-DQM_LOAD_ONLY={int(self.load_only)}",
-                f"-DQM_MAX_THREADS={self.max_threads}", f"-DQM_PRELOAD={int(self.preload)}",
-                f"-DQM_PREFETCH_KB={self.prefetch_kb}"]
+                f"-DQM_MAX_THREADS={self.max_threads}", f"-DQM_PRELOAD={int(self.preload)}"]
 
 
 @functools.cache
@@ -206,19 +201,16 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if (not 1 <= cfg.warps <= 16 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2)
-            or (cfg.warps > 8 and cfg.min_blocks != 1) or (cfg.preload and not cfg.pdl)
-            or not 0 <= cfg.prefetch_kb <= 4096):
+    if (not 1 <= cfg.warps <= 16 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2, 3)
+            or (cfg.warps > 8 and cfg.min_blocks != 1) or (cfg.preload and not cfg.pdl)):
         raise ValueError(f"bad launch config {cfg}: 1-16 warps, 1+ stages, 1 or 2 blocks per SM (1 above 8 warps), "
-                         "pdl 0-2, preload only with pdl, prefetch 0-4096 KB")
+                         "pdl 0-3, preload only with pdl")
     m, n = x.shape[0], qw.out_features
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    hopper = torch.cuda.get_device_capability(device) >= (9, 0)
-    pdl = cfg.pdl if hopper else 0
+    pdl = cfg.pdl if torch.cuda.get_device_capability(device) >= (9, 0) else 0
     variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n, tiles, cfg.stages, cfg.min_blocks, pdl,
-                      cfg.load_only, 512 if cfg.warps > 8 else 256, cfg.preload and pdl > 0,
-                      cfg.prefetch_kb if hopper and qw.block_n else 0)
+                      cfg.load_only, 512 if cfg.warps > 8 else 256, cfg.preload and pdl > 0)
     _ensure_context(device)
     fn = _function(variant, device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
