@@ -206,6 +206,29 @@ def test_bitmask_matches_per_token_reference_and_xgrammar(device):
     assert all(not math.isinf(want[b, t]) for b, t in enumerate(out.token_ids))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA upload path")
+@pytest.mark.parametrize("pinned", [True, False])
+def test_bitmask_uploaded_beside_queued_work_is_exact_step_after_step(pinned):
+    """The upload runs on a stream of its own while earlier work is still queued, into buffers reused every step:
+    each step must see its own mask, whether it comes pinned (the worker processes' shared one) or staged."""
+    vocab = 4099
+    sampler = Sampler(vocab, EOS, "cuda")
+    host = torch.empty(3, (vocab + 31) // 32, dtype=torch.int32, pin_memory=pinned)
+    busy = torch.randn(2048, 2048, device="cuda")
+    for step in range(4):
+        host.copy_(random_bitmask(3, vocab, seed=step))
+        logits = randn(3, vocab, seed=step, device="cuda")
+        for _ in range(10):  # queued ahead of sampling, as the forward pass is
+            busy = torch.tanh(busy @ busy)
+        got = sampler.sampling_logits(logits, [state(temperature=0.0) for _ in range(3)], host).cpu()
+        words = host.tolist()
+        want = logits.cpu().clone()
+        for b in range(3):
+            banned = [t for t in range(vocab) if not (words[b][t // 32] >> (t % 32)) & 1]
+            want[b, banned] = -math.inf
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_seeded_rows_reproduce_whatever_else_is_in_the_batch(device):
     sampler = Sampler(V, EOS, device)
