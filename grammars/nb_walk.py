@@ -4,6 +4,9 @@ Front to back over the trie's nodes in depth-first order (vocab.py's `VocabIndex
 follows it, so skipping a subtree is a jump and the walk reads memory in order), stepping configurations
 through nb_earley.step, which builds any it has not met, so a classification walk makes no round trip to
 Python.
+A sibling the stepping configuration cannot scan is passed over through the siblings' bytes side by side
+(`VocabIndex.flat` lists them per parent), not by reading each sibling's record, which lies a whole subtree
+past the previous one (two thirds of the nodes a walk met were such siblings).
 A subtree is accepted whole, without a visit, when every byte under it stays on the main byte group of the
 configurations its strings pass through (a string body's loop, a counted class count by count): then no
 string under it can die.
@@ -24,7 +27,7 @@ HOT = 4
 TERM = 1 << 30
 C_REACH, C_BELOW = 0, 1  # longest string's bytes below the node, then 8 words: the bytes below it
 COLD = 9
-SKIP_SPAN = 32  # subtrees of fewer strings are walked rather than checked for wholesale acceptance
+SKIP_SPAN = 2  # single strings are walked; larger subtrees are first checked for wholesale acceptance
 LOOP_MIN = 32  # byte groups smaller than this are not followed to accept whole subtrees
 VT = PK
 
@@ -69,6 +72,7 @@ def walk(ir, st, vt, start, exits, cum):
     that pass a point where the bottom item's rule has ended with the byte that comes next there. Status
     FULL: grow and call again."""
     hot, cold = part(vt, 0), part(vt, 1)
+    kb, kn, sib = part(vt, 3), part(vt, 4), part(vt, 5)
     n_nodes = len(hot) // HOT
     cfg, bits, table = st[CFG], st[BITS], st[TABLE]
     filt = len(cum) > 0
@@ -97,7 +101,17 @@ def walk(ir, st, vt, start, exits, cum):
             ex_lo[ne], ex_hi[ne], ex_b[ne] = lo, hi, b
             ne += 1
         if not (bits[16 * p + (b >> 5)] >> (b & 31)) & 1:
-            i = skip
+            if exits and d and cfg[NCF * p + F_CAN_END]:  # every sibling is an exit to record
+                i = skip
+                continue
+            # on to the next sibling p can scan, through the siblings' bytes side by side
+            j, e = sib[2 * i] + 1, sib[2 * i + 1]
+            while j < e:
+                x = kb[j]
+                if (bits[16 * p + (x >> 5)] >> (x & 31)) & 1:
+                    break
+                j += 1
+            i = kn[j] if j < e else hot[HOT * kn[e - 1] + H_SKIP]
             continue
         c = table[256 * p + b]
         if c == UNKNOWN:

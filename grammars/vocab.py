@@ -117,8 +117,8 @@ class VocabIndex:
         """The trie for nb_walk, packed: per node a hot record of HOT int32 (byte | depth << 8 | TERM when a
         string ends at the node -- it is then the node's first string, lo --, lo, hi, the index just past its
         subtree) and a cold one of COLD int32 (reach, then 8 words of the bytes below it), nodes in depth-first
-        order, which is sorted string order: a walk reads the hot records front to back, skipping subtrees.
-        Built on first use."""
+        order, which is sorted string order: a walk reads the hot records front to back, skipping subtrees;
+        then the max length and the sibling lists (`_siblings`). Built on first use."""
         flat = self.__dict__.get("_flat")
         if flat is None:
             levels = self.levels
@@ -136,5 +136,28 @@ class VocabIndex:
             cold = np.empty((len(order), COLD), dtype=np.int32)
             cold[:, 0] = reach[order]
             cold[:, 1:] = below[order]
-            flat = self.__dict__["_flat"] = packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len])])
+            kb, kn, sib = self._siblings(order, byte)
+            flat = self.__dict__["_flat"] = packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len]),
+                                                    kb, kn, sib])
         return flat
+
+    def _siblings(self, order: np.ndarray, byte: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each node's siblings side by side, for walks that pass over the siblings a configuration cannot
+        scan without reading their records (which lie a whole subtree apart): nodes grouped by parent in
+        byte order as (their bytes, their indices in `order`), and per node its position in that list and
+        the end of its group."""
+        n = len(order)
+        offs = np.cumsum([0] + [len(lvl.lo) for lvl in self.levels])
+        parent = np.full(n, -1, dtype=np.int64)  # in level-major numbering
+        for d in range(1, len(self.levels)):
+            prev = self.levels[d - 1]
+            parent[offs[d]:offs[d + 1]] = offs[d - 1] + np.repeat(np.arange(len(prev.lo)), prev.child_hi - prev.child_lo)
+        inv = np.empty(n, dtype=np.int64)
+        inv[order] = np.arange(n)
+        par = parent[order]
+        par = np.where(par >= 0, inv[np.maximum(par, 0)], -1)  # parent's index in `order`
+        kn = np.lexsort((np.arange(n), par))
+        sib = np.empty((n, 2), dtype=np.int64)
+        sib[kn, 0] = np.arange(n)
+        sib[kn, 1] = np.searchsorted(par[kn], par[kn], side="right")
+        return byte[order][kn], kn, sib.reshape(-1)
