@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from rich.console import Console
 from rich.table import Table
 from treadle.kernels.quant_matmul import (
@@ -124,9 +125,9 @@ def previous_mma(m: int, n: int, sms: int, k: int, bits: int) -> MmaConfig:
 # before any load and lets the next grid launch once past the wait (what was measured before); "pre" loads each
 # warp's first weights before the wait, x after it; "first" lets the next grid launch at the start, "late" after
 # the main loop; "solo" takes 16-warp blocks (all of an SM's registers) where the grid has at most one block per
-# SM, so that blocks launched early cannot double up on the SMs the previous grid frees first; "default" is
-# default_config.
-OVERLAP_VARIANTS = ("previous", "pdl", "pre", "pre first", "pre late", "solo", "pre solo", "default")
+# SM (up to M = 8), so that blocks launched early cannot double up on the SMs the previous grid frees first;
+# "default" is default_config.
+OVERLAP_VARIANTS = ("previous", "pdl", "pre", "pre solo", "pre first", "pre first solo", "default")
 
 
 def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
@@ -134,9 +135,9 @@ def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> Quant
     if variant == "default":
         return default_config(m, qw.out_features, qw, sms, True)
     mma = previous_mma(m, qw.out_features, sms, qw.in_features, qw.bits)
-    if "solo" in variant and -(-qw.out_features // 32) <= sms:
+    if "solo" in variant and -(-qw.out_features // 32) <= sms and (m <= 8 or mma.warps == 16):
         mma = MmaConfig(16)
-    if variant != "previous" and variant != "solo":
+    if variant != "previous":
         pdl = 3 if "first" in variant else 2 if "late" in variant else 1
         mma = dataclasses.replace(mma, pdl=pdl, preload=variant.startswith("pre"))
     return QuantMatmulConfig(False, m, 32, 4, 1, mma=mma)
@@ -249,10 +250,29 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
 
 
 # Whole-layer variants: OVERLAP_VARIANTS; "+k": a small elementwise torch kernel after each GEMV, as decode has
-# norms, RoPE and attention between them (those times include the four small kernels); "read": plain reads of
-# each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back to back, the
-# in-run ceiling of separate launches.
-LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "pre +k", "default +k", "read")
+# norms, RoPE and attention between them (those times include the four small kernels); "+p": the same work in a
+# small Triton kernel that takes part in PDL (`bump`), what decode would see if its small kernels did; "read":
+# plain reads of each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back
+# to back, the in-run ceiling of separate launches.
+LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "pre solo +k", "pre first +k", "default +k", "previous +p",
+                  "pre first +p", "default +p", "read")
+
+
+@triton.jit
+def _bump(p, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """The small kernel between GEMVs: p += 1. With PDL it lets the next kernel launch at once and waits for the
+    previous one before touching p, as decode's norms and RoPE would if they took part in PDL."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(p + offs, tl.load(p + offs, mask=mask) + 1.0, mask=mask)
+
+
+def bump(t: torch.Tensor, pdl: bool) -> None:
+    """`_bump` on a contiguous tensor, launched with programmatic stream serialization when `pdl`."""
+    _bump[(triton.cdiv(t.numel(), 1024),)](t, t.numel(), BLOCK=1024, PDL=pdl, launch_pdl=pdl)
 
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
@@ -281,10 +301,12 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
                         if name == "read":
                             calls.append(lambda q=q: stream_read(q.packed, 4 * sms, 256))
                             continue
-                        cfg = overlap_config(name.removesuffix(" +k"), m, q, sms)
+                        cfg = overlap_config(name.removesuffix(" +k").removesuffix(" +p"), m, q, sms)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
                         if name.endswith("+k"):
                             calls.append(lambda s=scratch: s.add_(1.0))
+                        elif name.endswith("+p"):
+                            calls.append(lambda s=scratch: bump(s, True))
                 graphs.append((capture(calls), len(layers)))
             row |= dict(zip(LAYER_VARIANTS, time_graphs(graphs, args.replays), strict=True))
             del graphs

@@ -489,9 +489,9 @@ def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     3-5% faster at M = 1 and 4; no change with a small kernel between them, as in decode)."""
     blocks = -(-n // 32)
     if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or m <= SOLO_MAX_M):
-        return MmaConfig(16, pdl=1, preload=True)
+        return MmaConfig(16, pdl=3, preload=True)
     many = blocks >= 4 * num_sms
-    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, pdl=1, preload=True)
+    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, pdl=3, preload=True)
 
 
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs
