@@ -5,10 +5,14 @@
 structured_overhead.py measures the same thing through HTTP, where the server's own per-token work and run-to-run
 noise blur a few percent; this drives an LLMEngine directly. Each round adds `batch` requests (random 32-token
 prompts, temperature 1, exactly --output-len tokens) and steps until they finish; rounds alternate free and
-constrained by structured_overhead's SCHEMA, after one warm-up pair per batch size. Per round the mean ms per
+constrained by structured_overhead's SCHEMA, after --warmup pairs per batch size (the grammar engine builds masks
+lazily: a random-weight model samples arbitrary allowed tokens and keeps meeting parser configurations the first
+rounds have not seen; a trained model repeats itself and warms up faster). Per round the mean ms per
 step is split into the engine's phases: `forward` (host side of launching the model), `start` / `finish`
 (sending the mask fills and waiting for them), `sample` (which includes waiting for the GPU), `accept` and
-`emit`. The median round of each mode is reported. Grammar workers 0 = masks on a thread of this process.
+`emit`. The median round of each mode is reported, and the overhead both from those medians and as the median over
+pairs of adjacent rounds (which drift less against each other). Grammar workers 0 = masks on a thread of this
+process.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=ints, default=[1, 16, 64])
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="free/constrained round pairs per batch size")
+    p.add_argument("--warmup", type=int, default=1, help="round pairs per batch size before measuring")
     p.add_argument("--out", default="structured_step.json")
     return p.parse_args(argv)
 
@@ -105,16 +110,20 @@ def measure(args: argparse.Namespace, loaded, workers: int, console: Console) ->
 
         levels = {}
         for batch in args.batches:
-            round_(batch, False), round_(batch, True)
+            for _ in range(args.warmup):
+                round_(batch, False), round_(batch, True)
             runs = {"free": [], "json_schema": []}
             for _ in range(args.repeats):
                 runs["free"].append(round_(batch, False))
                 runs["json_schema"].append(round_(batch, True))
             median = {m: sorted(r, key=lambda x: x["tok_s"])[len(r) // 2] for m, r in runs.items()}
             overhead = 100 * (1 - median["json_schema"]["tok_s"] / median["free"]["tok_s"])
+            pairs = sorted(100 * (1 - j["tok_s"] / f["tok_s"]) for f, j in zip(runs["free"], runs["json_schema"]))
+            paired = pairs[len(pairs) // 2]
             console.print(f"workers {workers} batch {batch:3d}: {median['free']['tok_s']:9.1f} vs "
-                          f"{median['json_schema']['tok_s']:9.1f} tok/s ({overhead:.1f}%)")
-            levels[batch] = {"overhead_pct": overhead, "median": median, "runs": runs}
+                          f"{median['json_schema']['tok_s']:9.1f} tok/s ({overhead:.1f}%; median of pairs "
+                          f"{paired:.1f}%, pairs {' '.join(f'{p:.1f}' for p in pairs)})")
+            levels[batch] = {"overhead_pct": overhead, "paired_overhead_pct": paired, "median": median, "runs": runs}
         return levels
     finally:
         engine.close()
@@ -126,13 +135,14 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model(EngineConfig(model=args.model, device=args.device, dtype=args.dtype), progress=False)
     results = {w: measure(args, loaded, w, console) for w in args.workers}
     table = Table(title=f"structured-output cost per decode step (ms; median of {args.repeats} rounds)")
-    for col in ("workers", "batch", "mode", "tok/s", "overhead", *(p[0] for p in PHASES)):
+    for col in ("workers", "batch", "mode", "tok/s", "overhead", "paired", *(p[0] for p in PHASES)):
         table.add_column(col, justify="right")
     for w, levels in results.items():
         for batch, level in levels.items():
             for mode, row in level["median"].items():
                 over = f"{level['overhead_pct']:.1f}%" if mode == "json_schema" else ""
-                table.add_row(str(w), str(batch), mode, f"{row['tok_s']:.1f}", over,
+                paired = f"{level['paired_overhead_pct']:.1f}%" if mode == "json_schema" else ""
+                table.add_row(str(w), str(batch), mode, f"{row['tok_s']:.1f}", over, paired,
                               *(f"{row.get(p[0], 0.0):.3f}" for p in PHASES))
     console.print(table)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
