@@ -334,6 +334,8 @@ class GrammarProcessPool:
         self._by_sid: dict[int, _Entry] = {}
         self._homes: dict[str, list[_Worker]] = {}  # per grammar with live sequences, the workers holding them
         self._job: ProcessMaskJob | None = None  # the step's rows, until its tokens are posted
+        self._last: ProcessMaskJob | None = None  # the last step's rows, reposted as they are if nothing changed
+        self._unchanged = True  # no entry failed and no worker was lost or arrays grown since the last step
         self._ids = itertools.count()
         self._closing = False
 
@@ -380,6 +382,7 @@ class GrammarProcessPool:
         self._by_sid[entry.sid] = entry
         if not self._send(worker, ("add", entry.sid, spec)):
             entry.failed = True
+            self._unchanged = False
 
     def release(self, seq: Sequence) -> None:
         """The sequence finished: its matcher goes before the worker's next post."""
@@ -419,19 +422,16 @@ class GrammarProcessPool:
         constrained."""
         if len(seqs) > self.bitmask.shape[0]:
             self._grow(len(seqs))
-        per_worker: dict[_Worker, list[tuple[int, _Entry]]] = {}
-        free_rows = []
-        for row, seq in enumerate(seqs):
-            entry = self._entries.get(seq)
-            if entry is None or entry.failed:
-                free_rows.append(row)
-            else:
-                per_worker.setdefault(entry.worker, []).append((row, entry))
-        self._job = None
-        if not per_worker:
-            return None
+        last, self._job, self._last = self._last, None, None
+        if (last is not None and self._unchanged and len(seqs) == len(last.seqs)
+                and all(map(operator.is_, seqs, last.seqs))):
+            # The batch of the last step (the common case in decoding), whose row tables the workers still hold.
+            seqs, groups, free_rows, write = last.seqs, last.sent, list(last.free_rows), False
+        else:
+            seqs, (groups, free_rows), write = list(seqs), self._layout(seqs), True
+        self._unchanged = True
         sent = []
-        for worker, rows in per_worker.items():
+        for worker, rows in groups:
             if self._ctl[worker.index, ROW_DONE] != worker.row_posted and not self._wait(worker, ROW_DONE):
                 self._lost(worker)  # a step left unfinished (an exception between start and finish): wait for it
             if worker.drops:
@@ -440,15 +440,30 @@ class GrammarProcessPool:
                 self._fail_rows(rows)
                 free_rows.extend(row for row, _ in rows)
                 continue
-            flat = [len(rows)]
-            for row, e in rows:
-                flat += (row, e.sid)
-            self._rows[worker.index, : len(flat)] = flat
+            if write:
+                flat = [len(rows)]
+                for row, e in rows:
+                    flat += (row, e.sid)
+                self._rows[worker.index, : len(flat)] = flat
             worker.row_posted += 1
             self._post(worker, ROW_POSTED, worker.row_posted)
             sent.append((worker, rows))
-        self._job = ProcessMaskJob(list(seqs), sent, free_rows)
+        if not sent:
+            return None
+        self._last = self._job = ProcessMaskJob(seqs, sent, free_rows)
         return self._job
+
+    def _layout(self, seqs: list[Sequence]) -> tuple[list[tuple[_Worker, list[tuple[int, _Entry]]]], list[int]]:
+        """Each worker's (row, entry) pairs among the step's rows, and the rows no grammar restricts."""
+        per_worker: dict[_Worker, list[tuple[int, _Entry]]] = {}
+        free_rows = []
+        for row, seq in enumerate(seqs):
+            entry = self._entries.get(seq)
+            if entry is None or entry.failed:
+                free_rows.append(row)
+            else:
+                per_worker.setdefault(entry.worker, []).append((row, entry))
+        return list(per_worker.items()), free_rows
 
     def finish(self, job: ProcessMaskJob) -> torch.Tensor | None:
         """Wait for the step's rows: the bitmask rows (or None when no row restricts anything)."""
@@ -466,6 +481,7 @@ class GrammarProcessPool:
                 entry = self._by_sid.get(sid)
                 if entry is not None:
                     entry.failed = True
+                    self._unchanged = False
         if not restricts:
             return None
         if job.free_rows:
@@ -573,6 +589,7 @@ class GrammarProcessPool:
         if worker.dead:
             return
         worker.dead = True
+        self._unchanged = False
         if self._closing:  # killed with the server (a signal to its process group), not lost
             return
         log.error("grammar worker process %s died (exit code %s); its sequences are aborted",
@@ -582,10 +599,10 @@ class GrammarProcessPool:
                 e.failed = True
         self._workers[self._workers.index(worker)] = self._start(worker.index)
 
-    @staticmethod
-    def _fail_rows(rows: list[tuple[int, _Entry]]) -> None:
+    def _fail_rows(self, rows: list[tuple[int, _Entry]]) -> None:
         for _, e in rows:
             e.failed = True
+        self._unchanged = False
 
     def _unpin(self) -> None:
         if self._pin:
@@ -600,5 +617,6 @@ class GrammarProcessPool:
         self._unpin()
         self._shared = SharedArrays.allocate(len(self._workers), rows, self.words, self._shared.ctl)
         self._use_shared()
+        self._unchanged = False
         for w in self._workers:
             self._send(w, ("arrays", self._shared))

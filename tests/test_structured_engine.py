@@ -194,10 +194,18 @@ def test_sequences_of_one_grammar_share_a_worker_process_until_it_is_full(loaded
         pool = guided._pool
         workers = [pool._entries[s].worker for s in seqs]
         assert workers[0] is workers[1] and workers[2] is not workers[0] and workers[3] is workers[2]
-        mask = guided.finish_masks(guided.start_masks(seqs), [0, 1, 2, 3])
-        allowed = lambda row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
-        assert [allowed(r, a) for r in range(4)] == [True, True, True, False]
-        assert [allowed(r, seven) for r in range(4)] == [False, False, False, True]
+        allowed = lambda mask, row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
+        for _ in range(2):  # the second step reposts the first one's rows as they are
+            mask = guided.finish_masks(guided.start_masks(seqs), [0, 1, 2, 3])
+            assert [allowed(mask, r, a) for r in range(4)] == [True, True, True, False]
+            assert [allowed(mask, r, seven) for r in range(4)] == [False, False, False, True]
+            guided.sampled(seqs, [a, a, a, seven])
+            assert [guided.accept(s, t) for s, t in zip(seqs, [a, a, a, seven])] == [None] * 4
+        guided.release(seqs[1])
+        rest = [seqs[3], seqs[0], seqs[2]]  # another batch: laid out afresh
+        mask = guided.finish_masks(guided.start_masks(rest), [0, 1, 2])
+        assert [allowed(mask, r, a) for r in range(3)] == [False, True, True]
+        assert [allowed(mask, r, seven) for r in range(3)] == [True, False, False]
         for s in seqs:
             guided.release(s)
         assert pool._homes == {} and all(not w.grammars for w in pool._workers)
