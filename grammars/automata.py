@@ -10,8 +10,10 @@ so `maxLength: 10000` costs one rule, not ten thousand states.
 from __future__ import annotations
 
 import bisect
-import itertools
 import hashlib
+import itertools
+import pickle
+from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -667,8 +669,13 @@ class GrammarIR:
         if rep is not None:
             return ("rep", rep)  # cheap: not memoized
         ds = self.bnext[base:end]
-        if sum(map(len, ds)) <= SMALL_RULE_BYTES:  # numpy's fixed costs would dominate: plain tuples
-            rows = ("pairs", tuple(tuple(sorted((b, t - base) for b, t in d.items())) for d in ds))
+        if sum(map(len, ds)) <= SMALL_RULE_BYTES:  # numpy's fixed costs would dominate: a flat int list
+            flat: list[int] = []
+            for d in ds:  # per state its size, then (byte, target) in the dict's order (an order that differs
+                flat.append(len(d))  # between isomorphic rules only costs sharing, never a false match)
+                for b, t in d.items():
+                    flat += (b, t - base)
+            rows = ("pairs", array("q", flat).tobytes())
         else:
             table = self.byte_table(base, end)
             rows = ("table", hashlib.blake2b(np.maximum(table - base, -1).tobytes(), digest_size=16).digest())
@@ -739,7 +746,7 @@ class GrammarIR:
                         order.append(c)
                 parts_l.append(_relabel(o, index))
             parts = tuple(parts_l)
-        h = self._hash[r] = hashlib.blake2b(repr(parts).encode(), digest_size=16).digest()
+        h = self._hash[r] = hashlib.blake2b(pickle.dumps(parts, protocol=5), digest_size=16).digest()
         return h
 
     def _find_cyclic(self) -> list[bool]:

@@ -114,24 +114,25 @@ class Space:
 
     def _record(self, cid: int, field: int) -> np.ndarray:
         """The payload of one of a configuration's interned records (its kernel, its root flags)."""
-        ptr = self.st[PTR]
-        k = self.st[CFG][NCF * cid + field]
-        return self.st[DATA][ptr[k] + 1: ptr[k + 1]]
+        st = self.st
+        k = int(st[CFG][NCF * cid + field])
+        a, b = st[PTR][k: k + 2].tolist()
+        return st[DATA][a + 1: b]
 
     def kernel(self, cid: int) -> list[tuple[int, int, int]]:
         """The kernel items (state, origin, count) of a configuration."""
-        items = self._record(cid, F_KERN)
-        return list(zip(*(items[i::3].tolist() for i in range(3))))
+        items = self._record(cid, F_KERN).tolist()
+        return list(zip(items[0::3], items[1::3], items[2::3]))
 
     def roots(self, cid: int) -> list[tuple[int, int, int]]:
         """Kernel items not merely reached by skipping a nullable rule: they cover the rest."""
-        flags = self._record(cid, F_ROOTS)[1:].tolist()
-        return [it for it, f in zip(self.kernel(cid), flags) if f]
+        flags = self._record(cid, F_ROOTS).tolist()
+        return [it for it, f in zip(self.kernel(cid), flags[1:]) if f]
 
     def waiters(self, o: int, r: int) -> list[tuple[int, int, int]]:
         """Items of configuration o that wait on rule r, already advanced over it."""
-        items = nb_earley.waiters_of(self.irt, tuple(self.st), o, r)
-        return list(zip(*(items[i::3].tolist() for i in range(3))))
+        items = nb_earley.waiters_of(self.irt, tuple(self.st), o, r).tolist()
+        return list(zip(items[0::3], items[1::3], items[2::3]))
 
     def allowed(self, cid: int) -> list[int]:
         """The bytes that can come next from a configuration."""

@@ -80,6 +80,7 @@ class Masker:
         full = np.zeros(vocab.words * 32, dtype=bool)
         full[: vocab.vocab_size] = True
         self.full = np.packbits(full, bitorder="little").view(np.int32)
+        self.full_bytes = self.full.tobytes()  # a bytes compare is the cheapest "masks nothing" test
         self.empty = np.zeros(vocab.words, dtype=np.int32)
 
     def _ckey(self, s: int, c: int):
@@ -130,9 +131,14 @@ class Masker:
         it masks and contributions, which otherwise would be recomputed for each variant."""
         cfg = self.space.config(cid)
         if cfg.shape is None:
-            rule_of = self.ir.rule_of
-            key = frozenset((s, self._ckey(s, c), self.context(o, rule_of[s])) for s, o, c in self.space.kernel(cid))
-            cfg.shape = self._intern(key)
+            rule_of, rep_of, contexts = self.ir.rule_of, self.ir.rep_of, self.space.contexts
+            items = []
+            for s, o, c in self.space.kernel(cid):  # context() and _ckey() inlined for their common cases
+                ctx = ROOT if o < 0 else contexts.get((o, rule_of[s]))
+                if ctx is None:
+                    ctx = self.context(o, rule_of[s])
+                items.append((s, 0 if rep_of[s] is None else self._ckey(s, c), ctx))
+            cfg.shape = self._intern(frozenset(items))
         return cfg.shape
 
     def context(self, o: int, r: int, depth: int = 0, busy: set | None = None):
@@ -195,7 +201,7 @@ class Masker:
         hit = self.space.shape_masks.get(sid)
         if hit is None:
             words = self._roots_mask(cid)
-            hit = self.space.shape_masks[sid] = (words, not np.array_equal(words, self.full))
+            hit = self.space.shape_masks[sid] = (words, words.tobytes() != self.full_bytes)
         cfg.mask, cfg.need_apply = hit
         return cfg.mask
 
