@@ -476,6 +476,7 @@ class QuantMatmulConfig:
 MMA_MAX_M = 16
 WIDE_MIN_K = 8192  # in_features from which a lone block per SM takes 16 warps (64 steps of 128, 4+ a warp)
 SOLO_MAX_M = 8  # up to this M a grid of at most one block per SM takes 16 warps at any K (see mma_config)
+PDL_MAX_M = 8  # up to this M launches overlap the previous kernel's end (see mma_config)
 
 
 def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
@@ -483,15 +484,18 @@ def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (qkv at M <= 8), 4 warps and two
     blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM at 2-4 `bits`, 16
     warps (all of an SM's registers): their loads in flight are what the DRAM needs on a long K (`k` >= 8192,
-    down: 8-13% faster at M = 1-16), and on a short one (o) they keep the next GEMV's early blocks from doubling
-    up beside it. Every shape takes programmatic dependent launch with its weights loaded before the wait
-    (`pdl`, `preload`): each GEMV's blocks start while the previous kernel drains (layer of GEMVs back to back
-    3-5% faster at M = 1 and 4; no change with a small kernel between them, as in decode)."""
+    down: 8-13% faster at M = 1-16), and on a short one (o, M <= 8) they keep the next GEMV's early blocks from
+    doubling up beside it. Up to M = 8 at 2-4 bits (where it was measured) programmatic dependent launch with
+    the weights loaded before the wait (`pdl`, `preload`): each GEMV's blocks start while the previous kernel
+    drains, 3-7% faster per layer at M = 1-4 with GEMVs back to back, within ~1.5% either way with a small
+    kernel between them as in decode; at M = 16 it gained nothing back to back and cost 1-2% with kernels
+    between."""
     blocks = -(-n // 32)
+    pdl = {"pdl": 1, "preload": True} if m <= PDL_MAX_M and 0 < bits <= 4 else {}
     if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or m <= SOLO_MAX_M):
-        return MmaConfig(16, pdl=3, preload=True)
+        return MmaConfig(16, **pdl)
     many = blocks >= 4 * num_sms
-    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, pdl=3, preload=True)
+    return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, **pdl)
 
 
 GEMV_MAX_M = 2  # above this the tensor-core kernel's decode, shared by the rows, costs less than GEMV FMAs

@@ -28,7 +28,7 @@
 // per block; 0: the flat [K-rows, N] one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
 // (blocks per SM the register allocation must allow), QM_MAX_THREADS (256; 512 for 16 warps), QM_PDL
 // (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one's blocks are past
-// their wait, 2 once they are past their main loops, 3 as soon as they have started, before their wait),
+// their wait, 2 once they are past their main loops),
 // QM_PRELOAD (with QM_PDL: each warp's first steps of weights, scales and minimums loaded before
 // griddepcontrol.wait, x after it),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
@@ -38,10 +38,12 @@
 // drains instead of after it has fully completed. Only x can come from the previous kernel: the weights are
 // written at load time, so with QM_PRELOAD a block scheduled beside the draining grid issues its first weight
 // loads at once and waits (griddepcontrol.wait) only before reading x; without it every block waits before it
-// reads anything. The next grid may launch once all of this grid's blocks have triggered: at their start (3),
-// past their wait (1: at most two grids are then in flight) or past their main loops (2). Whatever the trigger,
-// a grid's wait returns only once the previous grid has completed and its writes are visible, and that grid
-// waited for its own predecessor: each GEMV still reads the x its predecessor wrote.
+// reads anything. The next grid may launch once all of this grid's blocks are past their wait (1) or their main
+// loops (2), so at most two grids are in flight and a grid launches only after its predecessor's predecessor
+// has completed. Why never before the wait: a trigger at the start (three grids in flight) measured faster on
+// the H100 but gave wrong outputs in CUDA-graph replays of a GEMV chain (docs/benchmarks.md), most likely x
+// read through the non-coherent path (ld.global.nc) hitting L1 lines that an older grid, still running on the
+// SM, had cached from the same recycled buffer.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -385,9 +387,6 @@ extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
 #if QM_PRELOAD
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load_w(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t);
-#endif
-#if QM_PDL == 3
-  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here

@@ -285,14 +285,14 @@ def test_f16x2_gemv_matches_portable_gemv_on_gpu(bits, dtype):
 
 # The CUDA C++ tensor-core kernel (quant_mma.cu): compiled here whenever nvcc is present, run on a GPU with
 # cuda-python. The variants: every width in bf16 on the row-blocked layout, fp16 and the flat layout, two token
-# tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early, late
-# and at the start on both layouts (weights loaded before the wait in some), the load-only diagnostic, 512-thread
-# blocks (16 warps), and row blocks of 32 and 64 columns.
+# tiles, two steps in flight, the register-capped build, programmatic dependent launch triggered early and late
+# on both layouts (weights loaded before the wait in some), the load-only diagnostic, 512-thread blocks (16
+# warps), and row blocks of 32 and 64 columns.
 MMA_VARIANTS = [Variant(b, True, 16, 1, 1, 1, b % 2 + 1) for b in BITS] + [
     Variant(3, False, 0, 2, 1, 1), Variant(8, False, 16, 1, 2, 1), Variant(4, True, 0, 1, 1, 2, 1, preload=True),
     Variant(4, True, 16, 2, 1, 2, 2, preload=True), Variant(4, True, 16, 1, 1, 1, 0, True),
     Variant(3, True, 16, 1, 1, 1, 1, False, 512, True), Variant(6, False, 16, 2, 1, 1, 0, False, 512),
-    Variant(3, True, 32, 1, 1, 2, 3, preload=True), Variant(5, False, 64, 2, 1, 1),
+    Variant(3, True, 32, 1, 1, 2, 1, preload=True), Variant(5, False, 64, 2, 1, 1),
 ]
 
 
@@ -319,14 +319,15 @@ def test_mma_is_the_default_only_where_it_runs():
 
 def test_mma_config_takes_16_warps_for_one_block_per_sm():
     """down (K 14336, 128 blocks) at 2-4 bits takes 16 warps at any M, o (short K) up to M = 8; gate_up (many
-    blocks), 8 bits and qkv (192 blocks) keep their shapes; every shape overlaps its start with the previous
-    kernel's end (PDL, weights loaded before the wait)."""
-    solo = MmaConfig(16, pdl=3, preload=True)
-    assert mma_config(1, 4096, 132, 14336, 3) == mma_config(16, 4096, 132, 14336, 4) == solo
-    assert mma_config(1, 4096, 132, 4096, 3) == mma_config(8, 4096, 132, 4096, 2) == solo
-    assert mma_config(16, 4096, 132, 4096, 3) == mma_config(1, 4096, 132, 14336, 8) == MmaConfig(8, pdl=3, preload=True)
-    assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2, pdl=3, preload=True)
-    assert mma_config(1, 6144, 132, 4096, 4) == MmaConfig(8, pdl=3, preload=True)
+    blocks), 8 bits and qkv (192 blocks) keep their shapes; up to M = 8 at 2-4 bits every shape overlaps its
+    start with the previous kernel's end (PDL, weights loaded before the wait)."""
+    solo = MmaConfig(16, pdl=1, preload=True)
+    assert mma_config(1, 4096, 132, 14336, 3) == mma_config(8, 4096, 132, 4096, 2) == solo
+    assert mma_config(16, 4096, 132, 14336, 4) == MmaConfig(16)
+    assert mma_config(16, 4096, 132, 4096, 3) == MmaConfig(8)
+    assert mma_config(1, 6144, 132, 4096, 4) == MmaConfig(8, pdl=1, preload=True)
+    assert mma_config(4, 4096, 132, 14336, 8) == MmaConfig(8)
+    assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2, pdl=1, preload=True)
     qw = _case(3, n=64, k=8192, group=128, dtype=torch.float32, seed=0)
     assert default_config(1, 64, qw, 132, mma=True).mma == solo
 
@@ -348,7 +349,7 @@ def test_mma_matches_fp64_reference_on_gpu(bits, block_n):
         bias = torch.randn(n, device=DEVICE).to(dtype)
         for m, cfg in ((1, MmaConfig()), (3, MmaConfig(4, 1, 2)), (8, MmaConfig(8, 2)), (9, MmaConfig(2, 1)),
                        (16, MmaConfig(4, 1)), (1, MmaConfig(8, 1, 2, 1, preload=True)), (2, MmaConfig(4, 1, 2, 2)),
-                       (11, MmaConfig(8, 1, 1, 2)), (1, MmaConfig(16, pdl=3, preload=True)), (13, MmaConfig(12))):
+                       (11, MmaConfig(8, 1, 1, 2)), (1, MmaConfig(16, pdl=1, preload=True)), (13, MmaConfig(12))):
             x = (torch.randn(m, k, device=DEVICE) * torch.logspace(-2, 4, k, device=DEVICE)).to(dtype)
             assert usable(x, qw, bias)
             with nan_allocations():
@@ -373,11 +374,10 @@ def test_mma_runs_in_cuda_graphs_on_torch_stream():
         assert rel_err(out, _ref64(x, qw)) < TOL[torch.bfloat16]
 
 
-# Overlapped launches: PDL triggering the next grid past the wait, past the main loop or at the start, waiting
-# before any load or loading the weights first, 4-, 8- and 16-warp blocks.
+# Overlapped launches: PDL triggering the next grid past the wait or past the main loop, waiting before any load
+# or loading the weights first, 4-, 8- and 16-warp blocks.
 OVERLAPPED = [MmaConfig(8, 1, 2, 1), MmaConfig(4, 1, 2, 2), MmaConfig(8, 1, 2, 1, preload=True),
-              MmaConfig(8, 1, 2, 2, preload=True), MmaConfig(8, 1, 1, 3, preload=True),
-              MmaConfig(16, 1, 1, 1, preload=True), MmaConfig(16, 1, 1, 3, preload=True)]
+              MmaConfig(8, 1, 2, 2, preload=True), MmaConfig(16, 1, 1, 1, preload=True)]
 
 
 @pytest.mark.skipif(not ON_MMA, reason="needs an NVIDIA GPU and cuda-python")
