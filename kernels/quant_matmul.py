@@ -475,24 +475,24 @@ class QuantMatmulConfig:
 
 MMA_MAX_M = 16
 WIDE_MIN_K = 8192  # in_features from which a lone block per SM takes 16 warps (64 steps of 128, 4+ a warp)
-SOLO_MAX_M = 8  # up to this M a grid of at most one block per SM takes 16 warps at any K (see mma_config)
-PDL_MAX_M = 8  # up to this M launches overlap the previous kernel's end (see mma_config)
+PDL_MAX_M = 1  # up to this M launches overlap the previous kernel's end (see mma_config)
 
 
 def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
-    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (qkv at M <= 8), 4 warps and two
-    blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM at 2-4 `bits`, 16
-    warps (all of an SM's registers): their loads in flight are what the DRAM needs on a long K (`k` >= 8192,
-    down: 8-13% faster at M = 1-16), and on a short one (o, M <= 8) they keep the next GEMV's early blocks from
-    doubling up beside it. Up to M = 8 at 2-4 bits (where it was measured) programmatic dependent launch with
-    the weights loaded before the wait (`pdl`, `preload`): each GEMV's blocks start while the previous kernel
-    drains, 3-7% faster per layer at M = 1-4 with GEMVs back to back, within ~1.5% either way with a small
-    kernel between them as in decode; at M = 16 it gained nothing back to back and cost 1-2% with kernels
-    between."""
+    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, and qkv at M <= 8), 4 warps
+    and two blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM and a long
+    K (`k` in_features, at 2-4 `bits`: down) 16 warps, whose loads in flight the DRAM needs: 8-13% faster at
+    M = 1-16 there. At M = 1 and 2-4 bits, programmatic dependent launch with the weights loaded before the
+    wait (`pdl`, `preload`), so that each GEMV's blocks start while the previous kernel drains, and 16 warps
+    for every grid of at most one block per SM (o too), so that the next GEMV's early blocks cannot double up
+    beside it: 3-7% faster per layer with GEMVs back to back, within ~1% either way with a small kernel between
+    them as in decode. At M = 4 the same cost 1-3% at 3 bits with kernels between, at M = 16 1-2% (with
+    nothing gained back to back), so larger M keeps plain launches (docs/benchmarks.md)."""
     blocks = -(-n // 32)
-    pdl = {"pdl": 1, "preload": True} if m <= PDL_MAX_M and 0 < bits <= 4 else {}
-    if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or m <= SOLO_MAX_M):
+    overlap = m <= PDL_MAX_M and 0 < bits <= 4
+    pdl = {"pdl": 1, "preload": True} if overlap else {}
+    if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or overlap):
         return MmaConfig(16, **pdl)
     many = blocks >= 4 * num_sms
     return MmaConfig(4 if many or (m > 8 and blocks >= num_sms) else 8, 1, 2 if many else 1, **pdl)
