@@ -480,7 +480,7 @@ PDL_MAX_M = 1  # up to this M launches overlap the previous kernel's end (see mm
 
 def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     """Launch shape of the CUDA tensor-core kernel, from H100 sweeps on Llama-3.1-8B shapes: one step of loads in
-    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o, and qkv at M <= 8), 4 warps
+    flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o at M >= 2, qkv at M <= 8), 4 warps
     and two blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM and a long
     K (`k` in_features, at 2-4 `bits`: down) 16 warps, whose loads in flight the DRAM needs: 8-13% faster at
     M = 1-16 there. At M = 1 and 2-4 bits, programmatic dependent launch with the weights loaded before the

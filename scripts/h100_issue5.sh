@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree ($CLEAN, .clean.tar by default,
-# and .base.tar for an A/B of the decode step when carried), then run the steps named in $STEPS, each under its own timeout, logs
-# and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
+# Issue 5 on the H100 test machine (the device `run` tool): unpack the committed tree ($CLEAN, .clean.tar by
+# default, and .base.tar for an A/B of the decode step when carried), then run the steps named in $STEPS, each
+# under its own timeout, logs and JSON under $OUT. Steps: decode (decode_step.py, --profile), quant (quant_gemv.py sweep, $QBITS x $QM on the
 # weight layouts $QLAYOUTS), qdefault (quant_gemv.py default_config only, every bit width, $QDM, layouts
 # $QDLAYOUTS: flat and row-blocked by default, each against the Triton-only default; widths $QDBITS if set, whole
 # layers if $QDLAYER), mma (quant_gemv.py, the CUDA tensor-core kernel's launch shapes, $QBITS x $QMM on layouts
 # $QMLAYOUTS, also on .base.tar when carried),
 # tests (kernel tests at real shapes, $TJOBS pytest workers, only those matching $TK if set), parity
-# (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the default launch shape
-# with PDL, weights loaded before the wait, L2 prefetch; the load-only diagnostic, plain reads, and whole layers
-# back to back with and without a small kernel between the GEMVs, $QBITS x $QOM, layers at $QOLM, row blocks of 16),
+# (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the previous launch shape
+# with PDL, weights loaded before the wait or not, triggers, 16-warp blocks; the load-only diagnostic, plain
+# reads, and whole layers back to back with and without a small kernel between the GEMVs, $QBITS x $QOM, layers
+# at $QOLM, row blocks of 16),
 # stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
 # of the same bytes, $QBITS x $QSM on layouts $QSLAYOUTS), pdledge (whether stream capture keeps the CUDA kernel's
 # PDL launch as a programmatic graph edge).
