@@ -450,8 +450,8 @@ def main() -> int:
     console.print(summary)
 
     if args.sweep == "overlap":
-        over_table = Table(title="per layer, calls of one shape back to back, summed over the shapes: us (read: best plain "
-                                 "read of each shape's packed words, M of the first --m only)")
+        over_table = Table(title="per layer, calls of one shape back to back, summed over the shapes: us (read: "
+                                 "best plain read of each shape's packed words, M of the first --m only)")
         for col in ("bits", "layout", "M", *OVERLAP_VARIANTS, "read", "bf16"):
             over_table.add_column(col)
         for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
