@@ -10,7 +10,9 @@ and step costs tens of microseconds of system calls and wake-ups, a visible shar
 - right after sampling, the tokens just sampled: the process accepts them and builds each sequence's next mask in
   memory of its own, while the engine emits, schedules and runs the next forward. Usually every row sampled one
   token, and the engine writes the step's tokens once, by row, for all processes (each knows its rows from the
-  row post); otherwise (forked choices of a prompt) it writes (matcher, token) pairs per process.
+  row post); otherwise (forked choices of a prompt) it writes (matcher, token) pairs per process. After a post by
+  row the process also puts the new masks into the same rows at once: decoding steps mostly keep their batch,
+  and then the next row post finds them in place. A step with other rows waits for those writes first.
 A post is a table the engine writes and a counter it bumps; the process polls the counters while work keeps coming
 and bumps its own when done, which the engine spins on. A process idle for SPIN_S blocks on its pipe instead, and
 the engine wakes it with a message. The pipe carries everything that is not per step: new grammars, and matcher
@@ -123,7 +125,8 @@ class _Server:
         self.compiler = GrammarCompiler(info, cache_limit_bytes=cache_bytes)
         self.compile_spec = compile_spec
         self.stop_token_ids = frozenset(info.stop_token_ids)
-        self.last_rows: list[tuple[int, int]] = []  # (row, matcher id) of the last row post
+        self.last_rows: list[list[int]] = []  # (row, matcher id) of the last row post
+        self.placed: tuple[bool, list[int]] | None = None  # `place` of last_rows after an accept post by row
         self.words = shared.bitmask.shape[1]
         self.matchers: dict[int, GrammarMatcher | None] = {}  # None: creating it or accepting for it failed
         self.masks: dict[int, torch.Tensor] = {}  # each matcher's next mask, [1, words]
@@ -203,29 +206,45 @@ class _Server:
 
     def accept_posted(self) -> None:
         n = int(self.tokens[0])
-        if n == BY_ROW:
-            row_tokens = self.row_tokens.tolist()
-            pairs = [(sid, row_tokens[row]) for row, sid in self.last_rows]
-        else:
-            pairs = self.tokens[1 : 1 + 2 * n].reshape(n, 2).tolist()
-        for sid, tok in pairs:
+        self.placed = None
+        if n != BY_ROW:
+            for sid, tok in self.tokens[1 : 1 + 2 * n].reshape(n, 2).tolist():
+                if tok not in self.stop_token_ids:
+                    self.advance(sid, [tok])
+            return
+        row_tokens = self.row_tokens.tolist()
+        for row, sid in self.last_rows:
+            tok = row_tokens[row]
             if tok not in self.stop_token_ids:
                 self.advance(sid, [tok])
+        # The next step most likely has the same rows (the engine has read this step's bitmask by now): the masks
+        # go in place here, beside the engine's work, rather than after its row post, at the end of the forward.
+        self.placed = self.place(self.last_rows)
 
     def fill_rows(self) -> None:
         n = int(self.rows[0])
+        rows = self.rows[1 : 1 + 2 * n].reshape(n, 2).tolist()
+        placed, self.placed = self.placed, None
+        if placed is None or rows != self.last_rows:
+            placed = self.place(rows)
+        self.last_rows = rows
+        restricts, failed = placed
+        self.failed[0] = len(failed)
+        self.failed[1 : 1 + len(failed)] = failed
+        self.ctl[RESTRICTS] = restricts
+
+    def place(self, rows: list[list[int]]) -> tuple[bool, list[int]]:
+        """Copy the matchers' masks into their (row, matcher id) rows: whether any restricts, and the failed ids
+        (their rows allow everything)."""
         restricts, failed = False, []
-        self.last_rows = self.rows[1 : 1 + 2 * n].reshape(n, 2).tolist()
-        for row, sid in self.last_rows:
+        for row, sid in rows:
             if self.matchers.get(sid) is None:
                 self.bitmask_np[row] = -1
                 failed.append(sid)
             else:
                 self.bitmask_np[row] = self.masks[sid].numpy()[0]
                 restricts |= self.restricts[sid]
-        self.failed[0] = len(failed)
-        self.failed[1 : 1 + len(failed)] = failed
-        self.ctl[RESTRICTS] = restricts
+        return restricts, failed
 
     def handle(self, msg: tuple) -> bool:
         """One pipe message; False to stop."""
@@ -429,6 +448,9 @@ class GrammarProcessPool:
             seqs, groups, free_rows, write = last.seqs, last.sent, list(last.free_rows), False
         else:
             seqs, (groups, free_rows), write = list(seqs), self._layout(seqs), True
+            for w in self._workers:  # an accept post by row writes masks into its last rows: not past this point
+                if not w.dead and self._ctl[w.index, ACC_DONE] != w.acc_posted and not self._wait(w, ACC_DONE):
+                    self._lost(w)
         self._unchanged = True
         sent = []
         for worker, rows in groups:
