@@ -95,10 +95,14 @@ class Space:
         self._call(nb_earley.run_many, start, data, offs, out)
         return out
 
-    def walk(self, vt: tuple, start: int, exits: bool, cum: np.ndarray | None):
-        """nb_walk.walk over the flat trie `vt`: (lo, hi, ex_lo, ex_hi, ex_byte) as int32 arrays."""
-        cum = np.zeros(0, np.int32) if cum is None else cum
-        return self._call(nb_walk.walk, vt, start, exits, cum)[1:]
+    def walk(self, vt: tuple, start: int, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """nb_walk.walk over the flat trie `vt`, without exits: the accepted strings' ranges (lo, hi)."""
+        return self._call(nb_walk.walk, vt, start, False, cum)[1:3]
+
+    def classify(self, vt: tuple, s: int, c: int, ids_start: np.ndarray, ids: np.ndarray, words: np.ndarray,
+                 follow: np.ndarray):
+        """nb_walk.classify: (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte), tokens accepted set in `words`."""
+        return self._call(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
 
     def config(self, cid: int) -> Config:
         cfgs = self.configs

@@ -11,8 +11,10 @@ item in its real context); that last check runs only the uncertain strings, thro
 transitions.
 
 The first walk of a fresh grammar pays for every classification, so the walks are built to stay cheap:
-each is one compiled call (nb_walk.py) that builds the configurations it meets without leaving compiled
-code, results are ranges of sorted strings rather than vocabulary-wide arrays, and a trie subtree whose
+each is one compiled call (nb_walk.classify: the walk, its tokens' mask words and its uncertain strings)
+that builds the configurations it meets without leaving compiled code, results are ranges of sorted strings
+rather than vocabulary-wide arrays, siblings a configuration cannot scan are passed over without reading
+their records, and a trie subtree whose
 bytes all stay on a configuration's main byte group (a string body's loop, a counted class `[a-z]{0,60}`
 count by count) is accepted whole without being visited.
 """
@@ -20,8 +22,6 @@ count by count) is accepted whole without being visited.
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
-
 import numpy as np
 
 from . import nb_mask
@@ -36,31 +36,16 @@ FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, mo
 MAX_CONTEXT_DEPTH = 64  # origin chains followed this deep to share masks; deeper ones stay exact
 
 
-class Walk(NamedTuple):
-    """Accepted strings as disjoint ranges [lo, hi) sorted by lo, and (when asked for) the exits: the strings
-    in [ex_lo, ex_hi) pass a point where the bottom item's rule has ended and `ex_byte` comes next."""
-
-    lo: np.ndarray
-    hi: np.ndarray
-    ex_lo: np.ndarray | None
-    ex_hi: np.ndarray | None
-    ex_byte: np.ndarray | None
-
-    def contains(self, us: np.ndarray) -> np.ndarray:
-        """Which of the string indices `us` are accepted."""
-        pos = np.searchsorted(self.lo, us, side="right") - 1
-        return (pos >= 0) & (us < self.hi[np.maximum(pos, 0)])
-
-
-def walk(space: Space, vocab: VocabIndex, start: int, exits: bool, cand: np.ndarray | None = None) -> Walk:
-    """Runs every vocabulary string (or only those flagged in the boolean array `cand`) from `start`, in one
-    compiled call (nb_walk.py)."""
-    cum = None
-    if cand is not None:
-        cum = np.zeros(len(cand) + 1, dtype=np.int32)
-        np.cumsum(cand, out=cum[1:])
-    lo, hi, ex_lo, ex_hi, ex_byte = space.walk(vocab.flat, start, exits, cum)
-    return Walk(lo, hi, ex_lo, ex_hi, ex_byte) if exits else Walk(lo, hi, None, None, None)
+def accepted_among(space: Space, vocab: VocabIndex, start: int, us: np.ndarray) -> np.ndarray:
+    """The strings among the sorted string indices `us` that run from `start`: one compiled walk of the trie
+    (nb_walk.py) that enters only subtrees holding some of them."""
+    cand = np.zeros(vocab.n, dtype=bool)
+    cand[us] = True
+    cum = np.zeros(vocab.n + 1, dtype=np.int32)
+    np.cumsum(cand, out=cum[1:])
+    lo, hi = space.walk(vocab.flat, start, cum)
+    pos = np.searchsorted(lo, us, side="right") - 1
+    return us[(pos >= 0) & (us < hi[np.maximum(pos, 0)])]
 
 
 class Masker:
@@ -114,11 +99,15 @@ class Masker:
         hit = self.cache.get(key)
         if hit is None:
             base = self.cache.get(base_key)
-            if base is None:
-                w = walk(self.space, self.vocab, self.space.initial(s, c, ROOT), True)
-                base = (self._words(w.lo, w.hi), *w)  # a flat tuple of arrays (sized by the compiler)
+            fol = np.frombuffer(follow, dtype=np.uint8)
+            if base is None:  # walk, token words and uncertain strings in one compiled call
+                vocab = self.vocab
+                words = np.zeros(vocab.words, dtype=np.uint32)
+                unc, *w = self.space.classify(vocab.flat, s, c, vocab.ids_start, vocab.ids, words, fol)
+                base = (words.view(np.int32), *w)  # a flat tuple of arrays (sized by the compiler)
                 self.cache[base_key] = base
-            unc = nb_mask.uncertain(*base[1:], np.frombuffer(follow, dtype=np.uint8), self.vocab.n)
+            else:
+                unc = nb_mask.uncertain(*base[1:], fol, self.vocab.n)
             hit = (base[0], unc)
             self.cache[key] = hit
         return hit
@@ -185,9 +174,7 @@ class Masker:
                     strings = self.vocab.strings
                     ok = unc[self.space.run_many(init, [strings[u] for u in unc.tolist()]) >= 0]
                 else:
-                    cand = np.zeros(self.vocab.n, dtype=bool)
-                    cand[unc] = True
-                    ok = unc[walk(self.space, self.vocab, init, False, cand).contains(unc)]
+                    ok = accepted_among(self.space, self.vocab, init, unc)
                 if len(ok):
                     w = acc_words | self._words(ok, ok + 1)
             self.space.contrib[key] = w

@@ -187,15 +187,24 @@ def new_store() -> list[np.ndarray]:
 
 
 def grow(st: list[np.ndarray]) -> None:
-    """Enlarges the slot a compiled call found full (at least doubling it)."""
+    """Enlarges the slot a compiled call found full (at least doubling it), and with it all the others, which
+    fill at about the same pace (a configuration brings its CFG, BITS and TABLE rows and a few interned
+    records), since each slot found full costs the call a retry from the start."""
     meta = st[META]
     slot, size = int(meta[M_NEED_SLOT]), int(meta[M_NEED_SIZE])
+    ncfg = max(2 * (len(st[CFG]) // NCF), -(-size // _UNIT[slot]) if slot in (CFG, BITS, TABLE) else 0)
+    for s in (CFG, BITS, TABLE):
+        _resize(st, s, ncfg * _UNIT[s])
+    nrec = max(2 * len(st[VAL]), {PTR: size - 1, VAL: size, TAB: -(-size // 4)}.get(slot, 0))
+    _resize(st, PTR, nrec + 1)
+    _resize(st, VAL, nrec)
+    st[TAB] = rehash(st[DATA], st[PTR], int(meta[M_COUNT]), 1 << (4 * nrec - 1).bit_length())
+    _resize(st, DATA, max(2 * len(st[DATA]), size if slot == DATA else 0))
+
+
+def _resize(st: list[np.ndarray], slot: int, n: int) -> None:
     old = st[slot]
-    if slot == TAB:
-        new_size = max(2 * len(old), 1 << max(size - 1, 1).bit_length())
-        st[TAB] = rehash(st[DATA], st[PTR], int(meta[M_COUNT]), new_size)
-        return
-    unit = _UNIT.get(slot, 1)
-    new = np.full(max(2 * len(old), -(-size // unit) * unit), _FILL.get(slot, 0), np.int32)
-    new[: len(old)] = old
-    st[slot] = new
+    if n > len(old):
+        new = np.full(n, _FILL.get(slot, 0), np.int32)
+        new[: len(old)] = old
+        st[slot] = new

@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, types
 
-from .nb_earley import IRT, main, step
+from .nb_earley import IRT, initial, main, step
+from .nb_mask import A64, U8, U32, range_words, uncertain
 from .nb_store import BITS, CFG, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, A, I, ST, part
 
 # a trie node's record in VocabIndex.flat: what every visit reads (HOT int32), kept small so the walk's reads
@@ -152,3 +153,20 @@ def walk(ir, st, vt, start, exits, cum):
         at[d + 1] = c
         i += 1
     return 0, acc_lo[:na].copy(), acc_hi[:na].copy(), ex_lo[:ne].copy(), ex_hi[:ne].copy(), ex_b[:ne].copy()
+
+
+@njit(types.Tuple((I, A, A, A, A, A, A))(IRT, ST, VT, I, I, A64, A64, U32, U8), cache=True)
+def classify(ir, st, vt, s, c, ids_start, ids, words, follow):
+    """A classification in one call (mask.py's, for an item at state s with count c under the bottom origin):
+    the walk with exits from that item's configuration, the tokens of its accepted strings set in `words`
+    (zeros, left untouched unless the call completes) and the uncertain strings for FOLLOW1 set `follow`.
+    Returns (status, unc, lo, hi, ex_lo, ex_hi, ex_byte); status FULL: grow and call again."""
+    empty = np.empty(0, np.int32)
+    start = initial(ir, st, s, c, -1)
+    if start == FULL:
+        return FULL, empty, empty, empty, empty, empty, empty
+    r, lo, hi, ex_lo, ex_hi, ex_b = walk(ir, st, vt, start, True, empty)
+    if r == FULL:
+        return FULL, empty, empty, empty, empty, empty, empty
+    range_words(lo, hi, ids_start, ids, words)
+    return 0, uncertain(lo, hi, ex_lo, ex_hi, ex_b, follow, len(ids_start) - 1), lo, hi, ex_lo, ex_hi, ex_b
