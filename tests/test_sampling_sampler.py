@@ -230,6 +230,28 @@ def test_bitmask_uploaded_beside_queued_work_is_exact_step_after_step(pinned):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_half_precision_logits_are_masked_in_their_float_copy_and_logprobs_stay_raw(device):
+    """bf16 logits are converted to float, and penalties and the mask go into that copy: the caller's tensor is
+    untouched, and a row that wants logprobs gets them from the unmasked logits."""
+    vocab = 1003
+    logits = randn(4, vocab, seed=7, device=device).to(torch.bfloat16)
+    given = logits.clone()
+    bm = random_bitmask(4, vocab, seed=7)
+    greedy = [state(temperature=0.0, repetition_penalty=1.3, output=[int(logits[i].argmax())]) for i in range(4)]
+    sampler = Sampler(vocab, EOS, device)
+    out = sampler.sample(logits, greedy, bm)
+    assert out.token_ids == sampler.sampling_logits(logits.float(), greedy, bm).argmax(dim=-1).tolist()
+    assert torch.equal(logits, given)
+    out = sampler.sample(logits, [state(temperature=0.0, logprobs=0) for _ in range(4)], bm)
+    words = bm.tolist()
+    ref = torch.log_softmax(logits.cpu().double(), dim=-1)
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert (words[i][tok // 32] >> (tok % 32)) & 1
+        assert lp.logprob == pytest.approx(ref[i, tok].item(), abs=1e-5)
+    assert torch.equal(logits, given)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_seeded_rows_reproduce_whatever_else_is_in_the_batch(device):
     sampler = Sampler(V, EOS, device)
     kw = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2)
