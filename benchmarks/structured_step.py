@@ -12,7 +12,8 @@ step is split into the engine's phases: `forward` (host side of launching the mo
 (sending the mask fills and waiting for them), `sample` (which includes waiting for the GPU), `accept` and
 `emit`. The median round of each mode is reported, and the overhead both from those medians and as the median over
 pairs of adjacent rounds (which drift less against each other). Grammar workers 0 = masks on a thread of this
-process.
+process. `--profile` adds one more round per mode under torch.profiler: the device time per step of every kernel
+and copy whose time differs between the modes, and a Chrome trace of each round next to --out.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="free/constrained round pairs per batch size")
     p.add_argument("--warmup", type=int, default=1, help="round pairs per batch size before measuring")
     p.add_argument("--out", default="structured_step.json")
+    p.add_argument("--profile", action="store_true", help="device time per kernel, free vs json_schema")
     return p.parse_args(argv)
 
 
@@ -124,9 +126,44 @@ def measure(args: argparse.Namespace, loaded, workers: int, console: Console) ->
                           f"{median['json_schema']['tok_s']:9.1f} tok/s ({overhead:.1f}%; median of pairs "
                           f"{paired:.1f}%, pairs {' '.join(f'{p:.1f}' for p in pairs)})")
             levels[batch] = {"overhead_pct": overhead, "paired_overhead_pct": paired, "median": median, "runs": runs}
+            if args.profile:
+                levels[batch]["device_us_per_step"] = {
+                    mode: profiled(lambda b=batch, m=mode: round_(b, m == "json_schema"),
+                                   f"{args.out}.w{workers}.b{batch}.{mode}")
+                    for mode in ("free", "json_schema")}
         return levels
     finally:
         engine.close()
+
+
+def profiled(run, trace_path: str) -> dict[str, float]:
+    """Device microseconds per decode step of each kernel and copy over one round, and its Chrome trace (device
+    activity only: the gaps between kernels are what the host costs the GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+        steps = run()["steps"]
+    prof.export_chrome_trace(f"{trace_path}.trace.json")
+    return {e.key: e.self_device_time_total / steps for e in prof.key_averages() if e.self_device_time_total > 0}
+
+
+def print_profile(console: Console, results: dict) -> None:
+    """Per batch: the kernels and copies whose device time per step differs most between the modes."""
+    for w, levels in results.items():
+        for batch, level in levels.items():
+            times = level.get("device_us_per_step")
+            if not times or not any(times.values()):  # no device (CPU runs)
+                continue
+            free, json_ = times["free"], times["json_schema"]
+            table = Table(title=f"workers {w} batch {batch}: device us per step (total {sum(free.values()):.0f} -> "
+                                f"{sum(json_.values()):.0f})")
+            for col in ("kernel / copy", "free", "json_schema", "diff"):
+                table.add_column(col, justify="left" if col.startswith("kernel") else "right")
+            keys = sorted(set(free) | set(json_), key=lambda k: -abs(json_.get(k, 0.0) - free.get(k, 0.0)))
+            for k in keys[:12]:
+                a, b = free.get(k, 0.0), json_.get(k, 0.0)
+                table.add_row(k[:90], f"{a:.1f}", f"{b:.1f}", f"{b - a:+.1f}")
+            console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                 table.add_row(str(w), str(batch), mode, f"{row['tok_s']:.1f}", over, paired,
                               *(f"{row.get(p[0], 0.0):.3f}" for p in PHASES))
     console.print(table)
+    print_profile(console, results)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent, check=False).stdout.strip()
     Path(args.out).write_text(json.dumps({
