@@ -16,9 +16,9 @@ import numpy as np
 from numba import njit, types
 
 from .automata import GrammarIR
-from .nb_store import (BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_MAIN_N, F_MAIN_T, F_NALLOW, F_ROOTS, F_SELF, FULL,
-                       K_KERN, K_ORIG, K_PRED, K_ROOTS, K_SCAN, K_SELF, K_WAIT, M_NCFG, META, NCF, PK, PTR, ST, TABLE,
-                       UNKNOWN, VAL, A, I, insert, lookup, need, packed, part, room)
+from .nb_store import (BITS, CFG, DATA, DEAD, F_CAN_END, F_INC, F_KERN, F_MAIN_N, F_MAIN_T, F_NALLOW, F_ROOTS, F_SELF,
+                       FULL, K_KERN, K_ORIG, K_PRED, K_ROOTS, K_SCAN, K_SELF, K_WAIT, M_NCFG, META, NCF, PK, PTR, ST,
+                       TABLE, UNKNOWN, VAL, A, I, insert, lookup, need, packed, part, room)
 
 MAX_ORIGIN_DEPTH = 64  # origin chains followed this deep to find a representative; deeper ones stay as they are
 
@@ -395,6 +395,7 @@ def intern_config(ir, st, kern, rootf, nk, can_end):
     cfg[NCF * cid + F_CAN_END] = can_end
     cfg[NCF * cid + F_SELF] = sid
     cfg[NCF * cid + F_MAIN_T] = UNKNOWN
+    cfg[NCF * cid + F_INC] = -1
     meta[M_NCFG] = cid + 1
     sbits = part(ir, R_SBITS)
     bits = st[BITS]
@@ -531,6 +532,88 @@ def close(ir, st, items, n):
     return cid
 
 
+@njit(I(IRT, ST, I, A, I, I), cache=True)
+def _intern_count(ir, st, cid, kern, nk, j):
+    """The configuration whose kernel is cid's with item j's count changed (`kern`, sorted as cid's): the
+    same self set, root flags, end flag and scanned bytes as cid (see `_counted`); its id, or FULL."""
+    k = lookup(st, K_KERN, kern, 0, 3 * nk)
+    if k >= 0:
+        return st[VAL][k]
+    meta = st[META]
+    new = meta[M_NCFG]
+    if room(st, 4 * nk + 1, 2) == FULL:
+        return FULL
+    if len(st[CFG]) < NCF * (new + 1):
+        return need(meta, CFG, NCF * (new + 1))
+    if len(st[BITS]) < 16 * (new + 1):
+        return need(meta, BITS, 16 * (new + 1))
+    if len(st[TABLE]) < 256 * (new + 1):
+        return need(meta, TABLE, 256 * (new + 1))
+    cfg, bits, ptr = st[CFG], st[BITS], st[PTR]
+    cfg[NCF * new + F_KERN] = insert(st, K_KERN, kern, 0, 3 * nk, new)
+    rk = cfg[NCF * cid + F_ROOTS]
+    rf = st[DATA][ptr[rk] + 1: ptr[rk + 1]].copy()
+    rf[0] = new
+    cfg[NCF * new + F_ROOTS] = insert(st, K_ROOTS, rf, 0, nk + 1, 0)
+    cfg[NCF * new + F_CAN_END] = cfg[NCF * cid + F_CAN_END]
+    cfg[NCF * new + F_SELF] = cfg[NCF * cid + F_SELF]
+    cfg[NCF * new + F_NALLOW] = cfg[NCF * cid + F_NALLOW]
+    cfg[NCF * new + F_MAIN_T] = UNKNOWN
+    cfg[NCF * new + F_INC] = j
+    for w in range(8):
+        bits[16 * new + w] = bits[16 * cid + w]
+        bits[16 * new + 8 + w] = 0
+    meta[M_NCFG] = new + 1
+    return new
+
+
+@njit(I(IRT, ST, I, I), cache=True)
+def _counted(ir, st, cid, t):
+    """The configuration after the one scanned item (t, cid, 0) when it ends the body of a counted repetition
+    (a dead-end final state of body rule B, as one byte of `[ \\t\\n\\r]{0,20}` does) and the only item of cid
+    waiting on B is a repetition item (R, O, k) that stays final and kept at its next count k2; else UNKNOWN.
+    closure() then yields {(R, O, k2)} plus the closure of O's items waiting on R, whatever k2 is. So once a
+    configuration is known to be made of exactly that (F_INC: the index of its R item), the next count's
+    kernel is its own with item F_INC's count changed: same self set, root flags, end flag and scanned bytes,
+    built without a closure (whitespace runs were half of all configurations built). A configuration built
+    by closure() from such a step is marked so."""
+    final, keep, rule = part(ir, R_FINAL), part(ir, R_KEEP), part(ir, R_RULE)
+    repb, replo, rephi = part(ir, R_REPB), part(ir, R_REPLO), part(ir, R_REPHI)
+    if not final[t] or keep[t] or repb[t] >= 0:
+        return UNKNOWN
+    bb = rule[t]
+    buf, nw = waiters(ir, st, cid, bb, np.empty(6, np.int32), 0)
+    if nw != 1:
+        return UNKNOWN
+    r, o, k2 = buf[0], buf[1], buf[2]
+    if repb[r] != bb or o == cid or k2 < replo[r] or (rephi[r] >= 0 and k2 >= rephi[r]):
+        return UNKNOWN
+    cfg, kd = st[CFG], st[DATA]
+    ka, kb = kernel_span(st, cid)
+    nk = (kb - ka) // 3
+    j = cfg[NCF * cid + F_INC]
+    if j >= 0 and kd[ka + 3 * j] == r and kd[ka + 3 * j + 1] == o:
+        kern = kd[ka:kb].copy()
+        kern[3 * j + 2] = k2
+        return _intern_count(ir, st, cid, kern, nk, j)
+    items = np.empty(3, np.int32)
+    items[0] = t
+    items[1] = cid
+    items[2] = 0
+    nxt = close(ir, st, items, 1)
+    if nxt < 0:
+        return nxt
+    ka, kb = kernel_span(st, nxt)
+    found = -1
+    for p in range(ka, kb, 3):
+        if kd[p] == r:
+            if found >= 0 or kd[p + 2] != k2:
+                return nxt
+            found = (p - ka) // 3
+    cfg[NCF * nxt + F_INC] = found
+    return nxt
+
+
 @njit(I(IRT, ST, I, I), cache=True)
 def step(ir, st, cid, b):
     """The configuration after byte b from cid (DEAD if none), memoized in TABLE."""
@@ -552,7 +635,11 @@ def step(ir, st, cid, b):
         t = bnext[256 * kd[p] + b]
         if t >= 0:
             items, n = _push3(items, n, t, cid, 0)
-    r = DEAD if n == 0 else close(ir, st, items, n)
+    r = UNKNOWN
+    if n == 1 and items[1] == cid and items[2] == 0:
+        r = _counted(ir, st, cid, items[0])
+    if r == UNKNOWN:
+        r = DEAD if n == 0 else close(ir, st, items, n)
     if r != FULL:
         table[256 * cid + b] = r
     return r

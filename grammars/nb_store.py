@@ -59,9 +59,9 @@ K_KERN, K_SCAN, K_PRED, K_SELF, K_ORIG, K_WAIT, K_ROOTS = range(1, 8)
 # store slots
 DATA, PTR, TAB, VAL, CFG, BITS, TABLE, META = range(8)
 N_SLOTS = 8
-# CFG fields, NCF per configuration
-F_CAN_END, F_SELF, F_MAIN_T, F_NALLOW, F_MAIN_N, F_KERN, F_ROOTS = range(7)
-NCF = 7
+# CFG fields, NCF per configuration (F_INC: nb_earley's counted-step index, -1 none)
+F_CAN_END, F_SELF, F_MAIN_T, F_NALLOW, F_MAIN_N, F_KERN, F_ROOTS, F_INC = range(8)
+NCF = 8
 # BITS: 16 words per configuration, the bytes it can scan (0..7) and its main group's (8..15)
 # META fields
 M_COUNT, M_DLEN, M_NCFG, M_NEED_SLOT, M_NEED_SIZE = range(5)

@@ -85,6 +85,13 @@ GRAMMARS = {
          'item ::= "{" ws "\\"a\\"" ws ":" ws [0-9]{1,3} ws "}"\nws ::= [ ]{0,20}'),
         ["[" + ",".join(f'{" " * (i % 5)}{{ "a" :{" " * (i % 3)}{i * 7 % 1000} }}' for i in range(33)) + " ]"],
     ),
+    # counted whitespace runs (bounds past UNROLL_LIMIT), the next count's configuration built from the last
+    # one's kernel: up to and past the upper bound, from a lower bound, and unbounded past it
+    "counted_whitespace_runs": (
+        'root ::= "a" ws "b" sp "c" ws tail\nws ::= [ \\t\\n]{0,18}\nsp ::= [ ]{17,24}\ntail ::= [ ]{17,} "z"',
+        ["a  \n b" + " " * 17 + "c \t" + " " * 17 + "z",
+         "a" + " " * 18 + "b" + " " * 24 + "c" + "\n" * 18 + " " * 40 + "z", "ab" + " " * 20 + "c" + " " * 17 + "z"],
+    ),
 }
 
 
