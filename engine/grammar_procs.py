@@ -134,6 +134,7 @@ class _Server:
         self.use(shared)
 
     def use(self, shared: SharedArrays) -> None:
+        self.placed = None  # masks placed in the old bitmask
         self.bitmask = shared.bitmask
         self.bitmask_np = shared.bitmask.numpy()
         self.row_tokens = shared.row_tokens.numpy()

@@ -214,6 +214,28 @@ def test_sequences_of_one_grammar_share_a_worker_process_until_it_is_full(loaded
         guided.close()
 
 
+def test_masks_placed_early_survive_the_shared_arrays_growing(loaded):
+    """After an accept post by row a worker puts the next masks in place at once; when the next step needs more
+    rows than the shared arrays hold, new arrays replace them, and a worker whose rows did not change must still
+    write its masks there."""
+    tok = loaded.tokenizer
+    guided = GuidedDecoder(tok, loaded.config.vocab_size, 2, max_rows=1)
+    try:
+        letters, digits = (asyncio.run(guided.compile(GrammarSpec("regex", r), 60)) for r in ("[a-z]+", "[0-9]+"))
+        (a,), (seven,) = tok.encode("abc", add_special_tokens=False), tok.encode("7", add_special_tokens=False)
+        first, second = _Seq(), _Seq()
+        guided.add(first, letters)
+        mask = guided.finish_masks(guided.start_masks([first]), [0])
+        guided.sampled([first], [a])
+        assert guided.accept(first, a) is None
+        guided.add(second, digits)  # another worker: the first one's rows stay [(0, its matcher)]
+        mask = guided.finish_masks(guided.start_masks([first, second]), [0, 1])
+        allowed = lambda row, t: bool(mask[row, t // 32] >> (t % 32) & 1)  # noqa: E731
+        assert allowed(0, a) and not allowed(0, seven) and allowed(1, seven) and not allowed(1, a)
+    finally:
+        guided.close()
+
+
 def test_a_dead_worker_process_aborts_its_sequences_and_is_replaced(loaded):
     tok = loaded.tokenizer
     guided = GuidedDecoder(tok, loaded.config.vocab_size, 2, max_rows=1)  # two rows grow the shared arrays
