@@ -13,7 +13,6 @@ import bisect
 import hashlib
 import itertools
 import pickle
-from array import array
 from dataclasses import dataclass
 
 import numpy as np
@@ -339,9 +338,6 @@ def _determinize(nfa: _NFA) -> RuleDFA:
     return RuleDFA(bnext, rnext, final)
 
 
-SMALL_RULE_BYTES = 128  # rules with at most this many byte transitions are hashed from Python tuples
-
-
 class GrammarIR:
     """All rules' automata with global state ids, plus the static facts the Earley matcher precomputes.
 
@@ -416,6 +412,7 @@ class GrammarIR:
         self._hash: list = [None] * len(self.rule_names)
         self._kids: list = [None] * len(self.rule_names)
         self._owned: list = [None] * len(self.rule_names)
+        self._dense: np.ndarray | None = None  # share_byte_table
         self._cyclic: list[bool] | None = None
         self._info: list = [None] * self.n_states
         self._scanning: dict[frozenset, tuple] = {}
@@ -600,6 +597,12 @@ class GrammarIR:
             self._follow = self._compute_follow()
         return self._follow[r]
 
+    def follow_tables(self) -> list[bytes]:
+        """`follow_bytes` of every rule, computed once."""
+        if self._follow is None:
+            self._follow = self._compute_follow()
+        return self._follow
+
     def _root_referenced(self) -> bool:
         if self._root_ref is None:
             self._root_ref = any(self.root in refs for refs in self.rnext) or any(
@@ -658,9 +661,15 @@ class GrammarIR:
             tables.append(bytes(t))
         return tables
 
+    def share_byte_table(self, table: np.ndarray) -> None:
+        """Lends the rule hashes the whole grammar's dense byte table (`byte_table()`) that the compiled parser
+        already holds, so a rule's rows are a slice of it rather than rebuilt from the state dicts."""
+        self._dense = table
+
     def _own(self, r: int) -> tuple:
-        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of their table rows);
-        references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it reaches."""
+        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of their dense table
+        rows); references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it
+        reaches."""
         own = self._owned[r]
         if own is not None:
             return own
@@ -668,21 +677,13 @@ class GrammarIR:
         rep = self.rep_of[base]
         if rep is not None:
             return ("rep", rep)  # cheap: not memoized
-        ds = self.bnext[base:end]
-        if sum(map(len, ds)) <= SMALL_RULE_BYTES:  # numpy's fixed costs would dominate: a flat int list
-            flat: list[int] = []
-            for d in ds:  # per state its size, then (byte, target) in the dict's order (an order that differs
-                flat.append(len(d))  # between isomorphic rules only costs sharing, never a false match)
-                for b, t in d.items():
-                    flat += (b, t - base)
-            rows = ("pairs", array("q", flat).tobytes())
-        else:
-            table = self.byte_table(base, end)
-            rows = ("table", hashlib.blake2b(np.maximum(table - base, -1).tobytes(), digest_size=16).digest())
+        table = self.byte_table(base, end) if self._dense is None else self._dense[base:end]
+        rows = np.where(table >= 0, table - base, -1).astype(np.int32, copy=False)
         rnext = self.rnext
         refs = tuple((s - base, tuple(sorted((r2, t - base) for r2, t in rnext[s].items())))
                      for s in range(base, end) if rnext[s])
-        own = self._owned[r] = ("dfa", rows, tuple(self.final[base:end]), refs)
+        own = self._owned[r] = ("dfa", hashlib.blake2b(rows.tobytes(), digest_size=16).digest(),
+                                tuple(self.final[base:end]), refs)
         return own
 
     def _children(self, own: tuple) -> list[int]:

@@ -43,6 +43,7 @@ class CompiledGrammar:
     def _new_space(self) -> None:
         self.space = Space(self.ir)
         self.masker = Masker(self.space, self.tokenizer_info.index, self._class_cache, self._stop_words)
+        self.masker.prepare()
         self.initial = self.space.initial(self.ir.start(self.ir.root), 0, ROOT)
 
     def current(self) -> tuple[Space, Masker, int]:

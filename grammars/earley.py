@@ -22,6 +22,7 @@ import threading
 import numpy as np
 
 from . import nb_earley, nb_walk
+from .nb_earley import R_BNEXT
 from .automata import GrammarIR
 from .nb_store import BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_ROOTS, FULL, M_NCFG, META, NCF, PTR, grow, new_store
 
@@ -51,6 +52,8 @@ class Space:
     def __init__(self, ir: GrammarIR):
         self.ir = ir
         self.irt = nb_earley.ir_arrays(ir)
+        data, offs = self.irt
+        ir.share_byte_table(data[offs[R_BNEXT]: offs[R_BNEXT + 1]].reshape(-1, 256))
         self.st = new_store()
         self.configs: list[Config | None] = []  # by id, None until `config` creates it
         self.contrib: dict = {}

@@ -68,6 +68,21 @@ class Masker:
         self.full_bytes = self.full.tobytes()  # a bytes compare is the cheapest "masks nothing" test
         self.empty = np.zeros(vocab.words, dtype=np.int32)
 
+    def prepare(self) -> None:
+        """The grammar-wide work of the first masks, done by the compiler (where xgrammar does its own): FOLLOW1
+        of every rule and the root's classification key, which hashes every rule the root reaches (at most
+        HASH_LIMIT_STATES states; a larger grammar is keyed per grammar and hashes nothing up front)."""
+        self.ir.follow_tables()
+        self.rule_key(self.ir.root)
+
+    def rule_key(self, r: int):
+        """Rule r's part of a classification key: its structural hash, or a per-grammar id for a rule that
+        reaches too many states to be worth hashing."""
+        ir = self.ir
+        big = ir.reach_exceeds(r, HASH_LIMIT_STATES)
+        k = self.rule_keys[r] = (next(_GRAMMAR_IDS), r) if big else ir.rule_hash(r)
+        return k
+
     def _ckey(self, s: int, c: int):
         rep = self.ir.rep_of[s]
         if rep is None:
@@ -91,10 +106,10 @@ class Masker:
             elif s in ir.open_rep:
                 s, c, ckey = ir.open_rep[s], ir.rep_of[s][1] - ckey[0], (ckey[0], None)
         r = ir.rule_of[s]
-        if r not in self.rule_keys:
-            big = ir.reach_exceeds(r, HASH_LIMIT_STATES)
-            self.rule_keys[r] = (next(_GRAMMAR_IDS), r) if big else ir.rule_hash(r)
-        base_key = (self.rule_keys[r], s - ir.rule_base[r], ckey)
+        rk = self.rule_keys.get(r)
+        if rk is None:
+            rk = self.rule_key(r)
+        base_key = (rk, s - ir.rule_base[r], ckey)
         key = (base_key, follow)
         hit = self.cache.get(key)
         if hit is None:
