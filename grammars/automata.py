@@ -667,8 +667,8 @@ class GrammarIR:
         self._dense = table
 
     def _own(self, r: int) -> tuple:
-        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of their dense table
-        rows); references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it
+        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of where its dense
+        table rows hold one and their targets); references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it
         reaches."""
         own = self._owned[r]
         if own is not None:
@@ -677,13 +677,14 @@ class GrammarIR:
         rep = self.rep_of[base]
         if rep is not None:
             return ("rep", rep)  # cheap: not memoized
-        table = self.byte_table(base, end) if self._dense is None else self._dense[base:end]
-        rows = np.where(table >= 0, table - base, -1).astype(np.int32, copy=False)
+        table = (self.byte_table(base, end) if self._dense is None else self._dense[base:end]).ravel()
+        at = np.flatnonzero(table >= 0)  # (state - base) * 256 + byte of each transition, then its target
+        rows = hashlib.blake2b(at.astype(np.int64, copy=False).tobytes(), digest_size=16)
+        rows.update((table[at] - base).astype(np.int32, copy=False).tobytes())
         rnext = self.rnext
         refs = tuple((s - base, tuple(sorted((r2, t - base) for r2, t in rnext[s].items())))
                      for s in range(base, end) if rnext[s])
-        own = self._owned[r] = ("dfa", hashlib.blake2b(rows.tobytes(), digest_size=16).digest(),
-                                tuple(self.final[base:end]), refs)
+        own = self._owned[r] = ("dfa", rows.digest(), tuple(self.final[base:end]), refs)
         return own
 
     def _children(self, own: tuple) -> list[int]:
@@ -702,21 +703,21 @@ class GrammarIR:
                 {r2 for s in range(base, end) for r2 in self.rnext[s]})
         return k
 
-    def reach_exceeds(self, r: int, limit: int) -> bool:
-        """Whether the rules reachable from r have more than `limit` states (hashing them would cost more
-        than the cross-grammar sharing of their classifications is likely to save)."""
+    def reach_within(self, r: int, limit: int) -> set[int] | None:
+        """The rules reachable from r (r included) if they have at most `limit` states in all, else None
+        (hashing them would cost more than the cross-grammar sharing of their classifications is likely to
+        save); the walk stops as soon as the limit is passed."""
         seen, stack, total = {r}, [r], 0
         while stack:
             x = stack.pop()
-            base, end = self.rule_base[x], self.rule_base[x + 1]
-            total += end - base
+            total += self.rule_base[x + 1] - self.rule_base[x]
             if total > limit:
-                return True
+                return None
             for k in self.kids(x):
                 if k not in seen:
                     seen.add(k)
                     stack.append(k)
-        return False
+        return seen
 
     def rule_hash(self, r: int) -> bytes:
         """Digest of the sub-grammar reachable from r, independent of rule names and numbering.

@@ -62,6 +62,7 @@ class Masker:
         self.stop_words = stop_words
         self.horizon = vocab.max_len + 1
         self.rule_keys: dict[int, object] = {}
+        self._hashable: set[int] = set()  # rules known to reach at most HASH_LIMIT_STATES states
         full = np.zeros(vocab.words * 32, dtype=bool)
         full[: vocab.vocab_size] = True
         self.full = np.packbits(full, bitorder="little").view(np.int32)
@@ -79,8 +80,13 @@ class Masker:
         """Rule r's part of a classification key: its structural hash, or a per-grammar id for a rule that
         reaches too many states to be worth hashing."""
         ir = self.ir
-        big = ir.reach_exceeds(r, HASH_LIMIT_STATES)
-        k = self.rule_keys[r] = (next(_GRAMMAR_IDS), r) if big else ir.rule_hash(r)
+        if r not in self._hashable:  # a rule reached from a hashable one is hashable: no walk of its own
+            reach = ir.reach_within(r, HASH_LIMIT_STATES)
+            if reach is None:
+                k = self.rule_keys[r] = (next(_GRAMMAR_IDS), r)
+                return k
+            self._hashable |= reach
+        k = self.rule_keys[r] = ir.rule_hash(r)
         return k
 
     def _ckey(self, s: int, c: int):
