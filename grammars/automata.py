@@ -413,6 +413,7 @@ class GrammarIR:
         self._kids: list = [None] * len(self.rule_names)
         self._owned: list = [None] * len(self.rule_names)
         self._dense: np.ndarray | None = None  # share_byte_table
+        self._trans: tuple | None = None  # _transitions
         self._cyclic: list[bool] | None = None
         self._info: list = [None] * self.n_states
         self._scanning: dict[frozenset, tuple] = {}
@@ -663,13 +664,25 @@ class GrammarIR:
 
     def share_byte_table(self, table: np.ndarray) -> None:
         """Lends the rule hashes the whole grammar's dense byte table (`byte_table()`) that the compiled parser
-        already holds, so a rule's rows are a slice of it rather than rebuilt from the state dicts."""
+        already holds, rather than building it again from the state dicts."""
         self._dense = table
 
+    def _transitions(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every byte transition of the grammar, relative to its rule: (at, target, first), with at =
+        (state - rule base) * 256 + byte, target - rule base, and rule r's transitions at [first[r],
+        first[r + 1]). One numpy pass over the dense table on the first hash, so hashing a rule is two slices."""
+        if self._trans is None:
+            table = (self.byte_table() if self._dense is None else self._dense).ravel()
+            at = np.flatnonzero(table >= 0)
+            rule_base = np.asarray(self.rule_base, dtype=np.int64)
+            base = rule_base[np.asarray(self.rule_of, dtype=np.int64)][at >> 8]
+            self._trans = ((at - base * 256).astype(np.int32), (table[at] - base).astype(np.int32),
+                           np.searchsorted(at, rule_base * 256))
+        return self._trans
+
     def _own(self, r: int) -> tuple:
-        """Rule r's automaton with states renumbered from 0 (byte transitions as a digest of where its dense
-        table rows hold one and their targets); references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it
-        reaches."""
+        """Rule r's automaton with states renumbered from 0 (byte transitions as one digest, `_transitions`);
+        references keep global rule ids. Memoized: the hash of a rule on a cycle reads every rule it reaches."""
         own = self._owned[r]
         if own is not None:
             return own
@@ -677,10 +690,10 @@ class GrammarIR:
         rep = self.rep_of[base]
         if rep is not None:
             return ("rep", rep)  # cheap: not memoized
-        table = (self.byte_table(base, end) if self._dense is None else self._dense[base:end]).ravel()
-        at = np.flatnonzero(table >= 0)  # (state - base) * 256 + byte of each transition, then its target
-        rows = hashlib.blake2b(at.astype(np.int64, copy=False).tobytes(), digest_size=16)
-        rows.update((table[at] - base).astype(np.int32, copy=False).tobytes())
+        at, target, first = self._transitions()
+        a, b = first[r], first[r + 1]
+        rows = hashlib.blake2b(at[a:b].tobytes(), digest_size=16)
+        rows.update(target[a:b].tobytes())
         rnext = self.rnext
         refs = tuple((s - base, tuple(sorted((r2, t - base) for r2, t in rnext[s].items())))
                      for s in range(base, end) if rnext[s])
