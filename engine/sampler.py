@@ -282,9 +282,9 @@ class Sampler:
             self._uploaded, self._applied = torch.cuda.Event(), torch.cuda.Event()
         n = bitmask.numel()
         if not (bitmask.is_contiguous() and bitmask.is_pinned()):
+            self._uploaded.synchronize()  # the staging copy's last upload has read it
             if self._staging is None or self._staging.numel() < n:
                 self._staging = torch.empty(n, dtype=torch.int32, pin_memory=True)
-            self._uploaded.synchronize()
             bitmask = self._staging[:n].view(bitmask.shape).copy_(bitmask)
         if self._on_device is None or self._on_device.numel() < n:
             self._on_device = torch.empty(n, dtype=torch.int32, device=self.device)
