@@ -352,7 +352,6 @@ class GrammarProcessPool:
         self._workers = [self._start(i) for i in range(workers)]
         self._entries: dict[Sequence, _Entry] = {}
         self._by_sid: dict[int, _Entry] = {}
-        self._homes: dict[str, list[_Worker]] = {}  # per grammar with live sequences, the workers holding them
         self._job: ProcessMaskJob | None = None  # the step's rows, until its tokens are posted
         self._last: ProcessMaskJob | None = None  # the last step's rows, reposted as they are if nothing changed
         self._unchanged = True  # no entry failed and no worker was lost or arrays grown since the last step
@@ -412,13 +411,10 @@ class GrammarProcessPool:
         del self._by_sid[entry.sid]
         entry.worker.live -= 1
         entry.worker.drops.append(entry.sid)
-        entry.worker.grammars[entry.key] -= 1
-        if not entry.worker.grammars[entry.key]:
-            del entry.worker.grammars[entry.key]
-            homes = self._homes[entry.key]
-            homes.remove(entry.worker)
-            if not homes:
-                del self._homes[entry.key]
+        held = entry.worker.grammars
+        held[entry.key] -= 1
+        if not held[entry.key]:
+            del held[entry.key]
 
     def sampled(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         """Post the tokens just sampled (every one must be, before `accept` sees it), so that the workers accept
@@ -547,12 +543,10 @@ class GrammarProcessPool:
     def _assign(self, key: str) -> _Worker:
         """The worker for a new sequence of grammar `key`: one holding that grammar with room left, else the least
         loaded."""
-        homes = self._homes.setdefault(key, [])
-        worker = next((w for w in homes if not w.dead and w.grammars[key] < AFFINITY_ROWS), None)
+        live = [w for w in self._workers if not w.dead]
+        worker = next((w for w in live if 0 < w.grammars.get(key, 0) < AFFINITY_ROWS), None)
         if worker is None:
-            worker = min((w for w in self._workers if not w.dead), key=lambda w: w.live)
-            if key not in worker.grammars:
-                homes.append(worker)
+            worker = min(live, key=lambda w: w.live)
         worker.grammars[key] = worker.grammars.get(key, 0) + 1
         return worker
 

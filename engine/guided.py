@@ -286,10 +286,11 @@ class GuidedDecoder:
         if self._pool is None:
             self._matchers[seq] = GrammarMatcher(grammar)
             return
-        spec = self._specs.get(grammar)
-        if spec is None:
+        known = self._specs.get(grammar)
+        if known is None:
             raise ValueError("a grammar for worker processes must come from this decoder's compile()")
-        self._pool.add(seq, *spec)
+        spec, key = known
+        self._pool.add(seq, spec, key)
 
     def start_masks(self, seqs: list[Sequence]) -> MaskJob | ProcessMaskJob | None:
         """Submit the mask fill for the sequences about to get logits (None when none is constrained)."""
