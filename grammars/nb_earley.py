@@ -339,6 +339,22 @@ def popcount(x):
     return ((v * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
+@njit(I(ST, I, I), cache=True)
+def config_room(st, cid, nk):
+    """FULL unless configuration `cid` of `nk` kernel items fits: its kernel and root flags (after the
+    configuration id) in the interner, its fields, scan bits and byte table in their slots."""
+    if room(st, 4 * nk + 1, 2) == FULL:
+        return FULL
+    meta = st[META]
+    if len(st[CFG]) < NCF * (cid + 1):
+        return need(meta, CFG, NCF * (cid + 1))
+    if len(st[BITS]) < 16 * (cid + 1):
+        return need(meta, BITS, 16 * (cid + 1))
+    if len(st[TABLE]) < 256 * (cid + 1):
+        return need(meta, TABLE, 256 * (cid + 1))
+    return 0
+
+
 @njit(I(IRT, ST, A, A, I, I), cache=True)
 def intern_config(ir, st, kern, rootf, nk, can_end):
     """The id of the configuration with these kernel items (origins not yet represented), built if new."""
@@ -378,14 +394,8 @@ def intern_config(ir, st, kern, rootf, nk, can_end):
         insert(st, K_PRED, pst, 0, npst, sid)
     meta = st[META]
     cid = meta[M_NCFG]
-    if room(st, 4 * nk + 1, 2) == FULL:  # the kernel, and the root flags after the configuration id
+    if config_room(st, cid, nk) == FULL:
         return FULL
-    if len(st[CFG]) < NCF * (cid + 1):
-        return need(meta, CFG, NCF * (cid + 1))
-    if len(st[BITS]) < 16 * (cid + 1):
-        return need(meta, BITS, 16 * (cid + 1))
-    if len(st[TABLE]) < 256 * (cid + 1):
-        return need(meta, TABLE, 256 * (cid + 1))
     cfg = st[CFG]
     cfg[NCF * cid + F_KERN] = insert(st, K_KERN, kern, 0, 3 * nk, cid)
     rf = np.empty(nk + 1, np.int32)
@@ -541,14 +551,8 @@ def _intern_count(ir, st, cid, kern, nk, j):
         return st[VAL][k]
     meta = st[META]
     new = meta[M_NCFG]
-    if room(st, 4 * nk + 1, 2) == FULL:
+    if config_room(st, new, nk) == FULL:
         return FULL
-    if len(st[CFG]) < NCF * (new + 1):
-        return need(meta, CFG, NCF * (new + 1))
-    if len(st[BITS]) < 16 * (new + 1):
-        return need(meta, BITS, 16 * (new + 1))
-    if len(st[TABLE]) < 256 * (new + 1):
-        return need(meta, TABLE, 256 * (new + 1))
     cfg, bits, ptr = st[CFG], st[BITS], st[PTR]
     cfg[NCF * new + F_KERN] = insert(st, K_KERN, kern, 0, 3 * nk, new)
     rk = cfg[NCF * cid + F_ROOTS]
