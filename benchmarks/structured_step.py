@@ -58,8 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="free/constrained round pairs per batch size")
     p.add_argument("--warmup", type=int, default=1, help="round pairs per batch size before measuring")
     p.add_argument("--out", default="structured_step.json")
-    p.add_argument("--profile", action="store_true", help="device time per kernel, free vs json_schema")
-    return p.parse_args(argv)
+    p.add_argument("--profile", action="store_true", help="device time per kernel, free vs json_schema (CUDA)")
+    args = p.parse_args(argv)
+    if args.profile and not args.device.startswith("cuda"):
+        p.error("--profile measures device time: it needs --device cuda")
+    return args
 
 
 class PhaseClock:
@@ -141,7 +144,7 @@ def profiled(run, trace_path: str) -> dict[str, float]:
     activity only: the gaps between kernels are what the host costs the GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA if torch.cuda.is_available() else ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         steps = run()["steps"]
     prof.export_chrome_trace(f"{trace_path}.trace.json")
     return {e.key: e.self_device_time_total / steps for e in prof.key_averages() if e.self_device_time_total > 0}
@@ -152,7 +155,7 @@ def print_profile(console: Console, results: dict) -> None:
     for w, levels in results.items():
         for batch, level in levels.items():
             times = level.get("device_us_per_step")
-            if not times or not any(times.values()):  # no device (CPU runs)
+            if times is None:
                 continue
             free, json_ = times["free"], times["json_schema"]
             table = Table(title=f"workers {w} batch {batch}: device us per step (total {sum(free.values()):.0f} -> "
