@@ -121,13 +121,13 @@ def previous_mma(m: int, n: int, sms: int, k: int, bits: int) -> MmaConfig:
     return MmaConfig(4 if many or (m > 8 and blocks >= sms) else 8, 1, 2 if many else 1)
 
 
-# Ways of overlapping one GEMV with the next, on the previous launch shape: "pdl" waits for the previous grid
-# before any load and lets the next grid launch once past the wait (what was measured before); "pre" loads each
-# warp's first weights before the wait, x after it; "late" lets the next grid launch after the main loop; "solo"
-# takes 16-warp blocks (all of an SM's registers) where the grid has at most one block per SM (up to M = 8), so
-# that blocks launched early cannot double up on the SMs the previous grid frees first; "default" is
-# default_config.
-OVERLAP_VARIANTS = ("previous", "pdl", "pre", "pre late", "pre solo", "default")
+# Ways of overlapping one GEMV with the next, on the previous launch shape: "pre" loads each warp's first weights
+# before griddepcontrol.wait, x after it, and lets the next grid launch once past the wait (pdl 1); "solo" takes
+# 16-warp blocks (all of an SM's registers) where the grid has at most one block per SM (up to M = 8), so that
+# blocks launched early cannot double up on the SMs the previous grid frees first; "start" lets the next grid
+# launch at each block's start (pdl 3: three grids in flight, x read through L2 only); "default" is
+# default_config. (Waiting before any load, and the trigger after the main loop, were measured before and lost.)
+OVERLAP_VARIANTS = ("previous", "pre solo", "pre solo start", "default")
 
 
 def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
@@ -138,8 +138,7 @@ def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> Quant
     if "solo" in variant and -(-qw.out_features // 32) <= sms and (m <= 8 or mma.warps == 16):
         mma = MmaConfig(16)
     if variant != "previous":
-        pdl = 2 if "late" in variant else 1
-        mma = dataclasses.replace(mma, pdl=pdl, preload=variant.startswith("pre"))
+        mma = dataclasses.replace(mma, pdl=3 if "start" in variant else 1, preload=True)
     return QuantMatmulConfig(False, m, 32, 4, 1, mma=mma)
 
 
@@ -254,15 +253,16 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
 # small Triton kernel that takes part in PDL (`bump`), what decode would see if its small kernels did; "read":
 # plain reads of each projection's packed words (quant_mma.stream_read, 4 blocks of 256 threads per SM), back
 # to back, the in-run ceiling of separate launches.
-LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "default +k", "previous +p", "default +p", "read")
+LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "pre solo +k", "pre solo start +k", "previous +p", "pre solo +p",
+                  "pre solo start +p", "read")
 
 
 @triton.jit
 def _bump(p, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The small kernel between GEMVs: p += 1. With PDL it lets the next kernel launch at once and waits for the
     previous one before touching p, as decode's norms and RoPE would if they took part in PDL. For timing only:
-    a trigger before the wait lets three grids run at once, against which the GEMV's x loads are not safe
-    (quant_mma.cu)."""
+    its trigger before its wait lets three grids run at once, against which only the GEMV launched with pdl 3
+    reads its x safely (quant_mma.cu)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()

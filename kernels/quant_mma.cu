@@ -28,7 +28,7 @@
 // per block; 0: the flat [K-rows, N] one), QM_NT (token tiles of 8), QM_STAGES (steps of loads in flight per warp, in registers), QM_MIN_BLOCKS
 // (blocks per SM the register allocation must allow), QM_MAX_THREADS (256; 512 for 16 warps), QM_PDL
 // (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one's blocks are past
-// their wait, 2 once they are past their main loops),
+// their wait, 2 once they are past their main loops, 3 as soon as they have started),
 // QM_PRELOAD (with QM_PDL: each warp's first steps of weights, scales and minimums loaded before
 // griddepcontrol.wait, x after it),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
@@ -38,12 +38,20 @@
 // drains instead of after it has fully completed. Only x can come from the previous kernel: the weights are
 // written at load time, so with QM_PRELOAD a block scheduled beside the draining grid issues its first weight
 // loads at once and waits (griddepcontrol.wait) only before reading x; without it every block waits before it
-// reads anything. The next grid may launch once all of this grid's blocks are past their wait (1) or their main
-// loops (2), so at most two grids are in flight and a grid launches only after its predecessor's predecessor
-// has completed. Why never before the wait: a trigger at the start (three grids in flight) measured faster on
-// the H100 but gave wrong outputs in CUDA-graph replays of a GEMV chain (docs/benchmarks.md), most likely x
-// read through the non-coherent path (ld.global.nc) hitting L1 lines that an older grid, still running on the
-// SM, had cached from the same recycled buffer.
+// reads anything. Every read of x and every write of out comes after the wait, which returns once the previous
+// grid has completed and its writes are visible; that grid completed only after its own wait, so all older
+// grids have completed too, however early each one let the next launch.
+//
+// That covers memory, not the SM's L1. ld.global.nc is defined only for data that stays read-only for the
+// kernel's lifetime, and the L1 is not invalidated at griddepcontrol.wait. With the trigger at the start (3), a
+// grid's blocks reach an SM while the grid two back still runs there, reading its x through L1; the caching
+// allocator gave that x's memory (freed once that grid was enqueued) to the next GEMV's output, which is this
+// grid's x, so this grid's reads after its wait can hit lines cached before the data was written: wrong outputs
+// in CUDA-graph replays of a GEMV chain (docs/benchmarks.md). So at 3, x is read with ld.relaxed.gpu (coherent
+// at GPU scope: L2, never L1; the same LDG.E.128.STRONG.GPU as ld.global.cg). At 1 and 2 a grid launches only
+// once its predecessor's blocks are past their wait, so the grid two back has completed and only the
+// predecessor, which never writes the buffer it reads, can run beside it: the L1 path stays safe as long as the
+// kernel before the GEMV does not itself let the GEMV launch before that kernel's own wait.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -203,9 +211,13 @@ __device__ __forceinline__ U4 ld_stream(const void *p) {  // weights are read on
   return v;
 }
 
-__device__ __forceinline__ U4 ld_shared_by_all(const void *p) {  // activations: every warp reads them
+__device__ __forceinline__ U4 ld_x(const void *p) {  // activations: through L1, or L2 only at QM_PDL 3 (above)
   U4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  if (QM_PDL == 3)
+    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -271,7 +283,7 @@ __device__ __forceinline__ void load_x(Stage &st, const Args &a, int step, int t
     const int tok = u * 8 + g;
     const unsigned short *xp = a.x + (u64)tok * a.stride_x + chunk * 32;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_shared_by_all(xp + 8 * i) : ZERO4;
+    for (int i = 0; i < 4; ++i) st.x[u][i] = tok < a.m ? ld_x(xp + 8 * i) : ZERO4;
   }
 }
 
@@ -384,6 +396,9 @@ extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
     for (int i = 0; i < 8; ++i) acc[u][i / 4][i % 4] = 0.0f;
 
   Stage st[STAGES];
+#if QM_PDL == 3
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #if QM_PRELOAD
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load_w(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t);

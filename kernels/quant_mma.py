@@ -39,10 +39,11 @@ class MmaConfig:
     caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps.
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
     tail with the next one's start; 0 off, else the next grid may launch once this one's blocks are past their
-    wait (1) or their main loops (2) (quant_mma.cu says why it stays correct, and why never earlier). `preload`
+    wait (1), their main loops (2) or have started (3: three grids in flight, x then read through L2 only;
+    quant_mma.cu says why each stays correct). `preload`
     (with pdl): each warp loads its first steps' weights, scales and minimums before waiting for the previous
     grid, only x after, so a block scheduled beside a draining grid already streams its weights; the weights
-    must therefore not be written by the kernel just before in the stream (they are written at load time).
+    must therefore not be written by the kernels just before in the stream (they are written at load time).
     `load_only` is a diagnostic for benchmarks: every load kept, decode and MMA skipped, the output meaningless.
     Up to 16 warps (9-16 with one block per SM: registers capped at 128)."""
 
@@ -201,10 +202,10 @@ def quant_mma_matmul(
     if reason:
         raise ValueError(f"quant_mma: {reason}")
     cfg = config or MmaConfig()
-    if (not 1 <= cfg.warps <= 16 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2)
+    if (not 1 <= cfg.warps <= 16 or cfg.stages < 1 or cfg.min_blocks not in (1, 2) or cfg.pdl not in (0, 1, 2, 3)
             or (cfg.warps > 8 and cfg.min_blocks != 1) or (cfg.preload and not cfg.pdl)):
         raise ValueError(f"bad launch config {cfg}: 1-16 warps, 1+ stages, 1 or 2 blocks per SM (1 above 8 warps), "
-                         "pdl 0-2, preload only with pdl")
+                         "pdl 0-3, preload only with pdl")
     m, n = x.shape[0], qw.out_features
     tiles = -(-m // 8)
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()

@@ -13,7 +13,10 @@
 # at $QOLM, row blocks of 16),
 # stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
 # of the same bytes, $QBITS x $QSM on layouts $QSLAYOUTS), pdledge (whether stream capture keeps the CUDA kernel's
-# PDL launch as a programmatic graph edge).
+# PDL launch as a programmatic graph edge), pdlproof (the trigger at the start, pdl 3, with x read through L1 as
+# before the fix, in a copy of the tree edited so: the GPU chain tests of pdl 3 there, which must fail, then on
+# both trees chains of GEMVs in graph replays with the caching allocator recycling buffers or every buffer kept
+# alive, counting wrong replays).
 set -u
 export PYTHONUNBUFFERED=1
 repo=$PWD
@@ -73,6 +76,54 @@ err, frm, to, data, n = driver.cuGraphGetEdges(driver.CUgraph(g.raw_cuda_graph()
 print("pdl graph edges:", err, n, [(int(d.type), int(d.from_port), int(d.to_port)) for d in data[:n]])
 EOF
       ;;
+    pdlproof)
+      setup "${CLEAN:-.clean.tar}" /tmp/broken
+      sed -i 's/ld\.relaxed\.gpu\.global\.v4\.u32/ld.global.nc.v4.u32/' /tmp/broken/src/kernels/quant_mma.cu
+      run /tmp/broken 150 python3 -m pytest -q -p no:cacheprovider -n 6 -k "dependent_launch and pdl3" \
+        tests/test_kernels_quant.py
+      cat > /tmp/pdlproof.py <<'EOF'
+import itertools
+
+import torch
+from treadle.kernels.quant_matmul import QuantMatmulConfig, quant_matmul
+from treadle.kernels.quant_mma import SOURCE, MmaConfig
+from treadle.kernels.quantize import quantize_rtn
+
+torch.manual_seed(0)
+print("x through L2 at pdl 3:", "ld.relaxed.gpu.global.v4.u32" in SOURCE.read_text())
+qws = [quantize_rtn(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, b, 128, 16)
+       for b in (3, 4, 2)]
+
+
+def chain(x, mma, held):
+    for i, qw in enumerate(qws * 4):
+        x = quant_matmul(x, qw, config=QuantMatmulConfig(False, 1, 32, 4, 1, mma=mma))
+        if i % 3 == 2:
+            x = x / x.float().norm(dim=1, keepdim=True).to(x.dtype)
+        if held is not None:
+            held.append(x)
+    return x
+
+
+for warps, m, keep in itertools.product((8, 16), (1, 16), (False, True)):
+    cfg, plain = MmaConfig(warps, pdl=3, preload=True), MmaConfig(warps)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+    chain(x, cfg, None)
+    held = [] if keep else None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x, cfg, held)
+    bad = 0
+    for _ in range(20):
+        x.copy_(torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        want = chain(x, plain, None)
+        torch.cuda.synchronize()
+        bad += not torch.equal(out, want)
+    print(f"pdl 3, {warps} warps, M={m}, buffers {'kept' if keep else 'recycled'}: {bad}/20 replays wrong", flush=True)
+EOF
+      run /tmp/broken 120 python3 /tmp/pdlproof.py
+      run /tmp/new 120 python3 /tmp/pdlproof.py ;;
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider -n ${TJOBS:-8} \
         ${TK:+-k "$TK"} tests/test_kernels_quant.py tests/test_kernels_quant_linear.py ;;
