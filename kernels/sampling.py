@@ -14,6 +14,9 @@ One program per row streams the row a few times instead of sorting it:
   out too, so it becomes a pivot and the draw repeats among strictly more probable tokens. The most probable
   token always passes, so the loop ends; in practice it runs once or twice. The accepted token is distributed
   exactly as the top-k/top-p-filtered distribution.
+
+`draw_tokens` is the plain case (temperature only, or greedy) in a single pass, split across several programs per
+row, with a grammar's token bitmask read in the same pass: what the engine's sampler uses on CUDA for such rows.
 """
 
 from __future__ import annotations
@@ -202,3 +205,111 @@ def sample_tokens(
             logits, logits.stride(0), vocab, temperature, top_k, top_p, seeds, out, BLOCK=block, num_warps=8
         )
     return out
+
+
+@triton.jit
+def _gumbel_consider(row_ptr, mask_row, cols, hi, temp, bits, best, pick, HAS_MASK: tl.constexpr):
+    """Fold one sub-block of columns into the running per-lane best score and its column."""
+    ok = cols < hi
+    x = tl.load(row_ptr + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    if HAS_MASK:
+        word = tl.load(mask_row + cols // 32, mask=ok, other=0)
+        ok = ok & (((word >> (cols % 32)) & 1) != 0)
+    if temp > 0:
+        u = tl.minimum(tl.maximum(tl.uint_to_uniform_float(bits), 1e-20), 0.99999994)
+        score = x / temp - tl.log(-tl.log(u))
+    else:
+        score = x
+    score = tl.where(ok, score, float("-inf"))
+    take = score > best  # strict: a lane keeps its earliest (lowest-id) maximum
+    return tl.where(take, score, best), tl.where(take, cols, pick)
+
+
+@triton.jit
+def _gumbel_part_kernel(
+    logits_ptr,
+    stride_row,
+    vocab,
+    temp_ptr,
+    seed_ptr,
+    mask_ptr,
+    mask_stride,
+    score_ptr,
+    token_ptr,
+    span,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    mask_row = mask_ptr + row.to(tl.int64) * mask_stride
+    temp = tl.load(temp_ptr + row)
+    seed = tl.load(seed_ptr + row)
+    Q: tl.constexpr = BLOCK // 4
+    q = tl.arange(0, Q)
+    best = tl.full([Q], float("-inf"), tl.float32)
+    pick = tl.zeros([Q], tl.int32)
+    lo = part * span
+    hi = tl.minimum(lo + span, vocab)
+    for start in range(lo, hi, BLOCK):
+        # One Philox call gives the noise of four columns; its counter depends on the column only, so a row's
+        # draw is the same however the row is split into parts.
+        r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + q)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + q, hi, temp, r0, best, pick, HAS_MASK)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + Q + q, hi, temp, r1, best, pick, HAS_MASK)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + 2 * Q + q, hi, temp, r2, best, pick, HAS_MASK)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + 3 * Q + q, hi, temp, r3, best, pick, HAS_MASK)
+    top, token = _first_max(best, pick, vocab)
+    tl.store(score_ptr + row * parts + part, top)
+    tl.store(token_ptr + row * parts + part, token)
+
+
+def draw_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    seeds: torch.Tensor,
+    bitmask: torch.Tensor | None = None,
+    parts: int | None = None,
+    block: int = 1024,
+) -> torch.Tensor:
+    """One token per row of `logits` [B, V] from softmax(logits / temperature) over the tokens `bitmask` allows
+    (temperature 0: the first maximum, as torch.argmax); returns int64 [B].
+
+    The plain draw with no top-k/top-p, in one pass over the logits: Gumbel-max with Philox noise keyed by the
+    row's seed (int64 [B]), and the grammar's bitmask (int32 [B, ceil(V/32)], bit j of word w allows token
+    32w + j, xgrammar's layout) read in the same pass, so a constrained row costs no extra pass over its logits.
+    Each row is split into `parts` column ranges (default: enough programs for two waves of the GPU's SMs),
+    whose winners a final argmax picks among; the result does not depend on `parts`.
+    """
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be [B, V] with contiguous rows")
+    batch, vocab = logits.shape
+    for name, t, dtype in (("temperature", temperature, torch.float32), ("seeds", seeds, torch.int64)):
+        if t.shape != (batch,) or t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} [{batch}]")
+    words = (vocab + 31) // 32
+    if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape != (batch, words)
+                                or bitmask.stride(1) != 1):
+        raise ValueError(f"bitmask must be int32 [{batch}, {words}] with contiguous rows")
+    if block < 64 or block & (block - 1):
+        raise ValueError("block must be a power of two >= 64")
+    if batch == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if parts is None:
+        programs = 2 * (torch.cuda.get_device_properties(logits.device).multi_processor_count
+                        if logits.is_cuda else 1)
+        parts = -(-programs // batch)
+    span = block * max(1, -(-vocab // (block * max(1, parts))))
+    parts = -(-vocab // span)
+    scores = torch.empty(batch, parts, dtype=torch.float32, device=logits.device)
+    tokens = torch.empty(batch, parts, dtype=torch.int32, device=logits.device)
+    mask = bitmask if bitmask is not None else tokens  # any int32 pointer; never read without HAS_MASK
+    _gumbel_part_kernel[(batch, parts)](
+        logits, logits.stride(0), vocab, temperature, seeds, mask, mask.stride(0), scores, tokens, span,
+        HAS_MASK=bitmask is not None, BLOCK=block, num_warps=4,
+    )
+    if parts == 1:
+        return tokens[:, 0].long()
+    return tokens.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1).long()

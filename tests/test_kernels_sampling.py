@@ -11,7 +11,7 @@ from kernels_testing import DEVICE, ON_GPU  # noqa: I001  (sets up the interpret
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from treadle.kernels.reference import sampling_probs_reference
-from treadle.kernels.sampling import sample_tokens
+from treadle.kernels.sampling import draw_tokens, sample_tokens
 
 VOCAB = 4000 if ON_GPU else 70
 BLOCK = 1024 if ON_GPU else 32  # several blocks per row: exercises the carries between blocks
@@ -101,3 +101,73 @@ def test_real_vocab():
     expected = sampling_probs_reference(logits[:8], torch.ones(8), torch.full((8,), 50), torch.full((8,), 0.9))
     drawn = sample_tokens(logits, *_params(batch, 1.0, 50, 0.9), seeds)
     assert (expected[torch.arange(8), drawn[:8]] > 0).all()
+
+
+# ---- the plain draw (temperature only) with the grammar bitmask read in the same pass -----------------------------
+PLAIN_BLOCK = 1024 if ON_GPU else 64  # the smallest block: several blocks and parts per row in the interpreter
+
+
+def _bitmask(allowed: torch.Tensor) -> torch.Tensor:
+    """xgrammar's layout of a [B, V] bool tensor: int32 words, bit j of word w for token 32w + j."""
+    batch, vocab = allowed.shape
+    padded = torch.zeros(batch, (vocab + 31) // 32 * 32, dtype=torch.int64)
+    padded[:, :vocab] = allowed.cpu().long()
+    words = (padded.view(batch, -1, 32) << torch.arange(32)).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).to(DEVICE)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_plain_greedy_is_the_first_argmax_among_allowed_tokens(parts):
+    torch.manual_seed(3)
+    logits = torch.randn(4, VOCAB, device=DEVICE)
+    allowed = torch.rand(4, VOCAB) < 0.5
+    allowed[:, VOCAB - 1] = True
+    logits[0, 5] = logits[0, VOCAB - 1] = 50.0  # a tie between allowed tokens: the lower id wins
+    allowed[0, 5] = True
+    logits[1, 2] = 60.0  # the largest logit, banned
+    allowed[1, 2] = False
+    out = draw_tokens(logits, torch.zeros(4, device=DEVICE), torch.arange(4, device=DEVICE), _bitmask(allowed),
+                      parts=parts, block=PLAIN_BLOCK)
+    expected = logits.cpu().masked_fill(~allowed, -float("inf")).argmax(-1)
+    assert out.tolist() == expected.tolist()
+    assert out[0].item() == 5 and out[1].item() != 2
+    unmasked = draw_tokens(logits, torch.zeros(4, device=DEVICE), torch.arange(4, device=DEVICE), parts=parts,
+                           block=PLAIN_BLOCK)
+    assert unmasked.tolist() == logits.cpu().argmax(-1).tolist()
+
+
+def test_plain_draws_follow_the_masked_softmax():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(VOCAB, generator=gen) * 2.0
+    allowed = torch.rand(VOCAB, generator=gen) < 0.6
+    temperature = 0.8
+    expected = torch.softmax((logits / temperature).masked_fill(~allowed, -float("inf")).double(), -1)
+    seeds = torch.arange(DRAWS, device=DEVICE) * 7919 + 11
+    out = draw_tokens(logits.to(DEVICE).expand(DRAWS, VOCAB), torch.full((DRAWS,), temperature, device=DEVICE),
+                      seeds, _bitmask(allowed.expand(DRAWS, VOCAB)), parts=1, block=128 if not ON_GPU else 1024)
+    counts = torch.bincount(out.cpu(), minlength=VOCAB).double()
+    assert counts[~allowed].sum() == 0, "drew a banned token"
+    noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * DRAWS)).sqrt().sum().item()
+    tvd = 0.5 * (counts / DRAWS - expected).abs().sum().item()
+    assert tvd < 3 * noise, (tvd, noise)
+
+
+def test_plain_draw_depends_on_the_row_seed_not_on_the_split():
+    torch.manual_seed(5)
+    logits = torch.randn(3, VOCAB, device=DEVICE)
+    temps = torch.tensor([1.0, 0.7, 1.6], device=DEVICE)
+    seeds = torch.tensor([3, 5, 8], device=DEVICE)
+    one = draw_tokens(logits, temps, seeds, parts=1, block=PLAIN_BLOCK)
+    assert torch.equal(one, draw_tokens(logits, temps, seeds, parts=2, block=PLAIN_BLOCK))
+    assert torch.equal(one[1:2], draw_tokens(logits[1:2], temps[1:2], seeds[1:2], parts=1, block=PLAIN_BLOCK))
+    others = [draw_tokens(logits, temps, seeds + k, parts=1, block=PLAIN_BLOCK) for k in range(1, 6)]
+    assert any(not torch.equal(one, o) for o in others), "the seed does not reach the noise"
+
+
+def test_plain_draw_rejects_bad_inputs():
+    logits = torch.randn(2, 40, device=DEVICE)
+    temps, seeds = torch.ones(2, device=DEVICE), torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="bitmask"):
+        draw_tokens(logits, temps, seeds, torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="seeds"):
+        draw_tokens(logits, temps, seeds.int())
