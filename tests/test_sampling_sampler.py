@@ -206,6 +206,25 @@ def test_bitmask_matches_per_token_reference_and_xgrammar(device):
     assert all(not math.isinf(want[b, t]) for b, t in enumerate(out.token_ids))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_draws_follow_the_softmax_over_allowed_tokens(device):
+    """Rows with temperature alone and a grammar mask (on CUDA the kernel reads the mask in its one pass)."""
+    vocab, n = 40, 20000
+    base = torch.linspace(-2.0, 2.0, vocab)[torch.randperm(vocab, generator=torch.Generator().manual_seed(5))]
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[[1, 3, 4, 9, 17, 20, 33, 39]] = True
+    probs = (base / 0.9).masked_fill(~allowed, -math.inf).softmax(-1).tolist()
+    words = sum(1 << t for t in range(32) if allowed[t]), sum(1 << (t - 32) for t in range(32, vocab) if allowed[t])
+    bm = torch.tensor([[w - (1 << 32) if w >= 1 << 31 else w for w in words]], dtype=torch.int32).repeat(n, 1)
+    torch.manual_seed(1)
+    out = Sampler(vocab, EOS, device).sample(base.to(device).repeat(n, 1), [state(temperature=0.9)] * n, bm)
+    counts = [0] * vocab
+    for tok in out.token_ids:
+        counts[tok] += 1
+    assert all(c == 0 for c, p in zip(counts, probs) if p == 0)
+    assert chi_square(counts, probs) < 30 + 3 * (sum(p > 0 for p in probs) - 1)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA upload path")
 @pytest.mark.parametrize("pinned", [True, False])
 def test_bitmask_uploaded_beside_queued_work_is_exact_step_after_step(pinned):
@@ -220,13 +239,18 @@ def test_bitmask_uploaded_beside_queued_work_is_exact_step_after_step(pinned):
         logits = randn(3, vocab, seed=step, device="cuda")
         for _ in range(10):  # queued ahead of sampling, as the forward pass is
             busy = torch.tanh(busy @ busy)
-        got = sampler.sampling_logits(logits, [state(temperature=0.0) for _ in range(3)], host).cpu()
+        greedy = [state(temperature=0.0) for _ in range(3)]
+        got = sampler.sampling_logits(logits, greedy, host).cpu()
         words = host.tolist()
         want = logits.cpu().clone()
         for b in range(3):
             banned = [t for t in range(vocab) if not (words[b][t // 32] >> (t % 32)) & 1]
             want[b, banned] = -math.inf
         assert torch.equal(got, want)
+        for _ in range(10):
+            busy = torch.tanh(busy @ busy)
+        # The device draw reads the uploaded mask itself.
+        assert sampler.sample(logits, greedy, host).token_ids == want.argmax(dim=-1).tolist()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -252,9 +276,11 @@ def test_half_precision_logits_are_masked_in_their_float_copy_and_logprobs_stay_
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_seeded_rows_reproduce_whatever_else_is_in_the_batch(device):
+@pytest.mark.parametrize("kw", [dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2),
+                                dict(temperature=0.8, repetition_penalty=1.2)])
+def test_seeded_rows_reproduce_whatever_else_is_in_the_batch(device, kw):
+    """Also a row drawn by the CUDA kernel (temperature alone) in a batch whose other rows the torch path draws."""
     sampler = Sampler(V, EOS, device)
-    kw = dict(temperature=0.8, top_p=0.9, repetition_penalty=1.2)
 
     def run(batch_of: str, steps: int = 8) -> list[int]:
         target = state([1, 2, 3], seed=1234, **kw)
@@ -300,7 +326,8 @@ def chi_square(counts: list[int], probs: list[float]) -> float:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kw", [dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.9, temperature=0.8)])
+@pytest.mark.parametrize("kw", [dict(top_k=4), dict(top_p=0.7), dict(top_k=6, top_p=0.9, temperature=0.8),
+                                dict(temperature=0.7)])
 def test_sampled_frequencies_follow_the_truncated_distribution(device, kw):
     vocab, n = 12, 20000
     base = torch.tensor([0.0, 1.5, -3.0, 1.0, 0.5, -1.0, 2.0, -0.5, 0.3, -1.5, -2.0, 1.4])  # ids not in rank order
