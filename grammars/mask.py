@@ -1,4 +1,11 @@
-"""Token masks: the adaptive accepted/rejected/uncertain cache plus exact resolution of the uncertain rest.
+"""Token masks of parser configurations: a walk from the configuration, or classified items resolved in context.
+
+A configuration's mask is memoized by its shape (below), so configurations that differ only in counts out of
+one token's reach or in what their origins hold beyond the waiting items share one. A new shape's mask is
+usually one compiled walk of the vocabulary trie from the configuration itself (`_walk_mask`): exact, and the
+configurations it builds are the real ones that the next accept and mask step through. A configuration with
+a counted item far from its upper bound (a string body of maxLength 10000, the 7th of 500 array items) takes
+the adaptive cache instead, whose classification serves every such count:
 
 For a kernel item at state s of rule R, the vocabulary is classified once, inside R and its sub-rules only:
   accepted  - some parse consumes the whole token without R ending first (true in every context);
@@ -32,6 +39,7 @@ HASH_LIMIT_STATES = 400  # rules reaching more states are keyed per grammar inst
 _GRAMMAR_IDS = itertools.count()
 
 
+_NO_FILTER = np.zeros(0, dtype=np.int32)  # nb_walk.walk's `cum` when every string is run
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
 MAX_CONTEXT_DEPTH = 64  # origin chains followed this deep to share masks; deeper ones stay exact
 
@@ -208,10 +216,29 @@ class Masker:
         sid = self.shape(cid)
         hit = self.space.shape_masks.get(sid)
         if hit is None:
-            words = self._roots_mask(cid)
+            words = self._roots_mask(cid) if self._shares_counts(cid) else self._walk_mask(cid)
             hit = self.space.shape_masks[sid] = (words, words.tobytes() != self.full_bytes)
         cfg.mask, cfg.need_apply = hit
         return cfg.mask
+
+    def _shares_counts(self, cid: int) -> bool:
+        """Whether a kernel item is a counted repetition out of one token's reach of its upper bound: its
+        classification serves every such count (`_ckey`), while a walk from the configuration would serve
+        only this one (a string of maxLength 10000 has a configuration per count)."""
+        rep_of, h = self.ir.rep_of, self.horizon
+        for s, _, c in self.space.kernel(cid):
+            rep = rep_of[s]
+            if rep is not None and (rep[2] is None or rep[2] - c >= h):
+                return True
+        return False
+
+    def _walk_mask(self, cid: int) -> np.ndarray:
+        """The mask by one walk of the vocabulary from the configuration itself, in its real context: exact
+        without classifying its items and resolving their uncertain tokens in context, and the configurations
+        it builds are the real ones the next accepts and masks step through."""
+        lo, hi = self.space.walk(self.vocab.flat, cid, _NO_FILTER)
+        words = self._words(lo, hi)
+        return words | self.stop_words if self.space.can_end(cid) else words
 
     def _roots_mask(self, cid: int) -> np.ndarray:
         """The OR of a configuration's kernel items' contributions (its roots cover the other items)."""

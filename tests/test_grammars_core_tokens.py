@@ -126,6 +126,23 @@ def test_masks_and_accepts_match_xgrammar(env, name):
         assert m.is_terminated() and x.is_terminated()
 
 
+@pytest.mark.parametrize("name", ["json_object", "counted_classes", "counted_items", "counted_whitespace_runs"])
+def test_walked_masks_equal_classified_masks(env, name):
+    """A configuration's mask by a walk from the configuration itself equals the OR of its items'
+    classifications resolved in context, at every step (and where either shares work across positions)."""
+    ebnf, texts = GRAMMARS[name]
+    cg = GrammarCompiler(env["info"]).compile_grammar(ebnf)
+    masker = cg.masker
+    for text in texts:
+        m = GrammarMatcher(cg)
+        for tid in env["tok"].encode(text, add_special_tokens=False):
+            cid = m._hist[-1]
+            with cg.space.lock:
+                walked, classified = masker._walk_mask(cid), masker._roots_mask(cid)
+            assert np.array_equal(walked, classified), (name, cid)
+            assert m.accept_token(tid)
+
+
 def test_rejected_token_leaves_state_unchanged(env):
     m = GrammarMatcher(env["compiler"].compile_grammar('root ::= "abc"'))
     bad = env["tok"].encode("xyz", add_special_tokens=False)[0]
