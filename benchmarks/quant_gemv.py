@@ -25,6 +25,9 @@ default_config takes the CUDA kernel, the "previous" column times the launch sha
 dependent launch (`previous_mma`). Compiling the unrolled kernels one by one takes minutes, so `--jobs` worker
 processes compile them first into Triton's and quant_mma's on-disk caches.
 
+`--baseline-source` names an older quant_mma.cu: the overlap and layer variants then also time the previous
+default launch built from it ("base"), so an old and a new kernel are compared in turns in one process.
+
 `--layer` also times whole layers as decode runs them: qkv, o, gate_up, down back to back in one graph (over
 copies of the layer spanning 4x the L2), so each GEMV's start meets the previous one's tail, in each of
 LAYER_VARIANTS (with and without a small kernel between the GEMVs, and plain reads), and bf16 torch.matmul.
@@ -125,13 +128,23 @@ def previous_mma(m: int, n: int, sms: int, k: int, bits: int) -> MmaConfig:
 # before griddepcontrol.wait, x after it, and lets the next grid launch once past the wait (pdl 1); "solo" takes
 # 16-warp blocks (all of an SM's registers) where the grid has at most one block per SM (up to M = 8), so that
 # blocks launched early cannot double up on the SMs the previous grid frees first; "start" lets the next grid
-# launch at each block's start (pdl 3: three grids in flight, x read through L2 only); "default" is
-# default_config. (Waiting before any load, and the trigger after the main loop, were measured before and lost.)
+# launch at each block's start (pdl 3: three grids in flight); "default" is default_config; "base ..." is the
+# same launch built from --baseline-source, an older quant_mma.cu, so that old and new kernels take turns in the
+# same graphs' timing. (Waiting before any load, and the trigger after the main loop, were measured before and
+# lost.)
 OVERLAP_VARIANTS = ("previous", "pre solo", "pre solo start", "default")
+BASELINE_VARIANTS = ("base pre solo",)
 
 
-def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> QuantMatmulConfig:
-    """One of OVERLAP_VARIANTS for x [m, qw.in_features] @ qw on the CUDA kernel."""
+def overlap_variants(baseline: str) -> tuple[str, ...]:
+    return OVERLAP_VARIANTS + (BASELINE_VARIANTS if baseline else ())
+
+
+def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int, baseline: str = "") -> QuantMatmulConfig:
+    """One of overlap_variants(baseline) for x [m, qw.in_features] @ qw on the CUDA kernel."""
+    if variant.startswith("base "):
+        cfg = overlap_config(variant.removeprefix("base "), m, qw, sms)
+        return dataclasses.replace(cfg, mma=dataclasses.replace(cfg.mma, source=baseline))
     if variant == "default":
         return default_config(m, qw.out_features, qw, sms, True)
     mma = previous_mma(m, qw.out_features, sms, qw.in_features, qw.bits)
@@ -143,16 +156,17 @@ def overlap_config(variant: str, m: int, qw: QuantizedWeight, sms: int) -> Quant
 
 
 def mma_label(c: MmaConfig) -> str:
-    return (f"{'load-only ' if c.load_only else ''}w{c.warps} st{c.stages} mb{c.min_blocks} pdl {c.pdl}"
-            f"{' pre' if c.preload else ''}")
+    return (f"{'baseline ' if c.source else ''}{'load-only ' if c.load_only else ''}w{c.warps} st{c.stages} "
+            f"mb{c.min_blocks} pdl {c.pdl}{' pre' if c.preload else ''}")
 
 
-def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> list[QuantMatmulConfig]:
+def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str,
+               baseline: str = "") -> list[QuantMatmulConfig]:
     """default_config first, then default_config without the CUDA tensor-core kernel (Triton alone), then the
     previous launch shape of the CUDA kernel where it is taken; with `sweep` "mma" the kernel's launch shapes,
-    "overlap" OVERLAP_VARIANTS and the previous shape's load-only diagnostic, "all" also (row-blocked layouts only:
-    the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core tilings for
-    M >= 4."""
+    "overlap" overlap_variants(baseline) and the previous shape's load-only diagnostic, "all" also (row-blocked
+    layouts only: the flat layout's tilings were swept before) Triton GEMV tilings for small M and tensor-core
+    tilings for M >= 4."""
     mma = available() and shape_supported(m, qw)
     base = default_config(m, n, qw, sms, mma)
     out = [base, default_config(m, n, qw, sms)]
@@ -160,7 +174,7 @@ def candidates(m: int, n: int, qw: QuantizedWeight, sms: int, sweep: str) -> lis
     if base.mma is not None:
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=prev))
     if sweep == "overlap" and base.mma is not None:
-        out += [overlap_config(v, m, qw, sms) for v in OVERLAP_VARIANTS]
+        out += [overlap_config(v, m, qw, sms, baseline) for v in overlap_variants(baseline)]
         out.append(QuantMatmulConfig(False, m, 32, 4, 1, mma=dataclasses.replace(prev, load_only=True)))
         return list(dict.fromkeys(out))
     if sweep == "stream" and mma:
@@ -255,6 +269,11 @@ def _compile_job(job: tuple[int, int, int, int, int, int, list[QuantMatmulConfig
 # to back, the in-run ceiling of separate launches.
 LAYER_VARIANTS = (*OVERLAP_VARIANTS, "previous +k", "pre solo +k", "pre solo start +k", "previous +p", "pre solo +p",
                   "pre solo start +p", "read")
+BASELINE_LAYER_VARIANTS = ("base pre solo", "base pre solo +k", "base pre solo +p")
+
+
+def layer_variants(baseline: str) -> tuple[str, ...]:
+    return LAYER_VARIANTS + (BASELINE_LAYER_VARIANTS if baseline else ())
 
 
 @triton.jit
@@ -278,7 +297,7 @@ def bump(t: torch.Tensor, pdl: bool) -> None:
 
 def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace, sms: int) -> list[dict]:
     """us per layer with the projections back to back in one graph (copies of the layer spanning 4x the L2), for
-    --layer-m on the first row-blocked layout of --layouts: LAYER_VARIANTS and bf16 torch.matmul. Each call
+    --layer-m on the first row-blocked layout of --layouts: layer_variants and bf16 torch.matmul. Each call
     reads its own x (the kernels' order, not their data, chains them)."""
     out = []
     lb = next((b for b in args.layouts if b), 16)
@@ -295,21 +314,23 @@ def layer_sequences(shapes: list[tuple[str, int, int]], args: argparse.Namespace
             layers = [layer] + [[_clone(q) for q in layer] for _ in range(copies(sum(map(_nbytes, layer))) - 1)]
             row = {"bits": bits, "block_n": lb, "m": m, "bf16": bf16}
             graphs = []
-            for name in LAYER_VARIANTS:
+            for name in layer_variants(args.baseline_source):
                 calls = []
                 for lay in layers:
                     for q in lay:
                         if name == "read":
                             calls.append(lambda q=q: stream_read(q.packed, 4 * sms, 256))
                             continue
-                        cfg = overlap_config(name.removesuffix(" +k").removesuffix(" +p"), m, q, sms)
+                        cfg = overlap_config(name.removesuffix(" +k").removesuffix(" +p"), m, q, sms,
+                                             args.baseline_source)
                         calls.append(lambda q=q, c=cfg, x=xs[q.in_features]: quant_matmul(x, q, config=c))
                         if name.endswith("+k"):
                             calls.append(lambda s=scratch: s.add_(1.0))
                         elif name.endswith("+p"):
                             calls.append(lambda s=scratch: bump(s, True))
                 graphs.append((capture(calls), len(layers)))
-            row |= dict(zip(LAYER_VARIANTS, time_graphs(graphs, args.replays), strict=True))
+            times = time_graphs(graphs, args.replays)
+            row |= dict(zip(layer_variants(args.baseline_source), times, strict=True))
             del graphs
             print(f"layer bits={bits} m={m}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
                                                            if isinstance(v, float)), flush=True)
@@ -332,10 +353,14 @@ def main() -> int:
                         "load-only, and plain reads of the same bytes; all: also Triton tilings")
     p.add_argument("--layer", action="store_true", help="also time whole layers back to back")
     p.add_argument("--layer-m", type=int, nargs="+", default=[1, 4], help="M of the whole layers")
+    p.add_argument("--baseline-source", type=Path, help="an older quant_mma.cu: --sweep overlap and --layer also "
+                   "time the previous default launch built from it (the 'base' variants), in turns with the rest")
     p.add_argument("--no-sweep", dest="sweep", action="store_const", const="none", help="--sweep none")
     p.add_argument("--jobs", type=int, default=min(15, os.cpu_count() or 1), help="parallel compile workers")
     p.add_argument("--out", type=Path, default=Path("bench_results/quant_gemv.json"))
     args = p.parse_args()
+    args.baseline_source = str(args.baseline_source.resolve()) if args.baseline_source else ""
+    variants = overlap_variants(args.baseline_source)
     if not torch.cuda.is_available():
         raise SystemExit("quant_gemv needs a CUDA GPU")
     torch.manual_seed(0)
@@ -349,7 +374,7 @@ def main() -> int:
         groups = -(-k // args.group_size)
         probe = QuantizedWeight(torch.empty(0), torch.empty(groups, 0) if not lb else torch.empty(0, groups * lb),
                                 torch.empty(0), bits, args.group_size, k, n, lb)
-        plan[name, bits, lb, m] = candidates(m, n, probe, sms, args.sweep)
+        plan[name, bits, lb, m] = candidates(m, n, probe, sms, args.sweep, args.baseline_source)
     if args.jobs > 1:
         jobs = [(k, n, bits, args.group_size, lb, m, plan[name, bits, lb, m]) for (name, k, n), bits, lb, m in cases]
         with ProcessPoolExecutor(args.jobs, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
@@ -394,7 +419,7 @@ def main() -> int:
                 over = {}
                 if args.sweep == "overlap" and tried[0][0].mma is not None:
                     by_config = {c: t for c, t, _ in tried}
-                    over = {v: by_config[overlap_config(v, m, qw, sms)] for v in OVERLAP_VARIANTS}
+                    over = {v: by_config[overlap_config(v, m, qw, sms, args.baseline_source)] for v in variants}
                 results.append(Result(name, k, n, bits, m, lb, tried[0][1], triton_us, previous_us, us, asdict(cfg),
                                       bf16_us, bf16_us / us, nbytes / us / 1e3, err,
                                       [[asdict(c), t, e] for c, t, e in tried], reads, over))
@@ -452,14 +477,14 @@ def main() -> int:
     if args.sweep == "overlap":
         over_table = Table(title="per layer, calls of one shape back to back, summed over the shapes: us (read: "
                                  "best plain read of each shape's packed words, M of the first --m only)")
-        for col in ("bits", "layout", "M", *OVERLAP_VARIANTS, "read", "bf16"):
+        for col in ("bits", "layout", "M", *variants, "read", "bf16"):
             over_table.add_column(col)
         for bits, lb, m in itertools.product(args.bits, args.layouts, args.m):
             rows = [r for r in results if r.bits == bits and r.block_n == lb and r.m == m]
             sums = [sum(r.overlap[v] for r in rows) if rows and all(r.overlap for r in rows) else None
-                    for v in OVERLAP_VARIANTS]
+                    for v in variants]
             read = sum(min(x["us"] for x in r.reads) for r in rows) if rows and all(r.reads for r in rows) else None
-            layer_over.append({"bits": bits, "block_n": lb, "m": m, **dict(zip(OVERLAP_VARIANTS, sums, strict=True)),
+            layer_over.append({"bits": bits, "block_n": lb, "m": m, **dict(zip(variants, sums, strict=True)),
                                "read": read, "bf16": sum(r.bf16_us for r in rows)})
             over_table.add_row(str(bits), str(lb), str(m), *(f"{t:.1f}" if t else "" for t in sums),
                          f"{read:.1f}" if read else "", f"{sum(r.bf16_us for r in rows):.1f}")
@@ -469,11 +494,13 @@ def main() -> int:
     if args.layer:
         sequences = layer_sequences(shapes, args, sms)
         seq = Table(title="whole layers back to back (qkv, o, gate_up, down in one graph), us per layer")
-        for col in ("bits", "layout", "M", *LAYER_VARIANTS, "bf16", "speedup (default)", "target"):
+        for col in ("bits", "layout", "M", *layer_variants(args.baseline_source), "bf16", "speedup (default)",
+                    "target"):
             seq.add_column(col)
         for r in sequences:
             target = TARGETS.get(r["bits"]) if r["m"] == 1 else None
-            seq.add_row(str(r["bits"]), str(r["block_n"]), str(r["m"]), *(f"{r[v]:.1f}" for v in LAYER_VARIANTS),
+            seq.add_row(str(r["bits"]), str(r["block_n"]), str(r["m"]),
+                        *(f"{r[v]:.1f}" for v in layer_variants(args.baseline_source)),
                         f"{r['bf16']:.1f}", f"{r['bf16'] / r['default']:.2f}x", f">= {target}x" if target else "")
         console.print(seq)
 

@@ -30,7 +30,7 @@
 // (programmatic dependent launch, sm_90+: 1 lets the next grid launch as soon as this one's blocks are past
 // their wait, 2 once they are past their main loops, 3 as soon as they have started),
 // QM_PRELOAD (with QM_PDL: each warp's first steps of weights, scales and minimums loaded before
-// griddepcontrol.wait, x after it),
+// griddepcontrol.wait, x after it; kept by ptxas at QM_PDL 3 only, below),
 // QM_LOAD_ONLY (a diagnostic: every load kept, decode and MMA replaced by an XOR, the output meaningless; it
 // tells the memory side's rate from the issue side's). No headers: the source compiles as is with nvcc or NVRTC.
 //
@@ -39,19 +39,16 @@
 // written at load time, so with QM_PRELOAD a block scheduled beside the draining grid issues its first weight
 // loads at once and waits (griddepcontrol.wait) only before reading x; without it every block waits before it
 // reads anything. Every read of x and every write of out comes after the wait, which returns once the previous
-// grid has completed and its writes are visible; that grid completed only after its own wait, so all older
-// grids have completed too, however early each one let the next launch.
+// grid has completed and its writes are visible to this grid; that grid completed only after its own wait, so
+// all older grids have completed too, however early each one let the next launch (3: three grids in flight).
 //
-// That covers memory, not the SM's L1. ld.global.nc is defined only for data that stays read-only for the
-// kernel's lifetime, and the L1 is not invalidated at griddepcontrol.wait. With the trigger at the start (3), a
-// grid's blocks reach an SM while the grid two back still runs there, reading its x through L1; the caching
-// allocator gave that x's memory (freed once that grid was enqueued) to the next GEMV's output, which is this
-// grid's x, so this grid's reads after its wait can hit lines cached before the data was written: wrong outputs
-// in CUDA-graph replays of a GEMV chain (docs/benchmarks.md). So at 3, x is read with ld.relaxed.gpu (coherent
-// at GPU scope: L2, never L1; the same LDG.E.128.STRONG.GPU as ld.global.cg). At 1 and 2 a grid launches only
-// once its predecessor's blocks are past their wait, so the grid two back has completed and only the
-// predecessor, which never writes the buffer it reads, can run beside it: the L1 path stays safe as long as the
-// kernel before the GEMV does not itself let the GEMV launch before that kernel's own wait.
+// So x is read with plain ld.global, never ld.global.nc: the non-coherent path is for data that stays read-only
+// for the kernel's whole lifetime, and ptxas moves such loads freely, above griddepcontrol.wait (ACQBULK in SASS)
+// too. With x on that path it did so in 13 of the 16 launch shapes of the GPU chain test with the trigger before
+// the wait: x read before the previous GEMV had written it, wrong outputs in CUDA-graph replays, where launches
+// really overlap (docs/benchmarks.md). A coherent load stays below the wait. ptxas also hoists the wait itself
+// above the preloaded weight loads unless the trigger sits between them, so at 1 and 2 the preload does not
+// survive into SASS; at 3 the trigger comes right after it and the weights are in flight before the wait.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -211,13 +208,9 @@ __device__ __forceinline__ U4 ld_stream(const void *p) {  // weights are read on
   return v;
 }
 
-__device__ __forceinline__ U4 ld_x(const void *p) {  // activations: through L1, or L2 only at QM_PDL 3 (above)
+__device__ __forceinline__ U4 ld_x(const void *p) {  // activations: never through the non-coherent path (above)
   U4 v;
-  if (QM_PDL == 3)
-    asm volatile("ld.relaxed.gpu.global.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  else
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
@@ -396,12 +389,12 @@ extern "C" __global__ void __launch_bounds__(QM_MAX_THREADS, QM_MIN_BLOCKS)
     for (int i = 0; i < 8; ++i) acc[u][i / 4][i % 4] = 0.0f;
 
   Stage st[STAGES];
-#if QM_PDL == 3
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
 #if QM_PRELOAD
 #pragma unroll
   for (int d = 0; d < STAGES; ++d) load_w(st[d], a, imin(warp + d * warps, a.steps - 1), col, live, t);
+#endif
+#if QM_PDL == 3
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
 #if QM_PDL
   asm volatile("griddepcontrol.wait;" ::: "memory");  // the previous grid's writes (x) are visible from here

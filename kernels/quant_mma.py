@@ -39,12 +39,13 @@ class MmaConfig:
     caps registers at 128). H100 sweeps (docs/benchmarks.md) favour one stage: registers buy more warps.
     `pdl`: programmatic dependent launch where the GPU has it (sm_90+), so that back-to-back GEMVs overlap one's
     tail with the next one's start; 0 off, else the next grid may launch once this one's blocks are past their
-    wait (1), their main loops (2) or have started (3: three grids in flight, x then read through L2 only;
-    quant_mma.cu says why each stays correct). `preload`
-    (with pdl): each warp loads its first steps' weights, scales and minimums before waiting for the previous
-    grid, only x after, so a block scheduled beside a draining grid already streams its weights; the weights
-    must therefore not be written by the kernels just before in the stream (they are written at load time).
-    `load_only` is a diagnostic for benchmarks: every load kept, decode and MMA skipped, the output meaningless.
+    wait (1), their main loops (2) or have started (3: three grids in flight; quant_mma.cu says why each stays
+    correct). `preload` (with pdl): each warp loads its first steps' weights, scales and minimums before waiting
+    for the previous grid, only x after, so a block scheduled beside a draining grid already streams its
+    weights (ptxas keeps that order only with pdl 3); the weights must therefore not be written by the kernels
+    just before in the stream (they are written at load time). `load_only` is a diagnostic for benchmarks:
+    every load kept, decode and MMA skipped, the output meaningless. `source`: another copy of quant_mma.cu to
+    build this launch from (a benchmark's A/B against an older kernel in the same run); empty: SOURCE.
     Up to 16 warps (9-16 with one block per SM: registers capped at 128)."""
 
     warps: int = 8
@@ -53,6 +54,7 @@ class MmaConfig:
     pdl: int = 0
     load_only: bool = False
     preload: bool = False
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Variant:
     load_only: bool = False
     max_threads: int = 256
     preload: bool = False
+    source: str = ""  # the .cu file, empty: SOURCE
 
     def defines(self) -> list[str]:
         return [f"-DQM_BITS={self.bits}", f"-DQM_BF16={int(self.bf16)}", f"-DQM_BLOCKED={self.layout}",
@@ -129,10 +132,11 @@ def _check(result, what: str):
 
 
 def compile_cubin(variant: Variant, arch: str) -> bytes:
-    """NVRTC-compile the source for `arch` (e.g. "sm_90") with the variant's parameters. Cubins are kept on disk
-    under ~/.cache/treadle/quant_mma, keyed by source, parameters, architecture and NVRTC version."""
+    """NVRTC-compile the source (the variant's file, else SOURCE) for `arch` (e.g. "sm_90") with the variant's
+    parameters. Cubins are kept on disk under ~/.cache/treadle/quant_mma, keyed by source, parameters,
+    architecture and NVRTC version."""
     _, nvrtc = _bindings()
-    source = SOURCE.read_bytes()
+    source = Path(variant.source or SOURCE).read_bytes()
     opts = [f"--gpu-architecture={arch}", "-std=c++17"] + variant.defines()
     version = _check(nvrtc.nvrtcVersion(), "nvrtcVersion")
     key = hashlib.sha256(source + repr((opts, version)).encode()).hexdigest()[:32]
@@ -211,7 +215,7 @@ def quant_mma_matmul(
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     pdl = cfg.pdl if torch.cuda.get_device_capability(device) >= (9, 0) else 0
     variant = Variant(qw.bits, x.dtype == torch.bfloat16, qw.block_n, tiles, cfg.stages, cfg.min_blocks, pdl,
-                      cfg.load_only, 512 if cfg.warps > 8 else 256, cfg.preload and pdl > 0)
+                      cfg.load_only, 512 if cfg.warps > 8 else 256, cfg.preload and pdl > 0, cfg.source)
     _ensure_context(device)
     fn = _function(variant, device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)

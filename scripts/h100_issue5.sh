@@ -10,13 +10,13 @@
 # (gpu_parity.py + decode_parity.py), overlap (quant_gemv.py --sweep overlap --layer: the previous launch shape
 # with PDL, weights loaded before the wait or not, triggers, 16-warp blocks; the load-only diagnostic, plain
 # reads, and whole layers back to back with and without a small kernel between the GEMVs, $QBITS x $QOM, layers
-# at $QOLM, row blocks of 16),
+# at $QOLM, row blocks of 16; with $QOBASE, an older quant_mma.cu, also its previous default launch, in turns),
 # stream (quant_gemv.py --sweep stream: wider blocks of the CUDA kernel, full and load-only, and plain reads
 # of the same bytes, $QBITS x $QSM on layouts $QSLAYOUTS), pdledge (whether stream capture keeps the CUDA kernel's
-# PDL launch as a programmatic graph edge), pdlproof (the trigger at the start, pdl 3, with x read through L1 as
-# before the fix, in a copy of the tree edited so: the GPU chain tests of pdl 3 there, which must fail, then on
-# both trees chains of GEMVs in graph replays with the caching allocator recycling buffers or every buffer kept
-# alive, counting wrong replays).
+# PDL launch as a programmatic graph edge), pdlproof (the trigger before the wait, pdl 3, with x read through the
+# non-coherent path as before the fix, in a copy of the tree edited so: the GPU chain tests of pdl 3 there, which
+# must fail, then on both trees chains of GEMVs in graph replays with the caching allocator recycling buffers or
+# every buffer kept alive, counting wrong replays).
 set -u
 export PYTHONUNBUFFERED=1
 repo=$PWD
@@ -54,7 +54,8 @@ for step in ${STEPS:-decode quant}; do
         ${QDBITS:+--bits $QDBITS} --layouts ${QDLAYOUTS:-0 16} ${QDLAYER:+--layer} --out "$OUT/quant_default.json" ;;
     overlap)
       run /tmp/new ${QOSECS:-240} python3 benchmarks/quant_gemv.py --sweep overlap --bits ${QBITS:-3 4} \
-        --m ${QOM:-1} --layouts 16 --layer --layer-m ${QOLM:-1 4} --out "$OUT/quant_overlap.json" ;;
+        --m ${QOM:-1} --layouts 16 --layer --layer-m ${QOLM:-1 4} ${QOBASE:+--baseline-source "$QOBASE"} \
+        --out "$OUT/quant_overlap.json" ;;
     stream)
       run /tmp/new ${QSSECS:-240} python3 benchmarks/quant_gemv.py --sweep stream --bits ${QBITS:-3 4} \
         --m ${QSM:-1} --layouts ${QSLAYOUTS:-16} --out "$OUT/quant_stream.json" ;;
@@ -78,7 +79,7 @@ EOF
       ;;
     pdlproof)
       setup "${CLEAN:-.clean.tar}" /tmp/broken
-      sed -i 's/ld\.relaxed\.gpu\.global\.v4\.u32/ld.global.nc.v4.u32/' /tmp/broken/src/kernels/quant_mma.cu
+      sed -i 's/ld\.global\.v4\.u32/ld.global.nc.v4.u32/' /tmp/broken/src/kernels/quant_mma.cu
       run /tmp/broken 150 python3 -m pytest -q -p no:cacheprovider -n 6 -k "dependent_launch and pdl3" \
         tests/test_kernels_quant.py
       cat > /tmp/pdlproof.py <<'EOF'
@@ -90,7 +91,7 @@ from treadle.kernels.quant_mma import SOURCE, MmaConfig
 from treadle.kernels.quantize import quantize_rtn
 
 torch.manual_seed(0)
-print("x through L2 at pdl 3:", "ld.relaxed.gpu.global.v4.u32" in SOURCE.read_text())
+print("x through the coherent path:", "ld.global.v4.u32" in SOURCE.read_text())
 qws = [quantize_rtn(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) * 0.02, b, 128, 16)
        for b in (3, 4, 2)]
 

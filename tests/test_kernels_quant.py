@@ -10,10 +10,12 @@ from __future__ import annotations
 import itertools
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import triton
 from kernels_testing import DEVICE, ON_GPU, nan_allocations, rel_err
 from treadle.kernels.quant_f16x2 import emulate, ptx
 from treadle.kernels.quant_matmul import (
@@ -307,6 +309,32 @@ def test_mma_source_compiles_for_sm90_without_spills(tmp_path):
         assert "0 bytes spill stores" in res.stderr and "warning" not in res.stderr, (v, res.stderr)
 
 
+def _cuobjdump() -> str | None:
+    """The CUDA toolkit's disassembler, or the copy Triton ships."""
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return shutil.which("cuobjdump") or (str(bundled) if bundled.exists() else None)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or _cuobjdump() is None, reason="needs nvcc and cuobjdump")
+def test_mma_reads_x_only_after_the_grid_dependency_wait(tmp_path):
+    """Under PDL no load of x may be scheduled above griddepcontrol.wait (ACQBULK in sm_90 SASS): with x read
+    through the non-coherent path ptxas put x loads there in 13 of these 16 launch shapes, the wrong outputs of
+    graph replays with the trigger before the wait. Above it only the preload may be: weights (LDG.E.NA.128,
+    non-coherent and not kept in L1), scales and minimums (LDG.E.64); with the trigger between (pdl 3) the
+    weights must be there."""
+    for (bits, layout), nt, warps in itertools.product(((3, 16), (4, 16), (2, 16), (4, 0)), (1, 2), (8, 16)):
+        v = Variant(bits, True, layout, nt, 1, 1, 3, False, 512 if warps > 8 else 256, True)
+        cubin = tmp_path / "k.cubin"
+        subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-O3", *v.defines(), "-o", str(cubin), str(SOURCE)],
+                       check=True, capture_output=True, timeout=120)
+        sass = subprocess.run([_cuobjdump(), "-sass", "-fun", "quant_mma_gemv", str(cubin)], check=True,
+                              capture_output=True, text=True, timeout=60).stdout
+        before_wait = [line for line in sass.split("ACQBULK")[0].splitlines() if "LDG" in line]
+        assert all("LDG.E.NA.128.CONSTANT" in line or "LDG.E.64.CONSTANT" in line for line in before_wait), (
+            v, before_wait)
+        assert any("LDG.E.NA.128.CONSTANT" in line for line in before_wait), (v, before_wait)
+
+
 def test_mma_is_the_default_only_where_it_runs():
     qw = _case(4, n=64, k=256, group=128, dtype=torch.float32, seed=0)
     assert default_config(1, 64, qw, 132, mma=True).mma is not None
@@ -394,10 +422,9 @@ def _launch_id(c: MmaConfig) -> str:
 def test_mma_dependent_launch_reads_what_the_previous_kernel_wrote(m, overlapped):
     """With programmatic dependent launch each GEMV may start before the previous kernel ends: a chain whose
     every input is the previous GEMV's output (three GEMVs in a row, then a torch kernel), eager and
-    replayed from a CUDA graph, must give bit for bit what the same kernel gives launched plainly. The caching
-    allocator gives each GEMV's output the memory of the x two GEMVs back, so with three grids in flight (pdl 3)
-    a grid's x is memory that the grid two back, still running, read: the case where x through L1 went wrong
-    in graph replays (quant_mma.cu). Eager launches rarely overlap (the host is slower than the GPU)."""
+    replayed from a CUDA graph, must give bit for bit what the same kernel gives launched plainly. Only graph
+    replays overlap the launches for real (eagerly the host is slower than the GPU): there, x loads that ptxas
+    had moved above the wait gave wrong outputs with the trigger before the wait (quant_mma.cu)."""
     qws = [row_blocked(_case(b, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=b), 16) for b in (3, 4, 2)]
     qws += [_case(4, n=4096, k=4096, group=128, dtype=torch.bfloat16, seed=5)]  # flat
     plain = MmaConfig(overlapped.warps, 1, overlapped.min_blocks)
