@@ -80,8 +80,8 @@ EOF
     pdlproof)
       setup "${CLEAN:-.clean.tar}" /tmp/broken
       sed -i 's/ld\.global\.v4\.u32/ld.global.nc.v4.u32/' /tmp/broken/src/kernels/quant_mma.cu
-      run /tmp/broken 150 python3 -m pytest -q -p no:cacheprovider -n 6 -k "dependent_launch and pdl3" \
-        tests/test_kernels_quant.py
+      HOME=/tmp/home_broken run /tmp/broken 150 python3 -m pytest -q -p no:cacheprovider -n 6 \
+        -k "dependent_launch and pdl3" tests/test_kernels_quant.py
       cat > /tmp/pdlproof.py <<'EOF'
 import itertools
 
@@ -123,8 +123,15 @@ for warps, m, keep in itertools.product((8, 16), (1, 16), (False, True)):
         bad += not torch.equal(out, want)
     print(f"pdl 3, {warps} warps, M={m}, buffers {'kept' if keep else 'recycled'}: {bad}/20 replays wrong", flush=True)
 EOF
-      run /tmp/broken 120 python3 /tmp/pdlproof.py
-      run /tmp/new 120 python3 /tmp/pdlproof.py ;;
+      HOME=/tmp/home_broken run /tmp/broken 120 python3 /tmp/pdlproof.py
+      run /tmp/new 120 python3 /tmp/pdlproof.py
+      command -v cuobjdump >/dev/null || echo "no cuobjdump: SASS not checked" | tee -a "$log"
+      for home in /tmp/home_broken "$HOME"; do  # NVRTC's cubins of each tree: loads other than the preload above the wait
+        for f in "$home"/.cache/treadle/quant_mma/*.cubin; do
+          cuobjdump -sass -fun quant_mma_gemv "$f" 2>/dev/null | awk '/ACQBULK/ {w = 1; exit}
+            /LDG/ && !/LDG.E.NA.128.CONSTANT|LDG.E.64.CONSTANT/ {n++} END {print w ? n + 0 " x loads above the wait" : "no wait"}'
+        done | sort | uniq -c | sed "s|^|$home: |" | tee -a "$log"
+      done ;;
     tests)
       run /tmp/new ${TSECS:-200} python3 -m pytest -q --maxfail=3 -p no:cacheprovider -n ${TJOBS:-8} \
         ${TK:+-k "$TK"} tests/test_kernels_quant.py tests/test_kernels_quant_linear.py ;;
