@@ -60,6 +60,8 @@ class SeqSamplingState:
         self.seed = seed
         self.output_token_ids: list[int] = []
         self.generator: torch.Generator | None = None  # created on the sampler's device at the first draw
+        # Sampled by temperature alone: the CUDA sampler's one-pass device draw takes these rows.
+        self.temperature_only = not params.greedy and params.top_k <= 0 and params.top_p >= 1.0 and params.min_p == 0
         self.uses_repetition = params.repetition_penalty != 1.0
         self.uses_counts = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
         # Penalised sequences: token history on the host (prompt too when repetition_penalty is set), appended
@@ -119,6 +121,7 @@ class Sampler:
         self._copy_stream: torch.cuda.Stream | None = None  # uploads it beside the forward pass
         self._uploaded: torch.cuda.Event | None = None  # the last upload, before the staging copy is overwritten
         self._applied: torch.cuda.Event | None = None  # the last apply, before the device copy is overwritten
+        self._temps: tuple[list[float], torch.Tensor | None] = ([], None)  # the device draw's last temperatures
 
     # ---- public API ------------------------------------------------------------------------------------------
     def sample(
@@ -134,10 +137,12 @@ class Sampler:
         scratch = logits is not given and all(s.params.logprobs is None for s in states)
         # Rows the device draw takes: greedy ones, and on CUDA those using temperature alone (always the same
         # rows whatever else is in the batch, so a seeded row's tokens never depend on its neighbours).
-        by_torch = [i for i, s in enumerate(states) if not s.params.greedy and not self._plain(s)]
+        device_draw = self._draw_kernel is not None
+        by_torch = [i for i, s in enumerate(states)
+                    if not s.params.greedy and not (device_draw and s.temperature_only)]
         # With no other row to sample, the kernel reads the grammar's mask itself, so the logits are not masked
         # first; a min_tokens ban must be weighed against the mask, which needs the masked logits.
-        fused = (self._draw_kernel is not None and not by_torch
+        fused = (device_draw and not by_torch
                  and (bitmask is None or not self._min_tokens_bans(states)[0]))
         x = self._penalized(logits, states, None if fused else bitmask, in_place=scratch)
         if len(by_torch) == len(states):
@@ -259,11 +264,6 @@ class Sampler:
             cols += ids
         return rows, cols
 
-    def _plain(self, s: SeqSamplingState) -> bool:
-        """Whether a sampled row is drawn by `draw_tokens` (CUDA; temperature alone, no top-k/top-p/min_p)."""
-        p = s.params
-        return self._draw_kernel is not None and not (0 < p.top_k < self.vocab_size or p.top_p < 1.0 or p.min_p > 0)
-
     def _draw_plain(
         self, x: torch.Tensor, states: list[SeqSamplingState], bitmask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -271,13 +271,20 @@ class Sampler:
         kernel, reading `bitmask` if given; elsewhere the argmax."""
         if self._draw_kernel is None:
             return x.argmax(dim=-1)
-        temps = self._values([0.0 if s.params.greedy else s.params.temperature for s in states])
-        seeds = torch.empty(len(states), dtype=torch.int64, device=self.device).random_()
-        for i, s in enumerate(states):
-            if s.seed is not None and not s.params.greedy:
-                seeds[i : i + 1].random_(generator=s.ensure_generator(self.device))
+        temps = [s.params.temperature if s.temperature_only else 0.0 for s in states]
+        if temps != self._temps[0]:  # a batch's temperatures rarely change from one step to the next
+            self._temps = (temps, self._values(temps))
+        # Unseeded rows: Philox seeds base + row, base from torch's default generator (so torch.manual_seed
+        # reproduces them); a seeded row takes its seed from its own generator (only rows drawn here, so
+        # the others' generators stay where the torch path expects them).
+        seeded = [i for i, s in enumerate(states) if s.seed is not None and s.temperature_only]
+        seeds: torch.Tensor | int = int(torch.randint(1 << 32, 1 << 62, ()))
+        if seeded:
+            seeds = seeds + torch.arange(len(states), device=self.device)
+            for i in seeded:
+                seeds[i : i + 1].random_(1 << 32, 1 << 62, generator=states[i].ensure_generator(self.device))
         mask = None if bitmask is None else self._device_bitmask(bitmask, len(states))
-        tokens = self._draw_kernel(x.contiguous(), temps, seeds, mask)
+        tokens = self._draw_kernel(x.contiguous(), self._temps[1], seeds, mask)
         if mask is not None and self._applied is not None:
             self._applied.record()
         return tokens

@@ -21,6 +21,8 @@ row, with a grammar's token bitmask read in the same pass: what the engine's sam
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -232,11 +234,13 @@ def _gumbel_part_kernel(
     vocab,
     temp_ptr,
     seed_ptr,
+    base_seed,
     mask_ptr,
     mask_stride,
     score_ptr,
     token_ptr,
     span,
+    HAS_SEEDS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -246,7 +250,10 @@ def _gumbel_part_kernel(
     row_ptr = logits_ptr + row.to(tl.int64) * stride_row
     mask_row = mask_ptr + row.to(tl.int64) * mask_stride
     temp = tl.load(temp_ptr + row)
-    seed = tl.load(seed_ptr + row)
+    if HAS_SEEDS:
+        seed = tl.load(seed_ptr + row)
+    else:
+        seed = base_seed + row
     Q: tl.constexpr = BLOCK // 4
     q = tl.arange(0, Q)
     best = tl.full([Q], float("-inf"), tl.float32)
@@ -263,13 +270,19 @@ def _gumbel_part_kernel(
         best, pick = _gumbel_consider(row_ptr, mask_row, start + 3 * Q + q, hi, temp, r3, best, pick, HAS_MASK)
     top, token = _first_max(best, pick, vocab)
     tl.store(score_ptr + row * parts + part, top)
-    tl.store(token_ptr + row * parts + part, token)
+    tl.store(token_ptr + row * parts + part, token.to(tl.int64))
+
+
+@functools.cache
+def _programs(device: torch.device) -> int:
+    """Programs per launch: eight per SM, so each SM holds enough warps to keep its loads in flight."""
+    return 8 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def draw_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
-    seeds: torch.Tensor,
+    seeds: torch.Tensor | int,
     bitmask: torch.Tensor | None = None,
     parts: int | None = None,
     block: int = 1024,
@@ -278,17 +291,19 @@ def draw_tokens(
     (temperature 0: the first maximum, as torch.argmax); returns int64 [B].
 
     The plain draw with no top-k/top-p, in one pass over the logits: Gumbel-max with Philox noise keyed by the
-    row's seed (int64 [B]), and the grammar's bitmask (int32 [B, ceil(V/32)], bit j of word w allows token
-    32w + j, xgrammar's layout) read in the same pass, so a constrained row costs no extra pass over its logits.
-    Each row is split into `parts` column ranges (default: enough programs for two waves of the GPU's SMs),
-    whose winners a final argmax picks among; the result does not depend on `parts`.
+    row's seed (`seeds`: int64 [B], or an int s for seeds s + row), and the grammar's bitmask (int32
+    [B, ceil(V/32)], bit j of word w allows token 32w + j, xgrammar's layout) read in the same pass, so a
+    constrained row costs no extra pass over its logits. Each row is split into `parts` column ranges (default:
+    eight programs per SM in all), whose winners a final argmax picks among; the result does not depend on `parts`.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be [B, V] with contiguous rows")
     batch, vocab = logits.shape
-    for name, t, dtype in (("temperature", temperature, torch.float32), ("seeds", seeds, torch.int64)):
-        if t.shape != (batch,) or t.dtype != dtype:
-            raise ValueError(f"{name} must be {dtype} [{batch}]")
+    if temperature.shape != (batch,) or temperature.dtype != torch.float32:
+        raise ValueError(f"temperature must be torch.float32 [{batch}]")
+    has_seeds = isinstance(seeds, torch.Tensor)
+    if has_seeds and (seeds.shape != (batch,) or seeds.dtype != torch.int64):
+        raise ValueError(f"seeds must be torch.int64 [{batch}] or an int")
     words = (vocab + 31) // 32
     if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape != (batch, words)
                                 or bitmask.stride(1) != 1):
@@ -298,18 +313,18 @@ def draw_tokens(
     if batch == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     if parts is None:
-        programs = 2 * (torch.cuda.get_device_properties(logits.device).multi_processor_count
-                        if logits.is_cuda else 1)
-        parts = -(-programs // batch)
+        parts = -(-_programs(logits.device) // batch)
     span = block * max(1, -(-vocab // (block * max(1, parts))))
     parts = -(-vocab // span)
     scores = torch.empty(batch, parts, dtype=torch.float32, device=logits.device)
-    tokens = torch.empty(batch, parts, dtype=torch.int32, device=logits.device)
-    mask = bitmask if bitmask is not None else tokens  # any int32 pointer; never read without HAS_MASK
+    tokens = torch.empty(batch, parts, dtype=torch.int64, device=logits.device)
     _gumbel_part_kernel[(batch, parts)](
-        logits, logits.stride(0), vocab, temperature, seeds, mask, mask.stride(0), scores, tokens, span,
-        HAS_MASK=bitmask is not None, BLOCK=block, num_warps=4,
+        logits, logits.stride(0), vocab, temperature,
+        seeds if has_seeds else tokens, 0 if has_seeds else seeds,  # `tokens`: any pointer, never read
+        bitmask if bitmask is not None else scores, 0 if bitmask is None else bitmask.stride(0),
+        scores, tokens, span,
+        HAS_SEEDS=has_seeds, HAS_MASK=bitmask is not None, BLOCK=block, num_warps=4,
     )
     if parts == 1:
-        return tokens[:, 0].long()
-    return tokens.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1).long()
+        return tokens.view(-1)
+    return tokens.gather(1, scores.argmax(dim=1, keepdim=True)).view(-1)

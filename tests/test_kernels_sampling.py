@@ -160,6 +160,9 @@ def test_plain_draw_depends_on_the_row_seed_not_on_the_split():
     one = draw_tokens(logits, temps, seeds, parts=1, block=PLAIN_BLOCK)
     assert torch.equal(one, draw_tokens(logits, temps, seeds, parts=2, block=PLAIN_BLOCK))
     assert torch.equal(one[1:2], draw_tokens(logits[1:2], temps[1:2], seeds[1:2], parts=1, block=PLAIN_BLOCK))
+    base = 1 << 40  # an int stands for the seeds base + row
+    assert torch.equal(draw_tokens(logits, temps, base, parts=2, block=PLAIN_BLOCK),
+                       draw_tokens(logits, temps, base + torch.arange(3, device=DEVICE), parts=1, block=PLAIN_BLOCK))
     others = [draw_tokens(logits, temps, seeds + k, parts=1, block=PLAIN_BLOCK) for k in range(1, 6)]
     assert any(not torch.equal(one, o) for o in others), "the seed does not reach the noise"
 
@@ -171,3 +174,5 @@ def test_plain_draw_rejects_bad_inputs():
         draw_tokens(logits, temps, seeds, torch.zeros(2, 1, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="seeds"):
         draw_tokens(logits, temps, seeds.int())
+    with pytest.raises(ValueError, match="temperature"):
+        draw_tokens(logits, temps.double(), seeds)
