@@ -61,6 +61,7 @@ class Space:
         self.contexts: dict[tuple[int, int], object] = {}
         self.shape_masks: dict[int, tuple[np.ndarray, bool]] = {}  # mask.py: words, whether they mask anything
         self.lock = threading.RLock()
+        self.walk_cap = 1024  # result ranges a walk may return (doubled when one needs more)
 
     def _call(self, fn, *args):
         """Calls a compiled function until it no longer finds the memo's arrays full."""
@@ -98,14 +99,22 @@ class Space:
         self._call(nb_earley.run_many, start, data, offs, out)
         return out
 
+    def _walk(self, fn, *args):
+        """Calls a compiled walk until neither the memo nor its result buffer (`walk_cap`) is found too small."""
+        while True:
+            r = self._call(fn, *args, self.walk_cap)
+            if r[0] != nb_walk.SHORT:
+                return r
+            self.walk_cap *= 2
+
     def walk(self, vt: tuple, start: int, cum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """nb_walk.walk over the flat trie `vt`, without exits: the accepted strings' ranges (lo, hi)."""
-        return self._call(nb_walk.walk, vt, start, False, cum)[1:3]
+        return self._walk(nb_walk.walk, vt, start, False, cum)[1:3]
 
     def classify(self, vt: tuple, s: int, c: int, ids_start: np.ndarray, ids: np.ndarray, words: np.ndarray,
                  follow: np.ndarray):
         """nb_walk.classify: (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte), tokens accepted set in `words`."""
-        return self._call(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
+        return self._walk(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
 
     def config(self, cid: int) -> Config:
         cfgs = self.configs

@@ -30,23 +30,23 @@ C_REACH, C_BELOW = 0, 1  # longest string's bytes below the node, then 8 words: 
 COLD = 9
 SKIP_SPAN = 2  # single strings are walked; larger subtrees are first checked for wholesale acceptance
 LOOP_MIN = 32  # byte groups smaller than this are not followed to accept whole subtrees
+SHORT = -4  # a walk's status: its result buffer is too small
 VT = PK
 
 
-@njit(I(IRT, ST, A, I, I), cache=True)
-def _whole(ir, st, cold, cid, f):
+@njit(inline="always")
+def _whole(cfg, bits, cold, cid, f):
     """1 if every string under the node at cold record f (reached in configuration cid) stays on main byte
-    groups, 0 if not, FULL if the memo needs room."""
-    cfg, bits = st[CFG], st[BITS]
+    groups, 0 if not, 2 + k if that needs the main group of configuration k, not built yet. Inlined into the
+    walk's loop with no call that builds configurations: such a call there made the walk 2-3x slower, so
+    building is `_whole_building`'s, off the hot path."""
     k = cid
     for _ in range(cold[f + C_REACH]):
         if cfg[NCF * k + F_NALLOW] < LOOP_MIN:
             return 0
         t = cfg[NCF * k + F_MAIN_T]
         if t == UNKNOWN:
-            t = main(ir, st, k)
-        if t == FULL:
-            return FULL
+            return 2 + k
         if t < 0 or cfg[NCF * k + F_MAIN_N] < LOOP_MIN:
             return 0
         for w in range(8):
@@ -58,35 +58,36 @@ def _whole(ir, st, cold, cid, f):
     return 1
 
 
-@njit(A(A, I), cache=True)
-def _grow(a, n):
-    b = np.empty(2 * n + 16, a.dtype)
-    b[:n] = a[:n]
-    return b
+@njit(I(IRT, ST, A, I, I), cache=True)
+def _whole_building(ir, st, cold, cid, f):
+    """`_whole`, building the main groups it needs on the way; FULL if the memo needs room."""
+    while True:
+        w = _whole(st[CFG], st[BITS], cold, cid, f)
+        if w < 2:
+            return w
+        if main(ir, st, w - 2) == FULL:
+            return FULL
 
 
-@njit(types.Tuple((I, A, A, A, A, A))(IRT, ST, VT, I, types.boolean, A), cache=True)
-def walk(ir, st, vt, start, exits, cum):
+@njit(types.Tuple((I, A, A, A, A, A))(IRT, ST, VT, I, types.boolean, A, I), cache=True)
+def walk(ir, st, vt, start, exits, cum, cap):
     """Runs every string (or, when `cum` is non-empty, only those whose flag's running sum `cum` counts)
     from configuration `start`. Returns (status, lo, hi, ex_lo, ex_hi, ex_byte): accepted strings as
     disjoint ranges [lo, hi) sorted by lo (adjacent ones merged) and, when `exits`, the ranges of strings
     that pass a point where the bottom item's rule has ended with the byte that comes next there. Status
-    FULL: grow and call again."""
+    FULL: grow and call again; SHORT: more than `cap` ranges or exits, call again with a larger cap (results
+    go to one buffer of fixed size: arrays grown and replaced inside the loop made the walk ~2x slower)."""
     hot, cold = part(vt, 0), part(vt, 1)
     kb, kn, sib = part(vt, 3), part(vt, 4), part(vt, 5)
     n_nodes = len(hot) // HOT
     cfg, bits, table = st[CFG], st[BITS], st[TABLE]
     filt = len(cum) > 0
-    acc_lo = np.empty(64, np.int32)
-    acc_hi = np.empty(64, np.int32)
+    out = np.empty(5 * cap, np.int32)  # accepted lo, hi, then exits' lo, hi, byte: cap of each
     na = 0
-    ex_lo = np.empty(64, np.int32)
-    ex_hi = np.empty(64, np.int32)
-    ex_b = np.empty(64, np.int32)
     ne = 0
+    empty = np.empty(0, np.int32)
     at = np.empty(part(vt, 2)[0] + 2, np.int32)  # at[d]: the configuration the nodes of depth d step from
     at[0] = start
-    empty = np.empty(0, np.int32)
     i = 0
     while i < n_nodes:
         f = HOT * i
@@ -97,9 +98,9 @@ def walk(ir, st, vt, start, exits, cum):
         d, b = (key & (TERM - 1)) >> 8, key & 255
         p = at[d]
         if exits and d and cfg[NCF * p + F_CAN_END]:
-            if ne == len(ex_lo):
-                ex_lo, ex_hi, ex_b = _grow(ex_lo, ne), _grow(ex_hi, ne), _grow(ex_b, ne)
-            ex_lo[ne], ex_hi[ne], ex_b[ne] = lo, hi, b
+            if ne == cap:
+                return SHORT, empty, empty, empty, empty, empty
+            out[2 * cap + ne], out[3 * cap + ne], out[4 * cap + ne] = lo, hi, b
             ne += 1
         if not (bits[16 * p + (b >> 5)] >> (b & 31)) & 1:
             if exits and d and cfg[NCF * p + F_CAN_END]:  # every sibling is an exit to record
@@ -124,49 +125,52 @@ def walk(ir, st, vt, start, exits, cum):
             continue
         t = lo if key & TERM else -1
         if t >= 0:
-            if na and acc_hi[na - 1] == t:
-                acc_hi[na - 1] = t + 1
+            if na and out[cap + na - 1] == t:
+                out[cap + na - 1] = t + 1
             else:
-                if na == len(acc_lo):
-                    acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
-                acc_lo[na], acc_hi[na] = t, t + 1
+                if na == cap:
+                    return SHORT, empty, empty, empty, empty, empty
+                out[na], out[cap + na] = t, t + 1
                 na += 1
         if skip == i + 1:
             i = skip
             continue
         if hi - lo >= SKIP_SPAN and cfg[NCF * c + F_NALLOW] >= LOOP_MIN:
-            w = _whole(ir, st, cold, c, COLD * i)
-            if w == FULL:
-                return FULL, empty, empty, empty, empty, empty
+            w = _whole(cfg, bits, cold, c, COLD * i)
+            if w >= 2:
+                w = _whole_building(ir, st, cold, c, COLD * i)
+                if w == FULL:
+                    return FULL, empty, empty, empty, empty, empty
             if w:
                 lo += 1 if t >= 0 else 0
                 if lo < hi:
-                    if na and acc_hi[na - 1] == lo:
-                        acc_hi[na - 1] = hi
+                    if na and out[cap + na - 1] == lo:
+                        out[cap + na - 1] = hi
                     else:
-                        if na == len(acc_lo):
-                            acc_lo, acc_hi = _grow(acc_lo, na), _grow(acc_hi, na)
-                        acc_lo[na], acc_hi[na] = lo, hi
+                        if na == cap:
+                            return SHORT, empty, empty, empty, empty, empty
+                        out[na], out[cap + na] = lo, hi
                         na += 1
                 i = skip
                 continue
         at[d + 1] = c
         i += 1
-    return 0, acc_lo[:na].copy(), acc_hi[:na].copy(), ex_lo[:ne].copy(), ex_hi[:ne].copy(), ex_b[:ne].copy()
+    return (0, out[:na].copy(), out[cap: cap + na].copy(), out[2 * cap: 2 * cap + ne].copy(),
+            out[3 * cap: 3 * cap + ne].copy(), out[4 * cap: 4 * cap + ne].copy())
 
 
-@njit(types.Tuple((I, A, A, A, A, A, A))(IRT, ST, VT, I, I, A64, A64, U32, U8), cache=True)
-def classify(ir, st, vt, s, c, ids_start, ids, words, follow):
+@njit(types.Tuple((I, A, A, A, A, A, A))(IRT, ST, VT, I, I, A64, A64, U32, U8, I), cache=True)
+def classify(ir, st, vt, s, c, ids_start, ids, words, follow, cap):
     """A classification in one call (mask.py's, for an item at state s with count c under the bottom origin):
     the walk with exits from that item's configuration, the tokens of its accepted strings set in `words`
     (zeros, left untouched unless the call completes) and the uncertain strings for FOLLOW1 set `follow`.
-    Returns (status, unc, lo, hi, ex_lo, ex_hi, ex_byte); status FULL: grow and call again."""
+    Returns (status, unc, lo, hi, ex_lo, ex_hi, ex_byte); status FULL or SHORT as in `walk`."""
     empty = np.empty(0, np.int32)
     start = initial(ir, st, s, c, -1)
     if start == FULL:
         return FULL, empty, empty, empty, empty, empty, empty
-    r, lo, hi, ex_lo, ex_hi, ex_b = walk(ir, st, vt, start, True, empty)
-    if r == FULL:
-        return FULL, empty, empty, empty, empty, empty, empty
+    r, lo, hi, ex_lo, ex_hi, ex_b = walk(ir, st, vt, start, True, empty, cap)
+    if r != 0:
+        return r, empty, empty, empty, empty, empty, empty
     range_words(lo, hi, ids_start, ids, words)
     return 0, uncertain(lo, hi, ex_lo, ex_hi, ex_b, follow, len(ids_start) - 1), lo, hi, ex_lo, ex_hi, ex_b
