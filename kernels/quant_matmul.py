@@ -483,15 +483,17 @@ def mma_config(m: int, n: int, num_sms: int, k: int, bits: int) -> MmaConfig:
     flight; 8 warps splitting K where the 32-column blocks barely fill the GPU (o at M >= 2, qkv at M <= 8), 4 warps
     and two blocks per SM where there are many (gate_up: 896 blocks). With at most one block per SM and a long
     K (`k` in_features, at 2-4 `bits`: down) 16 warps, whose loads in flight the DRAM needs: 8-13% faster at
-    M = 1-16 there. At M = 1 and 2-4 bits, programmatic dependent launch with the weights loaded before the
-    wait (`pdl`, `preload`), so that each GEMV's blocks start while the previous kernel drains, and 16 warps
-    for every grid of at most one block per SM (o too), so that the next GEMV's early blocks cannot double up
-    beside it: 3-7% faster per layer with GEMVs back to back, within ~1% either way with a small kernel between
-    them as in decode. At M = 4 the same cost 1-3% at 3 bits with kernels between, at M = 16 1-2% (with
+    M = 1-16 there. At M = 1 and 2-4 bits, programmatic dependent launch that lets the next grid launch at each
+    block's start, right after it has loaded its first weights, scales and minimums and before it waits for the
+    previous grid (`pdl` 3, `preload`: three grids in flight), and 16 warps for every grid of at most one block
+    per SM (o too), so that the next GEMV's early blocks cannot double up beside it: 4-5% faster per layer than
+    the trigger past the wait (pdl 1) with GEMVs back to back, 7-10% faster than no overlap, no change with a
+    plain torch kernel between them as in decode, and 3-5% faster with a small kernel that takes part in PDL
+    between them. At M = 4 the pdl 1 launch cost 1-3% at 3 bits with kernels between, at M = 16 1-2% (with
     nothing gained back to back), so larger M keeps plain launches (docs/benchmarks.md)."""
     blocks = -(-n // 32)
     overlap = m <= PDL_MAX_M and 0 < bits <= 4
-    pdl = {"pdl": 1, "preload": True} if overlap else {}
+    pdl = {"pdl": 3, "preload": True} if overlap else {}
     if blocks <= num_sms and 0 < bits <= 4 and (k >= WIDE_MIN_K or overlap):
         return MmaConfig(16, **pdl)
     many = blocks >= 4 * num_sms

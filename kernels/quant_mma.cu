@@ -42,13 +42,14 @@
 // grid has completed and its writes are visible to this grid; that grid completed only after its own wait, so
 // all older grids have completed too, however early each one let the next launch (3: three grids in flight).
 //
-// So x is read with plain ld.global, never ld.global.nc: the non-coherent path is for data that stays read-only
-// for the kernel's whole lifetime, and ptxas moves such loads freely, above griddepcontrol.wait (ACQBULK in SASS)
-// too. With x on that path it did so in 13 of the 16 launch shapes of the GPU chain test with the trigger before
-// the wait: x read before the previous GEMV had written it, wrong outputs in CUDA-graph replays, where launches
-// really overlap (docs/benchmarks.md). A coherent load stays below the wait. ptxas also hoists the wait itself
-// above the preloaded weight loads unless the trigger sits between them, so at 1 and 2 the preload does not
-// survive into SASS; at 3 the trigger comes right after it and the weights are in flight before the wait.
+// So under PDL x is read with plain ld.global, never ld.global.nc: the non-coherent path is for data that stays
+// read-only for the kernel's whole lifetime (true of x only without PDL), and ptxas moves such loads freely,
+// above griddepcontrol.wait (ACQBULK in SASS) too. With x on that path it did so in 13 of the 16 launch shapes
+// of the GPU chain test with the trigger before the wait: x read before the previous GEMV had written it, wrong
+// outputs in CUDA-graph replays, where launches really overlap (docs/benchmarks.md). A coherent load stays below
+// the wait. ptxas also hoists the wait itself above the preloaded weight loads unless the trigger sits between
+// them, so at 1 and 2 the preload does not survive into SASS; at 3 the trigger comes right after it and the
+// weights are in flight before the wait.
 
 #ifndef QM_BITS
 #define QM_BITS 4
@@ -208,9 +209,12 @@ __device__ __forceinline__ U4 ld_stream(const void *p) {  // weights are read on
   return v;
 }
 
-__device__ __forceinline__ U4 ld_x(const void *p) {  // activations: never through the non-coherent path (above)
+__device__ __forceinline__ U4 ld_x(const void *p) {  // activations: under PDL never non-coherent (above)
   U4 v;
-  asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  if (QM_PDL)
+    asm volatile("ld.global.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  else
+    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 

@@ -349,13 +349,13 @@ def test_mma_is_the_default_only_where_it_runs():
 def test_mma_config_takes_16_warps_for_one_block_per_sm():
     """down (K 14336, 128 blocks) at 2-4 bits takes 16 warps at any M, o (short K) at M = 1; gate_up (many
     blocks), 8 bits and qkv (192 blocks) keep their shapes; at M = 1 and 2-4 bits every shape overlaps its start
-    with the previous kernel's end (PDL, weights loaded before the wait)."""
-    solo = MmaConfig(16, pdl=1, preload=True)
+    with the previous kernels' ends (PDL triggered before the wait, weights loaded before it)."""
+    solo = MmaConfig(16, pdl=3, preload=True)
     assert mma_config(1, 4096, 132, 14336, 3) == mma_config(1, 4096, 132, 4096, 2) == solo
     assert mma_config(2, 4096, 132, 14336, 4) == mma_config(16, 4096, 132, 14336, 4) == MmaConfig(16)
     assert mma_config(2, 4096, 132, 4096, 3) == mma_config(4, 4096, 132, 14336, 8) == MmaConfig(8)
-    assert mma_config(1, 6144, 132, 4096, 4) == MmaConfig(8, pdl=1, preload=True)
-    assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2, pdl=1, preload=True)
+    assert mma_config(1, 6144, 132, 4096, 4) == MmaConfig(8, pdl=3, preload=True)
+    assert mma_config(1, 28672, 132, 14336, 3) == MmaConfig(4, 1, 2, pdl=3, preload=True)
     assert mma_config(1, 4096, 132, 14336, 8) == MmaConfig(8)
     qw = _case(3, n=64, k=8192, group=128, dtype=torch.float32, seed=0)
     assert default_config(1, 64, qw, 132, mma=True).mma == solo
