@@ -121,15 +121,16 @@ for warps, m, keep in itertools.product((8, 16), (1, 16), (False, True)):
         want = chain(x, plain, None)
         torch.cuda.synchronize()
         bad += not torch.equal(out, want)
-    print(f"pdl 3, {warps} warps, M={m}, buffers {'kept' if keep else 'recycled'}: {bad}/20 replays wrong", flush=True)
+    print(f"pdl 3, {warps} warps, M={m}, buffers {'kept' if keep else 'recycled'}: {bad}/20 replays wrong")
 EOF
       HOME=/tmp/home_broken run /tmp/broken 120 python3 /tmp/pdlproof.py
       run /tmp/new 120 python3 /tmp/pdlproof.py
       command -v cuobjdump >/dev/null || echo "no cuobjdump: SASS not checked" | tee -a "$log"
-      for home in /tmp/home_broken "$HOME"; do  # NVRTC's cubins of each tree: loads other than the preload above the wait
+      for home in /tmp/home_broken "$HOME"; do  # each tree's NVRTC cubins: loads but the preload above the wait
         for f in "$home"/.cache/treadle/quant_mma/*.cubin; do
           cuobjdump -sass -fun quant_mma_gemv "$f" 2>/dev/null | awk '/ACQBULK/ {w = 1; exit}
-            /LDG/ && !/LDG.E.NA.128.CONSTANT|LDG.E.64.CONSTANT/ {n++} END {print w ? n + 0 " x loads above the wait" : "no wait"}'
+            /LDG/ && !/LDG.E.NA.128.CONSTANT|LDG.E.64.CONSTANT/ {n++}
+            END {print w ? n + 0 " x loads above the wait" : "no wait"}'
         done | sort | uniq -c | sed "s|^|$home: |" | tee -a "$log"
       done ;;
     tests)
