@@ -279,9 +279,7 @@ def layer_variants(baseline: str) -> tuple[str, ...]:
 @triton.jit
 def _bump(p, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """The small kernel between GEMVs: p += 1. With PDL it lets the next kernel launch at once and waits for the
-    previous one before touching p, as decode's norms and RoPE would if they took part in PDL. For timing only:
-    its trigger before its wait lets three grids run at once, against which only the GEMV launched with pdl 3
-    reads its x safely (quant_mma.cu)."""
+    previous one before touching p, as decode's norms and RoPE would if they took part in PDL."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
