@@ -24,7 +24,8 @@ import numpy as np
 from . import nb_earley, nb_walk
 from .nb_earley import R_BNEXT
 from .automata import GrammarIR
-from .nb_store import BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_ROOTS, FULL, M_NCFG, META, NCF, PTR, grow, new_store
+from .nb_store import (BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_ROOTS, FULL, M_NCFG, META, NCF, PTR, TABLE, UNKNOWN,
+                       grow, new_store)
 
 ROOT = -1
 
@@ -87,8 +88,18 @@ class Space:
         return self.run(cid, bytes((byte,)))
 
     def run(self, cid: int, data: bytes) -> int:
-        """Configuration after `data` from `cid`, or DEAD."""
-        return int(self._call(nb_earley.run, cid, np.frombuffer(data, dtype=np.uint8)))
+        """Configuration after `data` from `cid`, or DEAD. Transitions already memoized are read here (a mask's
+        walk has usually built the path of the token accepted next; entering a compiled call costs more than a
+        token's few lookups); the first unknown one hands the rest to compiled code."""
+        table = memoryview(self.st[TABLE])
+        for i, b in enumerate(data):
+            nxt = table[256 * cid + b]
+            if nxt == UNKNOWN:
+                return int(self._call(nb_earley.run, cid, np.frombuffer(data, dtype=np.uint8, offset=i)))
+            if nxt == DEAD:
+                return DEAD
+            cid = nxt
+        return cid
 
     def run_many(self, start: int, strings: list[bytes]) -> np.ndarray:
         """The configuration after each string from `start` (DEAD where it dies)."""
