@@ -109,10 +109,11 @@ class Sampler:
         self._byte_bias = None
         if self.device.type == "cuda":  # Triton comes with CUDA builds of torch, not necessarily with CPU ones
             from treadle.kernels.bitmask import apply_token_bitmask_
-            from treadle.kernels.sampling import draw_tokens
+            from treadle.kernels.sampling import DrawScratch, draw_tokens
 
             self._apply_kernel = apply_token_bitmask_
             self._draw_kernel = draw_tokens
+            self._draw_scratch = DrawScratch(self.device)
         else:  # bias (0 allowed, -inf banned) of the 8 tokens of each bitmask byte value, bit j = token j
             bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
             self._byte_bias = torch.zeros(256, 8).masked_fill_(bits == 0, -math.inf).to(self.device)
@@ -284,7 +285,7 @@ class Sampler:
             for i in seeded:
                 seeds[i : i + 1].random_(1 << 32, 1 << 62, generator=states[i].ensure_generator(self.device))
         mask = None if bitmask is None else self._device_bitmask(bitmask, len(states))
-        tokens = self._draw_kernel(x.contiguous(), self._temps[1], seeds, mask)
+        tokens = self._draw_kernel(x.contiguous(), self._temps[1], seeds, mask, scratch=self._draw_scratch)
         if mask is not None and self._applied is not None:
             self._applied.record()
         return tokens

@@ -22,6 +22,7 @@ row, with a grammar's token bitmask read in the same pass: what the engine's sam
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -210,7 +211,19 @@ def sample_tokens(
 
 
 @triton.jit
-def _gumbel_consider(row_ptr, mask_row, cols, hi, temp, bits, best, pick, HAS_MASK: tl.constexpr):
+def _log(x, FAST: tl.constexpr):
+    """Natural log; FAST: the hardware's lg2.approx (relative error ~2^-22, plenty for Gumbel noise) instead of
+    libdevice's exact logf, which made the two logs per token most of the draw's time on an H100."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1) * 0.6931471805599453
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def _gumbel_consider(row_ptr, mask_row, cols, hi, temp, bits, best, pick, HAS_MASK: tl.constexpr,
+                     FAST_LOG: tl.constexpr):
     """Fold one sub-block of columns into the running per-lane best score and its column."""
     ok = cols < hi
     x = tl.load(row_ptr + cols, mask=ok, other=float("-inf")).to(tl.float32)
@@ -219,7 +232,7 @@ def _gumbel_consider(row_ptr, mask_row, cols, hi, temp, bits, best, pick, HAS_MA
         ok = ok & (((word >> (cols % 32)) & 1) != 0)
     if temp > 0:
         u = tl.minimum(tl.maximum(tl.uint_to_uniform_float(bits), 1e-20), 0.99999994)
-        score = x / temp - tl.log(-tl.log(u))
+        score = x / temp - _log(-_log(u, FAST_LOG), FAST_LOG)
     else:
         score = x
     score = tl.where(ok, score, float("-inf"))
@@ -228,7 +241,7 @@ def _gumbel_consider(row_ptr, mask_row, cols, hi, temp, bits, best, pick, HAS_MA
 
 
 @triton.jit
-def _gumbel_part_kernel(
+def _gumbel_kernel(
     logits_ptr,
     stride_row,
     vocab,
@@ -239,9 +252,13 @@ def _gumbel_part_kernel(
     mask_stride,
     score_ptr,
     token_ptr,
+    count_ptr,
+    out_ptr,
     span,
     HAS_SEEDS: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    FAST_LOG: tl.constexpr,
+    PARTS_P2: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -264,13 +281,47 @@ def _gumbel_part_kernel(
         # One Philox call gives the noise of four columns; its counter depends on the column only, so a row's
         # draw is the same however the row is split into parts.
         r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + q)
-        best, pick = _gumbel_consider(row_ptr, mask_row, start + q, hi, temp, r0, best, pick, HAS_MASK)
-        best, pick = _gumbel_consider(row_ptr, mask_row, start + Q + q, hi, temp, r1, best, pick, HAS_MASK)
-        best, pick = _gumbel_consider(row_ptr, mask_row, start + 2 * Q + q, hi, temp, r2, best, pick, HAS_MASK)
-        best, pick = _gumbel_consider(row_ptr, mask_row, start + 3 * Q + q, hi, temp, r3, best, pick, HAS_MASK)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + q, hi, temp, r0, best, pick, HAS_MASK, FAST_LOG)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + Q + q, hi, temp, r1, best, pick, HAS_MASK,
+                                      FAST_LOG)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + 2 * Q + q, hi, temp, r2, best, pick, HAS_MASK,
+                                      FAST_LOG)
+        best, pick = _gumbel_consider(row_ptr, mask_row, start + 3 * Q + q, hi, temp, r3, best, pick, HAS_MASK,
+                                      FAST_LOG)
     top, token = _first_max(best, pick, vocab)
-    tl.store(score_ptr + row * parts + part, top)
-    tl.store(token_ptr + row * parts + part, token.to(tl.int64))
+    slot = row * parts + part
+    tl.store(score_ptr + slot, top)
+    tl.store(token_ptr + slot, token)
+    # The row's last part to finish picks among the parts' winners (the atomic orders the others' stores before
+    # its loads, which read through L2: L1 may hold lines of these slots from another row's pick), writes the
+    # token and resets the row's counter for the next launch.
+    if tl.atomic_add(count_ptr + row, 1, sem="acq_rel") == parts - 1:
+        i = tl.arange(0, PARTS_P2)
+        scores = tl.load(score_ptr + row * parts + i, mask=i < parts, other=float("-inf"), cache_modifier=".cg")
+        tokens = tl.load(token_ptr + row * parts + i, mask=i < parts, other=0, cache_modifier=".cg")
+        first = tl.min(tl.where(scores == tl.max(scores, axis=0), i, PARTS_P2), axis=0)  # ties: the lower ids
+        tl.store(out_ptr + row, tl.sum(tl.where(i == first, tokens, 0), axis=0).to(tl.int64))
+        tl.store(count_ptr + row, 0)
+
+
+@dataclass
+class DrawScratch:
+    """Per-part winners and per-row arrival counters of `draw_tokens`, kept by a caller that draws every step.
+
+    The counters must be zero before a launch; each launch leaves them zero. One scratch serves one stream.
+    """
+
+    device: torch.device
+    scores: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+
+    def ensure(self, slots: int, rows: int) -> None:
+        if self.scores is None or self.scores.numel() < slots:
+            self.scores = torch.empty(slots, dtype=torch.float32, device=self.device)
+            self.tokens = torch.empty(slots, dtype=torch.int32, device=self.device)
+        if self.counts is None or self.counts.numel() < rows:
+            self.counts = torch.zeros(rows, dtype=torch.int32, device=self.device)
 
 
 @functools.cache
@@ -285,16 +336,18 @@ def draw_tokens(
     seeds: torch.Tensor | int,
     bitmask: torch.Tensor | None = None,
     parts: int | None = None,
-    block: int = 1024,
+    block: int = 2048,
+    scratch: DrawScratch | None = None,
 ) -> torch.Tensor:
     """One token per row of `logits` [B, V] from softmax(logits / temperature) over the tokens `bitmask` allows
     (temperature 0: the first maximum, as torch.argmax); returns int64 [B].
 
-    The plain draw with no top-k/top-p, in one pass over the logits: Gumbel-max with Philox noise keyed by the
+    The plain draw with no top-k/top-p, in one launch over the logits: Gumbel-max with Philox noise keyed by the
     row's seed (`seeds`: int64 [B], or an int s for seeds s + row), and the grammar's bitmask (int32
     [B, ceil(V/32)], bit j of word w allows token 32w + j, xgrammar's layout) read in the same pass, so a
     constrained row costs no extra pass over its logits. Each row is split into `parts` column ranges (default:
-    eight programs per SM in all), whose winners a final argmax picks among; the result does not depend on `parts`.
+    eight programs per SM in all); the last to finish picks among their winners, so the result does not depend
+    on `parts`. A caller drawing every step passes its own `scratch` (one per stream) to save the allocations.
     """
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits must be [B, V] with contiguous rows")
@@ -310,21 +363,21 @@ def draw_tokens(
         raise ValueError(f"bitmask must be int32 [{batch}, {words}] with contiguous rows")
     if block < 64 or block & (block - 1):
         raise ValueError("block must be a power of two >= 64")
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
+        return out
     if parts is None:
         parts = -(-_programs(logits.device) // batch)
     span = block * max(1, -(-vocab // (block * max(1, parts))))
     parts = -(-vocab // span)
-    scores = torch.empty(batch, parts, dtype=torch.float32, device=logits.device)
-    tokens = torch.empty(batch, parts, dtype=torch.int64, device=logits.device)
-    _gumbel_part_kernel[(batch, parts)](
+    scratch = scratch or DrawScratch(logits.device)
+    scratch.ensure(batch * parts, batch)
+    _gumbel_kernel[(batch, parts)](
         logits, logits.stride(0), vocab, temperature,
-        seeds if has_seeds else tokens, 0 if has_seeds else seeds,  # `tokens`: any pointer, never read
-        bitmask if bitmask is not None else scores, 0 if bitmask is None else bitmask.stride(0),
-        scores, tokens, span,
-        HAS_SEEDS=has_seeds, HAS_MASK=bitmask is not None, BLOCK=block, num_warps=4,
+        seeds if has_seeds else out, 0 if has_seeds else seeds,  # `out`: any pointer, never read
+        bitmask if bitmask is not None else scratch.scores, 0 if bitmask is None else bitmask.stride(0),
+        scratch.scores, scratch.tokens, scratch.counts, out, span,
+        HAS_SEEDS=has_seeds, HAS_MASK=bitmask is not None, FAST_LOG=logits.is_cuda,
+        PARTS_P2=triton.next_power_of_2(parts), BLOCK=block, num_warps=4,
     )
-    if parts == 1:
-        return tokens.view(-1)
-    return tokens.gather(1, scores.argmax(dim=1, keepdim=True)).view(-1)
+    return out

@@ -11,7 +11,7 @@ from kernels_testing import DEVICE, ON_GPU  # noqa: I001  (sets up the interpret
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from treadle.kernels.reference import sampling_probs_reference
-from treadle.kernels.sampling import draw_tokens, sample_tokens
+from treadle.kernels.sampling import DrawScratch, draw_tokens, sample_tokens
 
 VOCAB = 4000 if ON_GPU else 70
 BLOCK = 1024 if ON_GPU else 32  # several blocks per row: exercises the carries between blocks
@@ -163,6 +163,11 @@ def test_plain_draw_depends_on_the_row_seed_not_on_the_split():
     base = 1 << 40  # an int stands for the seeds base + row
     assert torch.equal(draw_tokens(logits, temps, base, parts=2, block=PLAIN_BLOCK),
                        draw_tokens(logits, temps, base + torch.arange(3, device=DEVICE), parts=1, block=PLAIN_BLOCK))
+    scratch = DrawScratch(torch.device(DEVICE))  # reused across launches of other shapes: left clean by each
+    for parts, rows in ((2, slice(0, 3)), (1, slice(1, 2)), (2, slice(0, 3)), (2, slice(1, 3))):
+        again = draw_tokens(logits[rows], temps[rows], seeds[rows], parts=parts, block=PLAIN_BLOCK, scratch=scratch)
+        assert torch.equal(again, one[rows])
+    assert not scratch.counts.any()
     others = [draw_tokens(logits, temps, seeds + k, parts=1, block=PLAIN_BLOCK) for k in range(1, 6)]
     assert any(not torch.equal(one, o) for o in others), "the seed does not reach the noise"
 
