@@ -643,7 +643,20 @@ def step(ir, st, cid, b):
     if n == 1 and items[1] == cid and items[2] == 0:
         r = _counted(ir, st, cid, items[0])
     if r == UNKNOWN:
-        r = DEAD if n == 0 else close(ir, st, items, n)
+        if n == 0:
+            r = DEAD
+        else:
+            # items of rules cid predicted start at cid's representative (the kernel's origins already are), so
+            # the scanned set is memoized across configurations with the same waiting items: the counts of a
+            # whitespace run before one value close the byte that starts the value once, not once per count
+            rule = part(ir, R_RULE)
+            for j in range(n):
+                if items[3 * j + 1] == cid:
+                    rep = origin(ir, st, cid, rule[items[3 * j]])
+                    if rep == FULL:
+                        return FULL
+                    items[3 * j + 1] = rep
+            r = close(ir, st, items, n)
     if r != FULL:
         table[256 * cid + b] = r
     return r

@@ -178,10 +178,11 @@ def rehash(data, ptr, count, size):
 
 
 def new_store() -> list[np.ndarray]:
-    """Empty arrays for a few hundred configurations; `grow` enlarges them on demand."""
-    st = [np.zeros(4096, np.int32), np.zeros(1025, np.int32), np.full(2048, -1, np.int32),
-          np.zeros(1024, np.int32)]
-    st += [np.full(256 * _UNIT[s], _FILL.get(s, 0), np.int32) for s in (CFG, BITS, TABLE)]
+    """Empty arrays for about a thousand configurations (~1 MB, what a small grammar's first requests reach;
+    each growth on the way there cost a retry of the call that found the memo full); `grow` enlarges them."""
+    st = [np.zeros(16384, np.int32), np.zeros(4097, np.int32), np.full(8192, -1, np.int32),
+          np.zeros(4096, np.int32)]
+    st += [np.full(1024 * _UNIT[s], _FILL.get(s, 0), np.int32) for s in (CFG, BITS, TABLE)]
     st.append(np.zeros(5, np.int32))
     return st
 

@@ -92,6 +92,12 @@ GRAMMARS = {
         ["a  \n b" + " " * 17 + "c \t" + " " * 17 + "z",
          "a" + " " * 18 + "b" + " " * 24 + "c" + "\n" * 18 + " " * 40 + "z", "ab" + " " * 20 + "c" + " " * 17 + "z"],
     ),
+    # one value rule after whitespace runs of every length, in two positions with different continuations: a
+    # byte that starts the value is closed once per position (from the run's representative), not per count
+    "whitespace_before_values": (
+        'root ::= "(" ws num ws "," ws num ws ")" ws ";"\nnum ::= [0-9]+ ("." [0-9]+)?\nws ::= [ ]{0,6}',
+        ["( 12 ,   3.5  )  ;", "(1,2);", "(  7   ,      8 )      ;", "(      5.25,9)   ;"],
+    ),
 }
 
 
@@ -126,7 +132,8 @@ def test_masks_and_accepts_match_xgrammar(env, name):
         assert m.is_terminated() and x.is_terminated()
 
 
-@pytest.mark.parametrize("name", ["json_object", "counted_classes", "counted_items", "counted_whitespace_runs"])
+@pytest.mark.parametrize("name", ["json_object", "counted_classes", "counted_items", "counted_whitespace_runs",
+                                  "whitespace_before_values"])
 def test_walked_masks_equal_classified_masks(env, name):
     """A configuration's mask by a walk from the configuration itself equals the OR of its items'
     classifications resolved in context, at every step (and where either shares work across positions).
