@@ -21,7 +21,7 @@ import threading
 
 import numpy as np
 
-from . import nb_earley, nb_walk
+from . import nb_earley, nb_shape, nb_walk
 from .nb_earley import R_BNEXT
 from .automata import GrammarIR
 from .nb_store import (BITS, CFG, DATA, DEAD, F_CAN_END, F_KERN, F_ROOTS, FULL, M_NCFG, META, NCF, PTR, TABLE, UNKNOWN,
@@ -58,8 +58,6 @@ class Space:
         self.st = new_store()
         self.configs: list[Config | None] = []  # by id, None until `config` creates it
         self.contrib: dict = {}
-        self.shapes: dict[frozenset, int] = {}  # mask.py's interned configuration shapes and contexts
-        self.contexts: dict[tuple[int, int], object] = {}
         self.shape_masks: dict[int, tuple[np.ndarray, bool]] = {}  # mask.py: words, whether they mask anything
         self.lock = threading.RLock()
         self.walk_cap = 1024  # result ranges a walk may return (doubled when one needs more)
@@ -127,6 +125,14 @@ class Space:
         """nb_walk.classify: (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte), tokens accepted set in `words`."""
         return self._walk(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
 
+    def shape(self, cid: int, horizon: int) -> int:
+        """nb_shape.shape: the id of what a configuration can do within `horizon` bytes."""
+        return int(self._call(nb_shape.shape, cid, horizon))
+
+    def context(self, o: int, r: int, horizon: int) -> int:
+        """nb_shape.context: the id of what rule r, started at configuration o, completes into."""
+        return int(self._call(nb_shape.context, o, r, horizon))
+
     def config(self, cid: int) -> Config:
         cfgs = self.configs
         if cid >= len(cfgs):
@@ -155,11 +161,6 @@ class Space:
         """Kernel items not merely reached by skipping a nullable rule: they cover the rest."""
         flags = self._record(cid, F_ROOTS).tolist()
         return [it for it, f in zip(self.kernel(cid), flags[1:]) if f]
-
-    def waiters(self, o: int, r: int) -> list[tuple[int, int, int]]:
-        """Items of configuration o that wait on rule r, already advanced over it."""
-        items = nb_earley.waiters_of(self.irt, tuple(self.st), o, r).tolist()
-        return list(zip(items[0::3], items[1::3], items[2::3]))
 
     def allowed(self, cid: int) -> list[int]:
         """The bytes that can come next from a configuration."""

@@ -32,7 +32,7 @@ import itertools
 import numpy as np
 
 from . import nb_mask
-from .earley import ROOT, Space
+from .earley import Space
 from .vocab import VocabIndex
 
 HASH_LIMIT_STATES = 400  # rules reaching more states are keyed per grammar instead of hashed
@@ -41,7 +41,6 @@ _GRAMMAR_IDS = itertools.count()
 
 _NO_FILTER = np.zeros(0, dtype=np.int32)  # nb_walk.walk's `cum` when every string is run
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
-MAX_CONTEXT_DEPTH = 64  # origin chains followed this deep to share masks; deeper ones stay exact
 
 
 def accepted_among(space: Space, vocab: VocabIndex, start: int, us: np.ndarray) -> np.ndarray:
@@ -142,44 +141,14 @@ class Masker:
         return hit
 
     def shape(self, cid: int) -> int:
-        """An id for what a configuration can do within one token: its kernel items with counts clamped as
-        in `_ckey` and origins replaced by their `context`. Configurations that differ only in counts out of
-        one token's reach of their bounds (the 7th vs the 8th element of `minItems: 200`) or in what their
-        origins hold besides the waiting items (the whitespace count before an object) share it, and with
-        it masks and contributions, which otherwise would be recomputed for each variant."""
+        """An id for what a configuration can do within one token (nb_shape.py): its kernel items with counts
+        clamped as in `_ckey` and origins replaced by their context. Configurations that differ only in counts
+        out of one token's reach of their bounds (the 7th vs the 8th element of `minItems: 200`) share it,
+        and with it masks, which otherwise would be recomputed for each variant."""
         cfg = self.space.config(cid)
         if cfg.shape is None:
-            rule_of, rep_of, contexts = self.ir.rule_of, self.ir.rep_of, self.space.contexts
-            items = []
-            for s, o, c in self.space.kernel(cid):  # context() and _ckey() inlined for their common cases
-                ctx = ROOT if o < 0 else contexts.get((o, rule_of[s]))
-                if ctx is None:
-                    ctx = self.context(o, rule_of[s])
-                items.append((s, 0 if rep_of[s] is None else self._ckey(s, c), ctx))
-            cfg.shape = self._intern(frozenset(items))
+            cfg.shape = self.space.shape(cid, self.horizon)
         return cfg.shape
-
-    def context(self, o: int, r: int, depth: int = 0, busy: set | None = None):
-        """What rule r, started at configuration o, completes into: the interned set of o's items waiting
-        on r (clamped counts, their own contexts) -- all that closure ever reads of an origin. A cycle
-        (left recursion) or a chain deeper than MAX_CONTEXT_DEPTH keeps the origin itself: exact, unshared."""
-        if o < 0:
-            return ROOT
-        key = (o, r)
-        space = self.space
-        ctx = space.contexts.get(key)
-        if ctx is not None:
-            return ctx
-        busy = set() if busy is None else busy
-        if depth > MAX_CONTEXT_DEPTH or key in busy:
-            return ("at", o)
-        busy.add(key)
-        rule_of = self.ir.rule_of
-        items = frozenset((t, self._ckey(t, c), self.context(o2, rule_of[t], depth + 1, busy))
-                          for t, o2, c in space.waiters(o, r))
-        busy.discard(key)
-        ctx = space.contexts[key] = self._intern(items)
-        return ctx
 
     def _words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Bitmask words of the tokens spelling the strings in the int32 ranges [lo, hi)."""
@@ -187,12 +156,8 @@ class Masker:
         nb_mask.range_words(lo, hi, self.vocab.ids_start, self.vocab.ids, words)
         return words.view(np.int32)
 
-    def _intern(self, key: frozenset) -> int:
-        shapes = self.space.shapes
-        return shapes.setdefault(key, len(shapes))
-
     def contribution(self, s: int, o: int, c: int):
-        key = (s, self._ckey(s, c), self.context(o, self.ir.rule_of[s]))
+        key = (s, self._ckey(s, c), self.space.context(o, self.ir.rule_of[s], self.horizon))
         w = self.space.contrib.get(key)
         if w is None:
             acc_words, unc = self.classification(s, c)

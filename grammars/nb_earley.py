@@ -781,10 +781,3 @@ def initial(ir, st, s, c, o):
     items[1] = o
     items[2] = c
     return close(ir, st, items, 1)
-
-
-@njit(A(IRT, ST, I, I), cache=True)
-def waiters_of(ir, st, o, r):
-    """Items of o waiting on rule r, advanced over it, as a flat triple array (for Python callers)."""
-    out, n = waiters(ir, st, o, r, np.empty(24, np.int32), 0)
-    return out[: 3 * n].copy()

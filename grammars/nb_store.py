@@ -13,7 +13,7 @@ consistent with each other.
 
 The interner maps tagged int32 sequences (kind, payload...) to dense ids with one value each (open
 addressing over a power-of-two table): kernels, scanned item sets, prediction sets, self sets, origin keys,
-waiting sets and root flags all share it.
+waiting sets, root flags and nb_shape's contexts and shapes all share it.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ FULL = -3  # an array is full: grow the slot named in META and call again
 UNKNOWN = -2
 DEAD = -1
 
-# record kinds
-K_KERN, K_SCAN, K_PRED, K_SELF, K_ORIG, K_WAIT, K_ROOTS = range(1, 8)
+# record kinds (nb_shape's: contexts by (origin, rule), context sets, shapes)
+K_KERN, K_SCAN, K_PRED, K_SELF, K_ORIG, K_WAIT, K_ROOTS, K_CTX, K_CSET, K_SHAPE = range(1, 11)
 # store slots
 DATA, PTR, TAB, VAL, CFG, BITS, TABLE, META = range(8)
 N_SLOTS = 8

@@ -134,10 +134,11 @@ def test_masks_and_accepts_match_xgrammar(env, name):
 
 @pytest.mark.parametrize("name", ["json_object", "counted_classes", "counted_items", "counted_whitespace_runs",
                                   "whitespace_before_values"])
-def test_walked_masks_equal_classified_masks(env, name):
+def test_walked_classified_and_shared_masks_agree(env, name):
     """A configuration's mask by a walk from the configuration itself equals the OR of its items'
-    classifications resolved in context, at every step (and where either shares work across positions).
-    Walks start with room for one result range, so every walk also retries with larger buffers."""
+    classifications resolved in context, and the mask the matcher uses (shared by configurations of one
+    shape), at every step. Walks start with room for one result range, so every walk also retries with
+    larger buffers."""
     ebnf, texts = GRAMMARS[name]
     cg = GrammarCompiler(env["info"]).compile_grammar(ebnf)
     masker = cg.masker
@@ -147,8 +148,8 @@ def test_walked_masks_equal_classified_masks(env, name):
         for tid in env["tok"].encode(text, add_special_tokens=False):
             cid = m._hist[-1]
             with cg.space.lock:
-                walked, classified = masker._walk_mask(cid), masker._roots_mask(cid)
-            assert np.array_equal(walked, classified), (name, cid)
+                shared, walked, classified = masker.config_mask(cid), masker._walk_mask(cid), masker._roots_mask(cid)
+            assert np.array_equal(walked, classified) and np.array_equal(walked, shared), (name, cid)
             assert m.accept_token(tid)
 
 
