@@ -269,8 +269,9 @@ class Sampler:
         self, x: torch.Tensor, states: list[SeqSamplingState], bitmask: torch.Tensor | None
     ) -> torch.Tensor:
         """Greedy rows' argmax and plain rows' draws (any other row gets a token the caller replaces): on CUDA one
-        kernel, reading `bitmask` if given; elsewhere the argmax."""
-        if self._draw_kernel is None:
+        kernel, reading `bitmask` if given; elsewhere, or for greedy rows alone with nothing to mask, the argmax
+        (a Triton launch costs the host more than torch's argmax, and here the host is what a step waits for)."""
+        if self._draw_kernel is None or (bitmask is None and not any(s.temperature_only for s in states)):
             return x.argmax(dim=-1)
         temps = [s.params.temperature if s.temperature_only else 0.0 for s in states]
         if temps != self._temps[0]:  # a batch's temperatures rarely change from one step to the next
