@@ -61,7 +61,7 @@ class CompiledGrammar:
     def memory_size_bytes(self) -> int:
         """A rough size of the grammar automata and the memo grown so far."""
         sp = self.space
-        masks = sum(m.nbytes for m, _ in sp.shape_masks.values())
+        masks = sum(m.nbytes for m, _ in sp.shape_masks)
         return int(sp.nbytes + masks + sum(a.nbytes for a in sp.irt) + 200 * self.ir.n_states)
 
 

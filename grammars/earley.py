@@ -31,16 +31,15 @@ ROOT = -1
 
 
 class Config:
-    """What Python memoizes per configuration: its token transitions, mask, shape (mask.py)."""
+    """What Python memoizes per configuration: its token transitions and mask (mask.py)."""
 
-    __slots__ = ("can_end", "tok", "mask", "need_apply", "shape")
+    __slots__ = ("can_end", "tok", "mask", "need_apply")
 
     def __init__(self, can_end: bool):
         self.can_end = can_end
         self.tok: dict[int, int] = {}
         self.mask: np.ndarray | None = None
         self.need_apply = True
-        self.shape: int | None = None
 
 
 class Space:
@@ -58,7 +57,8 @@ class Space:
         self.st = new_store()
         self.configs: list[Config | None] = []  # by id, None until `config` creates it
         self.contrib: dict = {}
-        self.shape_masks: dict[int, tuple[np.ndarray, bool]] = {}  # mask.py: words, whether they mask anything
+        # mask.py: per shape (index in its shape record's value), words and whether they mask anything
+        self.shape_masks: list[tuple[np.ndarray, bool]] = []
         self.lock = threading.RLock()
         self.walk_cap = 1024  # result ranges a walk may return (doubled when one needs more)
 
@@ -125,9 +125,11 @@ class Space:
         """nb_walk.classify: (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte), tokens accepted set in `words`."""
         return self._walk(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
 
-    def shape(self, cid: int, horizon: int) -> int:
-        """nb_shape.shape: the id of what a configuration can do within `horizon` bytes."""
-        return int(self._call(nb_shape.shape, cid, horizon))
+    def config_words(self, vt: tuple, cid: int, horizon: int, ids_start: np.ndarray, ids: np.ndarray,
+                     words: np.ndarray) -> tuple[int, int]:
+        """nb_walk.config_words: (shape id, how), the walked tokens set in `words`."""
+        r = self._walk(nb_walk.config_words, vt, cid, horizon, ids_start, ids, words)
+        return r[1], r[2]
 
     def context(self, o: int, r: int, horizon: int) -> int:
         """nb_shape.context: the id of what rule r, started at configuration o, completes into."""

@@ -1,11 +1,11 @@
 """Token masks of parser configurations: a walk from the configuration, or classified items resolved in context.
 
-A configuration's mask is memoized by its shape (below), so configurations that differ only in counts out of
-one token's reach or in what their origins hold beyond the waiting items share one. A new shape's mask is
-usually one compiled walk of the vocabulary trie from the configuration itself (`_walk_mask`): exact, and the
-configurations it builds are the real ones that the next accept and mask step through. A configuration with
-a counted item far from its upper bound (a string body of maxLength 10000, the 7th of 500 array items) takes
-the adaptive cache instead, whose classification serves every such count:
+A configuration's mask is memoized by its shape (nb_shape.py), so configurations that differ only in counts
+out of one token's reach share one. A new shape's mask is usually one compiled walk of the vocabulary trie
+from the configuration itself (nb_walk.config_words): exact, and the configurations it builds are the real
+ones that the next accept and mask step through. A configuration with a counted item far from its upper
+bound (a string body of maxLength 10000, the 7th of 500 array items) takes the adaptive cache instead, whose
+classification serves every such count:
 
 For a kernel item at state s of rule R, the vocabulary is classified once, inside R and its sub-rules only:
   accepted  - some parse consumes the whole token without R ending first (true in every context);
@@ -31,15 +31,15 @@ from __future__ import annotations
 import itertools
 import numpy as np
 
-from . import nb_mask
+from . import nb_mask, nb_walk
 from .earley import Space
+from .nb_store import VAL
 from .vocab import VocabIndex
 
 HASH_LIMIT_STATES = 400  # rules reaching more states are keyed per grammar instead of hashed
 _GRAMMAR_IDS = itertools.count()
 
 
-_NO_FILTER = np.zeros(0, dtype=np.int32)  # nb_walk.walk's `cum` when every string is run
 FEW_CANDIDATES = 300  # up to this many uncertain strings are run one by one, more through the trie
 
 
@@ -140,16 +140,6 @@ class Masker:
             self.cache[key] = hit
         return hit
 
-    def shape(self, cid: int) -> int:
-        """An id for what a configuration can do within one token (nb_shape.py): its kernel items with counts
-        clamped as in `_ckey` and origins replaced by their context. Configurations that differ only in counts
-        out of one token's reach of their bounds (the 7th vs the 8th element of `minItems: 200`) share it,
-        and with it masks, which otherwise would be recomputed for each variant."""
-        cfg = self.space.config(cid)
-        if cfg.shape is None:
-            cfg.shape = self.space.shape(cid, self.horizon)
-        return cfg.shape
-
     def _words(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """Bitmask words of the tokens spelling the strings in the int32 ranges [lo, hi)."""
         words = np.zeros(self.vocab.words, dtype=np.uint32)
@@ -175,35 +165,30 @@ class Masker:
         return w
 
     def config_mask(self, cid: int) -> np.ndarray:
+        """A configuration's mask, memoized by its shape (nb_shape.py): configurations that differ only in
+        counts out of one token's reach of their bounds (the 7th vs the 8th element of `minItems: 200`) share
+        it. A new shape's mask is a walk from the configuration (one compiled call with the shape), or its
+        items' classifications when one is a counted repetition far from its upper bound."""
         cfg = self.space.config(cid)
         if cfg.mask is not None:
             return cfg.mask
-        sid = self.shape(cid)
-        hit = self.space.shape_masks.get(sid)
-        if hit is None:
-            words = self._roots_mask(cid) if self._shares_counts(cid) else self._walk_mask(cid)
-            hit = self.space.shape_masks[sid] = (words, words.tobytes() != self.full_bytes)
+        space, vocab = self.space, self.vocab
+        words = np.zeros(vocab.words, dtype=np.uint32)
+        sid, how = space.config_words(vocab.flat, cid, self.horizon, vocab.ids_start, vocab.ids, words)
+        if how == nb_walk.SHAPED:
+            hit = space.shape_masks[space.st[VAL][sid]]
+        else:
+            if how == nb_walk.WALKED:
+                mask = words.view(np.int32)
+                if space.can_end(cid):
+                    mask |= self.stop_words
+            else:
+                mask = self._roots_mask(cid)
+            hit = (mask, mask.tobytes() != self.full_bytes)
+            space.st[VAL][sid] = len(space.shape_masks)
+            space.shape_masks.append(hit)
         cfg.mask, cfg.need_apply = hit
         return cfg.mask
-
-    def _shares_counts(self, cid: int) -> bool:
-        """Whether a kernel item is a counted repetition out of one token's reach of its upper bound: its
-        classification serves every such count (`_ckey`), while a walk from the configuration would serve
-        only this one (a string of maxLength 10000 has a configuration per count)."""
-        rep_of, h = self.ir.rep_of, self.horizon
-        for s, _, c in self.space.kernel(cid):
-            rep = rep_of[s]
-            if rep is not None and (rep[2] is None or rep[2] - c >= h):
-                return True
-        return False
-
-    def _walk_mask(self, cid: int) -> np.ndarray:
-        """The mask by one walk of the vocabulary from the configuration itself, in its real context: exact
-        without classifying its items and resolving their uncertain tokens in context, and the configurations
-        it builds are the real ones the next accepts and masks step through."""
-        lo, hi = self.space.walk(self.vocab.flat, cid, _NO_FILTER)
-        words = self._words(lo, hi)
-        return words | self.stop_words if self.space.can_end(cid) else words
 
     def _roots_mask(self, cid: int) -> np.ndarray:
         """The OR of a configuration's kernel items' contributions (its roots cover the other items)."""

@@ -150,7 +150,8 @@ def context(ir, st, o, r, h):
 
 @njit(I(IRT, ST, I, I), cache=True)
 def shape(ir, st, cid, h):
-    """The shape id of configuration cid (counts clamped to h bytes of their bounds), or FULL."""
+    """The shape id of configuration cid (counts clamped to h bytes of their bounds), or FULL. The shape
+    record's value is -1 until mask.py records the index of the shape's mask there."""
     rule = part(ir, R_RULE)
     kd = st[DATA]
     ka, kb = kernel_span(st, cid)
@@ -169,4 +170,4 @@ def shape(ir, st, cid, h):
         return k
     if room(st, m, 1) == FULL:
         return FULL
-    return insert(st, K_SHAPE, quads, 0, m, 0)
+    return insert(st, K_SHAPE, quads, 0, m, -1)

@@ -17,9 +17,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, types
 
-from .nb_earley import IRT, initial, main, step
+from .nb_earley import IRT, R_REPB, R_REPHI, initial, kernel_span, main, step
 from .nb_mask import A64, U8, U32, range_words, uncertain
-from .nb_store import BITS, CFG, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, A, I, ST, part
+from .nb_shape import shape
+from .nb_store import (BITS, CFG, DATA, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, VAL, A, I,
+                       ST, part)
 
 # a trie node's record in VocabIndex.flat: what every visit reads (HOT int32), kept small so the walk's reads
 # stay in cache, and what only wholesale acceptance reads (COLD int32)
@@ -31,6 +33,7 @@ COLD = 9
 SKIP_SPAN = 2  # single strings are walked; larger subtrees are first checked for wholesale acceptance
 LOOP_MIN = 32  # byte groups smaller than this are not followed to accept whole subtrees
 SHORT = -4  # a walk's status: its result buffer is too small
+SHAPED, WALKED, CLASSIFY = range(3)  # how config_words answered
 VT = PK
 
 
@@ -174,3 +177,30 @@ def classify(ir, st, vt, s, c, ids_start, ids, words, follow, cap):
         return r, empty, empty, empty, empty, empty, empty
     range_words(lo, hi, ids_start, ids, words)
     return 0, uncertain(lo, hi, ex_lo, ex_hi, ex_b, follow, len(ids_start) - 1), lo, hi, ex_lo, ex_hi, ex_b
+
+
+@njit(types.UniTuple(I, 3)(IRT, ST, VT, I, I, A64, A64, U32, I), cache=True)
+def config_words(ir, st, vt, cid, h, ids_start, ids, words, cap):
+    """A new configuration's mask in one call (mask.py's). Returns (status, shape id, how): SHAPED when a mask
+    of its shape (counts clamped to h bytes of their bounds) is known, the shape record's value being that
+    mask's index (mask.py sets it); CLASSIFY when a kernel item is a counted repetition out of one token's
+    reach of its upper bound (mask.py classifies such items: one classification serves every such count);
+    else WALKED, the tokens a walk from cid accepts set in `words` (zeros, left untouched unless the call
+    completes). Status FULL or SHORT as in `walk`."""
+    sid = shape(ir, st, cid, h)
+    if sid == FULL:
+        return FULL, 0, 0
+    if st[VAL][sid] >= 0:
+        return 0, sid, SHAPED
+    repb, rephi = part(ir, R_REPB), part(ir, R_REPHI)
+    kd = st[DATA]
+    ka, kb = kernel_span(st, cid)
+    for p in range(ka, kb, 3):
+        s = kd[p]
+        if repb[s] >= 0 and (rephi[s] < 0 or rephi[s] - kd[p + 2] >= h):
+            return 0, sid, CLASSIFY
+    r, lo, hi, _, _, _ = walk(ir, st, vt, cid, False, np.empty(0, np.int32), cap)
+    if r != 0:
+        return r, 0, 0
+    range_words(lo, hi, ids_start, ids, words)
+    return 0, sid, WALKED
