@@ -203,6 +203,9 @@ class GuidedDecoder:
         self._warmed: weakref.WeakSet[CompiledGrammar] = weakref.WeakSet()
         self._over_budget: OrderedDict[str, float] = OrderedDict()  # event loop side
         self._validated: OrderedDict[str, None] = OrderedDict()  # worker side: specs that compiled
+        # Grammars compiled, warmed and handed to the pool, by spec key, while anything (the compiler's cache, a
+        # live request) keeps them: served on the event loop without a trip through the grammar thread.
+        self._ready: weakref.WeakValueDictionary[str, CompiledGrammar] = weakref.WeakValueDictionary()
         self._buffer = allocate_token_bitmask(1, vocab_size)  # reused every step; grown on demand
 
     # ---- compiling (event loop side) -------------------------------------------------------------------------
@@ -215,11 +218,17 @@ class GuidedDecoder:
         seconds on huge schemas) runs first on the worker, inside the budget, the first time a spec is seen;
         what it raises is raised here. Raises the grammar engine's GrammarError (a ValueError) for input it
         rejects, GrammarCompileTimeout when over budget. The one-time tokenizer setup is not charged.
+        A grammar compiled before is returned at once: it neither waits behind another grammar's compile on the
+        thread nor pays two thread hops, which on a GPU server (whose engine thread holds the GIL most of a step)
+        spread a burst of constrained requests over many steps.
         """
         key = spec.key()
         if key in self._over_budget:
             raise GrammarCompileTimeout(
                 f"this grammar already exceeded the {self._over_budget[key]:g} s compile budget")
+        ready = self._ready.get(key)
+        if ready is not None:
+            return ready
         compiler = await asyncio.wrap_future(self._compiler())
         loop = asyncio.get_running_loop()
         started = loop.create_future()
@@ -276,6 +285,7 @@ class GuidedDecoder:
         if self._pool is not None:
             self._specs[compiled] = spec, key
             self._pool.prepare(key, spec)
+        self._ready[key] = compiled
         return compiled
 
     # ---- decoding (engine thread side) -----------------------------------------------------------------------

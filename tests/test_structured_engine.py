@@ -311,3 +311,26 @@ def test_over_budget_compile_fails_fast_and_later_compiles_work(loaded):
                         SamplingParams(temperature=0, max_tokens=16, grammar=compiled))])
     *ids, finish = out["r", 0]
     assert finish == "stop" and re.fullmatch(REGEX, loaded.tokenizer.decode(ids))
+
+
+def test_a_grammar_compiled_before_is_served_while_the_grammar_thread_is_busy(loaded):
+    """A cached grammar must not queue behind another request's compile (up to its budget, seconds) on the one
+    grammar thread, and must be the same object: its workers and masks are already set up."""
+    engine = make_engine(loaded)
+    guided = engine.guided
+    spec = GrammarSpec("regex", REGEX)
+    first = asyncio.run(guided.compile(spec, 60))
+    release = threading.Event()
+    blocker = guided._worker.submit(lambda: release.wait(30))
+    try:
+        t = time.perf_counter()
+        again = asyncio.run(guided.compile(GrammarSpec("regex", REGEX), 60))
+        assert time.perf_counter() - t < 1.0
+        assert again is first
+    finally:
+        release.set()
+        blocker.result(timeout=30)
+    out = run(engine, [("r", prompt(engine, "A city and a number?"),
+                        SamplingParams(temperature=0, max_tokens=16, grammar=again))])
+    *ids, finish = out["r", 0]
+    assert finish == "stop" and re.fullmatch(REGEX, loaded.tokenizer.decode(ids))
