@@ -99,10 +99,11 @@ class GrammarCompiler:
         self.cache_limit_bytes = cache_limit_bytes
         self._grammars: OrderedDict = OrderedDict()
         self._classes: dict = {}
-        # built once per tokenizer, before any timed compile, with the trie walk's tables (~20 ms), which
-        # would otherwise land in the first mask of the first grammar
+        # built once per tokenizer, before any timed compile, with the trie walk's tables (~20 ms) and every
+        # string's token words, which would otherwise land in the first mask of the first grammar
         self._vocab = tokenizer_info.index
         self._flat = self._vocab.flat
+        self._all_words = self._vocab.all_words
 
     def _cached(self, key, build) -> CompiledGrammar:
         if self.cache_enabled:

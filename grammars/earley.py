@@ -120,15 +120,16 @@ class Space:
         """nb_walk.walk over the flat trie `vt`, without exits: the accepted strings' ranges (lo, hi)."""
         return self._walk(nb_walk.walk, vt, start, False, cum)[1:3]
 
-    def classify(self, vt: tuple, s: int, c: int, ids_start: np.ndarray, ids: np.ndarray, words: np.ndarray,
-                 follow: np.ndarray):
-        """nb_walk.classify: (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte), tokens accepted set in `words`."""
-        return self._walk(nb_walk.classify, vt, s, c, ids_start, ids, words, follow)[1:]
+    def classify(self, vocab, s: int, c: int, words: np.ndarray, follow: np.ndarray):
+        """nb_walk.classify over `vocab` (a VocabIndex): (uncertain strings, lo, hi, ex_lo, ex_hi, ex_byte),
+        tokens accepted set in `words`."""
+        return self._walk(nb_walk.classify, vocab.flat, s, c, vocab.ids_start, vocab.ids, vocab.all_words, words,
+                          follow)[1:]
 
-    def config_words(self, vt: tuple, cid: int, horizon: int, ids_start: np.ndarray, ids: np.ndarray,
-                     words: np.ndarray) -> tuple[int, int]:
-        """nb_walk.config_words: (shape id, how), the walked tokens set in `words`."""
-        r = self._walk(nb_walk.config_words, vt, cid, horizon, ids_start, ids, words)
+    def config_words(self, vocab, cid: int, horizon: int, words: np.ndarray) -> tuple[int, int]:
+        """nb_walk.config_words over `vocab` (a VocabIndex): (shape id, how), the walked tokens set in `words`."""
+        r = self._walk(nb_walk.config_words, vocab.flat, cid, horizon, vocab.ids_start, vocab.ids, vocab.all_words,
+                       words)
         return r[1], r[2]
 
     def context(self, o: int, r: int, horizon: int) -> int:

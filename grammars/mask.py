@@ -131,7 +131,7 @@ class Masker:
             if base is None:  # walk, token words and uncertain strings in one compiled call
                 vocab = self.vocab
                 words = np.zeros(vocab.words, dtype=np.uint32)
-                unc, *w = self.space.classify(vocab.flat, s, c, vocab.ids_start, vocab.ids, words, fol)
+                unc, *w = self.space.classify(vocab, s, c, words, fol)
                 base = (words.view(np.int32), *w)  # a flat tuple of arrays (sized by the compiler)
                 self.cache[base_key] = base
             else:
@@ -174,7 +174,7 @@ class Masker:
             return cfg.mask
         space, vocab = self.space, self.vocab
         words = np.zeros(vocab.words, dtype=np.uint32)
-        sid, how = space.config_words(vocab.flat, cid, self.horizon, vocab.ids_start, vocab.ids, words)
+        sid, how = space.config_words(vocab, cid, self.horizon, words)
         if how == nb_walk.SHAPED:
             hit = space.shape_masks[space.st[VAL][sid]]
         else:

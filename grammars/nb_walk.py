@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, types
 
 from .nb_earley import IRT, R_REPB, R_REPHI, initial, kernel_span, main, step
-from .nb_mask import A64, U8, U32, range_words, uncertain
+from .nb_mask import A64, U8, U32, set_words, uncertain
 from .nb_shape import shape
 from .nb_store import (BITS, CFG, DATA, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, VAL, A, I,
                        ST, part)
@@ -162,11 +162,11 @@ def walk(ir, st, vt, start, exits, cum, cap):
             out[3 * cap: 3 * cap + ne].copy(), out[4 * cap: 4 * cap + ne].copy())
 
 
-@njit(types.Tuple((I, A, A, A, A, A, A))(IRT, ST, VT, I, I, A64, A64, U32, U8, I), cache=True)
-def classify(ir, st, vt, s, c, ids_start, ids, words, follow, cap):
+@njit(types.Tuple((I, A, A, A, A, A, A))(IRT, ST, VT, I, I, A64, A64, U32, U32, U8, I), cache=True)
+def classify(ir, st, vt, s, c, ids_start, ids, all_words, words, follow, cap):
     """A classification in one call (mask.py's, for an item at state s with count c under the bottom origin):
     the walk with exits from that item's configuration, the tokens of its accepted strings set in `words`
-    (zeros, left untouched unless the call completes) and the uncertain strings for FOLLOW1 set `follow`.
+    (zeros, left untouched unless the call completes; `all_words`: every string's tokens) and the uncertain strings for FOLLOW1 set `follow`.
     Returns (status, unc, lo, hi, ex_lo, ex_hi, ex_byte); status FULL or SHORT as in `walk`."""
     empty = np.empty(0, np.int32)
     start = initial(ir, st, s, c, -1)
@@ -175,12 +175,12 @@ def classify(ir, st, vt, s, c, ids_start, ids, words, follow, cap):
     r, lo, hi, ex_lo, ex_hi, ex_b = walk(ir, st, vt, start, True, empty, cap)
     if r != 0:
         return r, empty, empty, empty, empty, empty, empty
-    range_words(lo, hi, ids_start, ids, words)
+    set_words(lo, hi, ids_start, ids, all_words, words)
     return 0, uncertain(lo, hi, ex_lo, ex_hi, ex_b, follow, len(ids_start) - 1), lo, hi, ex_lo, ex_hi, ex_b
 
 
-@njit(types.UniTuple(I, 3)(IRT, ST, VT, I, I, A64, A64, U32, I), cache=True)
-def config_words(ir, st, vt, cid, h, ids_start, ids, words, cap):
+@njit(types.UniTuple(I, 3)(IRT, ST, VT, I, I, A64, A64, U32, U32, I), cache=True)
+def config_words(ir, st, vt, cid, h, ids_start, ids, all_words, words, cap):
     """A new configuration's mask in one call (mask.py's). Returns (status, shape id, how): SHAPED when a mask
     of its shape (counts clamped to h bytes of their bounds) is known, the shape record's value being that
     mask's index (mask.py sets it); CLASSIFY when a kernel item is a counted repetition out of one token's
@@ -202,5 +202,5 @@ def config_words(ir, st, vt, cid, h, ids_start, ids, words, cap):
     r, lo, hi, _, _, _ = walk(ir, st, vt, cid, False, np.empty(0, np.int32), cap)
     if r != 0:
         return r, 0, 0
-    range_words(lo, hi, ids_start, ids, words)
+    set_words(lo, hi, ids_start, ids, all_words, words)
     return 0, sid, WALKED

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .nb_mask import range_words
 from .nb_store import packed
 from .nb_walk import COLD, HOT, TERM
 
@@ -140,6 +141,17 @@ class VocabIndex:
             flat = self.__dict__["_flat"] = packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len]),
                                                     kb, kn, sib])
         return flat
+
+    @property
+    def all_words(self) -> np.ndarray:
+        """Bitmask words (uint32) of every token that spells a string: masks accepting most strings start from
+        it (nb_mask.set_words). Built on first use."""
+        words = self.__dict__.get("_all_words")
+        if words is None:
+            words = self.__dict__["_all_words"] = np.zeros(self.words, dtype=np.uint32)
+            everything = np.asarray([0, self.n], dtype=np.int32)
+            range_words(everything[:1], everything[1:], self.ids_start, self.ids, words)
+        return words
 
     def _siblings(self, order: np.ndarray, byte: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each node's siblings side by side, for walks that pass over the siblings a configuration cannot

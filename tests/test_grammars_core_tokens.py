@@ -161,6 +161,25 @@ def test_walked_classified_and_shared_masks_agree(env, name):
             assert m.accept_token(tid)
 
 
+def test_mask_words_of_most_strings_equal_token_by_token(env):
+    """A mask accepting most strings is built as every string's tokens less the rest: the same bits."""
+    from treadle.grammars import nb_mask
+
+    v = env["info"].index
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        cuts = np.sort(rng.choice(np.arange(1, v.n), 40, replace=False)).astype(np.int32)
+        ranges = (cuts[0::2].copy(), cuts[1::2].copy())
+        edges = np.concatenate([[0], cuts, [v.n]]).astype(np.int32)
+        gaps = (edges[0::2].copy(), edges[1::2].copy())
+        assert max(int((hi - lo).sum()) for lo, hi in (ranges, gaps)) * 2 > v.n
+        for lo, hi in (ranges, gaps):
+            fast, slow = np.zeros(v.words, np.uint32), np.zeros(v.words, np.uint32)
+            nb_mask.set_words(lo, hi, v.ids_start, v.ids, v.all_words, fast)
+            nb_mask.range_words(lo, hi, v.ids_start, v.ids, slow)
+            assert np.array_equal(fast, slow)
+
+
 def test_rejected_token_leaves_state_unchanged(env):
     m = GrammarMatcher(env["compiler"].compile_grammar('root ::= "abc"'))
     bad = env["tok"].encode("xyz", add_special_tokens=False)[0]
