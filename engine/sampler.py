@@ -2,15 +2,16 @@
 
 Called once per engine step with one row per sequence, so everything is batched tensor work; Python cost is
 O(1) per sequence (parameter lists, no per-row `.item()`), and steps that no row needs are skipped.
-The same code runs on CPU and CUDA.
+The same code runs on CPU and CUDA, except for the device draw below.
 
 Sampling is by inverse CDF with one uniform number per row: a seeded row draws its number from its own
 generator, so its tokens do not depend on what else is in the batch. The only host syncs are the returned
 token ids (and logprobs) and, when a row uses top_p, one check of whether its candidates sufficed.
-On CUDA, a batch whose rows only use temperature (or are greedy) is drawn by one Triton pass instead
-(`treadle.kernels.sampling.draw_tokens`: Gumbel-max with the grammar bitmask read in the same pass): at 64 rows
-over a 128k vocabulary the softmax, float64 CDF and search took ~0.35 ms of an H100 step, and a constrained
-row's mask one more pass over its logits. A seeded row there takes its Philox seed from its own generator.
+On CUDA, rows that use temperature alone (and greedy rows beside them or under a grammar mask) are drawn by one
+Triton pass instead (`treadle.kernels.sampling.draw_tokens`: Gumbel-max with the grammar bitmask read in the same
+pass): at 64 rows over a 128k vocabulary the softmax, float64 CDF and search took ~0.35 ms of an H100 step, and a
+constrained row's mask one more pass over its logits. A seeded row there takes its Philox seed from its own
+generator.
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class Sampler:
         self.device = torch.device(device)
         self._apply_kernel = None
         self._draw_kernel = None
+        self._draw_scratch = None
         self._byte_bias = None
         if self.device.type == "cuda":  # Triton comes with CUDA builds of torch, not necessarily with CPU ones
             from treadle.kernels.bitmask import apply_token_bitmask_
@@ -285,17 +287,19 @@ class Sampler:
             seeds = seeds + torch.arange(len(states), device=self.device)
             for i in seeded:
                 seeds[i : i + 1].random_(1 << 32, 1 << 62, generator=states[i].ensure_generator(self.device))
-        mask = None if bitmask is None else self._device_bitmask(bitmask, len(states))
+        mask = None
+        if bitmask is not None:
+            self._check_bitmask(bitmask, len(states))
+            mask = self._upload(bitmask)
         tokens = self._draw_kernel(x.contiguous(), self._temps[1], seeds, mask, scratch=self._draw_scratch)
         if mask is not None and self._applied is not None:
             self._applied.record()
         return tokens
 
-    def _device_bitmask(self, bitmask: torch.Tensor, batch: int) -> torch.Tensor:
+    def _check_bitmask(self, bitmask: torch.Tensor, batch: int) -> None:
         words = (self.vocab_size + 31) // 32
         if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, words):
             raise ValueError(f"bitmask must be int32 [{batch}, {words}], got {bitmask.dtype} {list(bitmask.shape)}")
-        return self._upload(bitmask)
 
     def _apply_bitmask(self, x: torch.Tensor, bitmask: torch.Tensor) -> None:
         """Banned tokens' logits of x [B, V] to -inf, in place.
@@ -306,13 +310,12 @@ class Sampler:
         8*i .. 8*i+7, so one table lookup per byte expands the mask into a bias to add.
         """
         batch, words = x.shape[0], (self.vocab_size + 31) // 32
+        self._check_bitmask(bitmask, batch)
         if self._apply_kernel is not None:
-            self._apply_kernel(x, self._device_bitmask(bitmask, batch), vocab_size=self.vocab_size)
+            self._apply_kernel(x, self._upload(bitmask), vocab_size=self.vocab_size)
             if self._applied is not None:
                 self._applied.record()
             return
-        if bitmask.dtype != torch.int32 or tuple(bitmask.shape) != (batch, words):
-            raise ValueError(f"bitmask must be int32 [{batch}, {words}], got {bitmask.dtype} {list(bitmask.shape)}")
         row_bytes = bitmask.contiguous().view(torch.uint8).reshape(-1).long()
         x.add_(self._byte_bias.index_select(0, row_bytes).view(batch, words * 32)[:, : self.vocab_size])
 
