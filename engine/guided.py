@@ -218,9 +218,8 @@ class GuidedDecoder:
         seconds on huge schemas) runs first on the worker, inside the budget, the first time a spec is seen;
         what it raises is raised here. Raises the grammar engine's GrammarError (a ValueError) for input it
         rejects, GrammarCompileTimeout when over budget. The one-time tokenizer setup is not charged.
-        A grammar compiled before is returned at once: it neither waits behind another grammar's compile on the
-        thread nor pays two thread hops, which on a GPU server (whose engine thread holds the GIL most of a step)
-        spread a burst of constrained requests over many steps.
+        A grammar compiled before is returned at once, on the event loop: it never waits behind another
+        grammar's compile (up to its budget) on the thread.
         """
         key = spec.key()
         if key in self._over_budget:
