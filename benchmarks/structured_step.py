@@ -4,10 +4,11 @@
 
 structured_overhead.py measures the same thing through HTTP, where the server's own per-token work and run-to-run
 noise blur a few percent; this drives an LLMEngine directly. Each round adds `batch` requests (random 32-token
-prompts, temperature 1, exactly --output-len tokens) and steps until they finish; rounds alternate free and
-constrained by structured_overhead's SCHEMA, after --warmup pairs per batch size (the grammar engine builds masks
-lazily: a random-weight model samples arbitrary allowed tokens and keeps meeting parser configurations the first
-rounds have not seen; a trained model repeats itself and warms up faster). Per round the mean ms per
+prompts, --temperature 1 by default where structured_overhead.py samples greedily, exactly --output-len tokens)
+and steps until they finish; rounds alternate free and constrained by structured_overhead's SCHEMA, after
+--warmup pairs per batch size (the grammar engine builds masks lazily: a random-weight model samples arbitrary
+allowed tokens and keeps meeting parser configurations the first rounds have not seen; a trained model repeats
+itself and warms up faster). Per round the mean ms per
 step is split into the engine's phases: `forward` (host side of launching the model), `start` / `finish`
 (sending the mask fills and waiting for them), `sample` (which includes waiting for the GPU), `accept` and
 `emit`. The median round of each mode is reported, and the overhead both from those medians and as the median over
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=ints, default=[0], help="grammar worker processes, one engine per value")
     p.add_argument("--batches", type=ints, default=[1, 16, 64])
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--repeats", type=int, default=3, help="free/constrained round pairs per batch size")
     p.add_argument("--warmup", type=int, default=1, help="round pairs per batch size before measuring")
     p.add_argument("--out", default="structured_step.json")
@@ -99,7 +101,7 @@ def measure(args: argparse.Namespace, loaded, workers: int, console: Console) ->
             nonlocal count
             for _ in range(batch):
                 prompt = torch.randint(100, engine.model_config.vocab_size - 100, (32,), generator=gen).tolist()
-                params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True,
+                params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
                                         grammar=grammar if constrained else None)
                 engine.add_request(Request(f"r{count}", prompt, params))
                 count += 1
