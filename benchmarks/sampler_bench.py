@@ -10,7 +10,7 @@ Scenarios at V = 49152 (SmolLM2's vocabulary) and batch sizes 1, 16, 64:
 - top-p + logprobs: top-p with 5 top logprobs per row;
 - sampled: temperature 1 alone (what the engine's benchmarks use; on CUDA the one-pass device draw);
 - sampled + bitmask: the same under a grammar bitmask in pinned host memory, as the grammar workers hand it over,
-  allowing ~1% of the tokens (a JSON schema's masks allow few).
+  allowing ~0.4% of the tokens (a JSON schema's masks allow few).
 --vocab sets V (128256 is Llama 3's vocabulary, what the GPU benchmarks use); --scenarios picks a subset.
 Each cell is the median over --iters steps after --warmup steps, in microseconds per step.
 Rows marked (transformers) time the same step with transformers' logits processors and torch.multinomial
