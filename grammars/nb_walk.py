@@ -20,8 +20,8 @@ from numba import njit, types
 from .nb_earley import IRT, R_REPB, R_REPHI, initial, kernel_span, main, step
 from .nb_mask import A64, U8, U32, set_words, uncertain
 from .nb_shape import shape
-from .nb_store import (BITS, CFG, DATA, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, VAL, A, I,
-                       ST, part)
+from .nb_store import (BITS, CFG, DATA, F_CAN_END, F_MAIN_N, F_MAIN_T, F_NALLOW, FULL, NCF, PK, TABLE, UNKNOWN, VAL,
+                       A, I, ST, part)
 
 # a trie node's record in VocabIndex.flat: what every visit reads (HOT int32), kept small so the walk's reads
 # stay in cache, and what only wholesale acceptance reads (COLD int32)
@@ -166,7 +166,8 @@ def walk(ir, st, vt, start, exits, cum, cap):
 def classify(ir, st, vt, s, c, ids_start, ids, all_words, words, follow, cap):
     """A classification in one call (mask.py's, for an item at state s with count c under the bottom origin):
     the walk with exits from that item's configuration, the tokens of its accepted strings set in `words`
-    (zeros, left untouched unless the call completes; `all_words`: every string's tokens) and the uncertain strings for FOLLOW1 set `follow`.
+    (zeros, left untouched unless the call completes; `all_words`: every string's tokens) and the uncertain
+    strings for FOLLOW1 set `follow`.
     Returns (status, unc, lo, hi, ex_lo, ex_hi, ex_byte); status FULL or SHORT as in `walk`."""
     empty = np.empty(0, np.int32)
     start = initial(ir, st, s, c, -1)
