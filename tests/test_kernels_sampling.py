@@ -60,7 +60,11 @@ def test_draws_follow_the_filtered_distribution(temperature, top_k, top_p):
                         block=DRAW_BLOCK)
     counts = torch.bincount(out.cpu(), minlength=VOCAB).double()
     assert counts[expected == 0].sum() == 0, "drew a token outside the top-k/top-p support"
-    # Total variation distance of the empirical distribution, against 3x its expected sampling noise.
+    assert_close_in_distribution(counts, expected)
+
+
+def assert_close_in_distribution(counts: torch.Tensor, expected: torch.Tensor) -> None:
+    """Total variation distance of the empirical distribution, against 3x its expected sampling noise."""
     noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * DRAWS)).sqrt().sum().item()
     tvd = 0.5 * (counts / DRAWS - expected).abs().sum().item()
     assert tvd < 3 * noise, (tvd, noise)
@@ -147,9 +151,7 @@ def test_plain_draws_follow_the_masked_softmax():
                       seeds, _bitmask(allowed.expand(DRAWS, VOCAB)), parts=1, block=128 if not ON_GPU else 1024)
     counts = torch.bincount(out.cpu(), minlength=VOCAB).double()
     assert counts[~allowed].sum() == 0, "drew a banned token"
-    noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * DRAWS)).sqrt().sum().item()
-    tvd = 0.5 * (counts / DRAWS - expected).abs().sum().item()
-    assert tvd < 3 * noise, (tvd, noise)
+    assert_close_in_distribution(counts, expected)
 
 
 def test_plain_draw_depends_on_the_row_seed_not_on_the_split():
