@@ -145,9 +145,9 @@ class Sampler:
                     if not s.params.greedy and not (device_draw and s.temperature_only)]
         # With no other row to sample, the kernel reads the grammar's mask itself, so the logits are not masked
         # first; a min_tokens ban must be weighed against the mask, which needs the masked logits.
-        fused = (device_draw and not by_torch
-                 and (bitmask is None or not self._min_tokens_bans(states)[0]))
-        x = self._penalized(logits, states, None if fused else bitmask, in_place=scratch)
+        bans = self._min_tokens_bans(states)
+        fused = device_draw and not by_torch and (bitmask is None or not bans[0])
+        x = self._penalized(logits, states, bans, None if fused else bitmask, in_place=scratch)
         if len(by_torch) == len(states):
             tokens = self._draw_rows(x, states)
         else:
@@ -169,7 +169,7 @@ class Sampler:
         Useful wherever the exact sampling distribution is needed (speculative-decoding acceptance, tests).
         """
         logits = self._check(logits, states)
-        x = self._penalized(logits, states, bitmask)
+        x = self._penalized(logits, states, self._min_tokens_bans(states), bitmask)
         sampling_rows = [i for i, s in enumerate(states) if not s.params.greedy]
         if sampling_rows:
             sub = [states[i] for i in sampling_rows]
@@ -196,14 +196,14 @@ class Sampler:
         return logits.float()
 
     def _penalized(
-        self, logits: torch.Tensor, states: list[SeqSamplingState], bitmask: torch.Tensor | None,
-        in_place: bool = False,
+        self, logits: torch.Tensor, states: list[SeqSamplingState], bans: tuple[list[int], list[int]],
+        bitmask: torch.Tensor | None, in_place: bool = False,
     ) -> torch.Tensor:
-        """Penalties, min_tokens bans and the grammar mask: into `logits` itself if `in_place`, else into a new
-        tensor whenever anything applies."""
+        """Penalties, min_tokens `bans` (`_min_tokens_bans`) and the grammar mask: into `logits` itself if
+        `in_place`, else into a new tensor whenever anything applies."""
         rep_rows = [i for i, s in enumerate(states) if s.uses_repetition]
         count_rows = [i for i, s in enumerate(states) if s.uses_counts]
-        ban_rows, ban_cols = self._min_tokens_bans(states)
+        ban_rows, ban_cols = bans
         if not (rep_rows or count_rows or ban_rows or bitmask is not None):
             return logits
         # Flat views: gather/scatter on them never sync the host on CUDA, unlike index_put with accumulate.
