@@ -181,6 +181,20 @@ def _sample_kernel(
         tl.store(out_ptr + row, pick.to(tl.int64))
 
 
+def _checked(logits: torch.Tensor, block: int, least: int, rows: tuple) -> tuple[int, int]:
+    """(B, V) of logits [B, V] with contiguous rows, after checking that `block` is a power of two >= `least`
+    and each (name, tensor, dtype) of `rows` is a [B] tensor of that dtype."""
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be [B, V] with contiguous rows")
+    batch, vocab = logits.shape
+    for name, t, dtype in rows:
+        if t.shape != (batch,) or t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype} [{batch}]")
+    if block < least or block & (block - 1):
+        raise ValueError(f"block must be a power of two >= {least}")
+    return batch, vocab
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -194,19 +208,12 @@ def sample_tokens(
     Per-row parameters, all [B] on the logits' device: temperature (fp32, 0 = greedy), top_k (int32, <= 0 or
     >= V = off), top_p (fp32 in (0, 1], 1 = off), seeds (int64; the same seed and inputs give the same token).
     """
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("logits must be [B, V] with contiguous rows")
-    batch, vocab = logits.shape
-    for name, t, dtype in (
+    batch, vocab = _checked(logits, block, 16, (
         ("temperature", temperature, torch.float32),
         ("top_k", top_k, torch.int32),
         ("top_p", top_p, torch.float32),
         ("seeds", seeds, torch.int64),
-    ):
-        if t.shape != (batch,) or t.dtype != dtype:
-            raise ValueError(f"{name} must be {dtype} [{batch}]")
-    if block < 16 or block & (block - 1):
-        raise ValueError("block must be a power of two >= 16")
+    ))
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch:
         _sample_kernel[(batch,)](
@@ -353,20 +360,13 @@ def draw_tokens(
     eight programs per SM in all); the last to finish picks among their winners, so the result does not depend
     on `parts`. A caller drawing every step passes its own `scratch` (one per stream) to save the allocations.
     """
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("logits must be [B, V] with contiguous rows")
-    batch, vocab = logits.shape
-    if temperature.shape != (batch,) or temperature.dtype != torch.float32:
-        raise ValueError(f"temperature must be torch.float32 [{batch}]")
     has_seeds = isinstance(seeds, torch.Tensor)
-    if has_seeds and (seeds.shape != (batch,) or seeds.dtype != torch.int64):
-        raise ValueError(f"seeds must be torch.int64 [{batch}] or an int")
+    batch, vocab = _checked(logits, block, 64, (("temperature", temperature, torch.float32),
+                                                *((("seeds", seeds, torch.int64),) if has_seeds else ())))
     words = (vocab + 31) // 32
     if bitmask is not None and (bitmask.dtype != torch.int32 or bitmask.shape != (batch, words)
                                 or bitmask.stride(1) != 1):
         raise ValueError(f"bitmask must be int32 [{batch}, {words}] with contiguous rows")
-    if block < 64 or block & (block - 1):
-        raise ValueError("block must be a power of two >= 64")
     out = torch.empty(batch, dtype=torch.int64, device=logits.device)
     if batch == 0:
         return out
