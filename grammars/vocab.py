@@ -11,6 +11,7 @@ vocabulary that way).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -113,44 +114,38 @@ class VocabIndex:
             lvl.reach = np.maximum.reduceat(lens, lvl.lo) - (d + 1) if len(lvl.lo) else np.zeros(0, np.int64)
             below_next = below
 
-    @property
+    @functools.cached_property
     def flat(self) -> tuple[np.ndarray, np.ndarray]:
         """The trie for nb_walk, packed: per node a hot record of HOT int32 (byte | depth << 8 | TERM when a
         string ends at the node -- it is then the node's first string, lo --, lo, hi, the index just past its
         subtree) and a cold one of COLD int32 (reach, then 8 words of the bytes below it), nodes in depth-first
         order, which is sorted string order: a walk reads the hot records front to back, skipping subtrees;
         then the max length and the sibling lists (`_siblings`). Built on first use."""
-        flat = self.__dict__.get("_flat")
-        if flat is None:
-            levels = self.levels
-            cols = [np.concatenate([getattr(lvl, name) for lvl in levels]) if levels else np.zeros(0, np.int64)
-                    for name in ("byte", "lo", "hi", "term", "reach")]
-            byte, lo, hi, term, reach = cols
-            depth = np.concatenate([np.full(len(lvl.lo), d) for d, lvl in enumerate(levels)]) if levels else lo
-            below = np.concatenate([lvl.below for lvl in levels]).view(np.int32) if levels else np.zeros((0, 8))
-            order = np.lexsort((depth, lo))
-            hot = np.empty((len(order), HOT), dtype=np.int32)
-            hot[:, 0] = (byte | depth << 8 | np.where(term >= 0, TERM, 0))[order]
-            hot[:, 1] = lo[order]
-            hot[:, 2] = hi[order]
-            hot[:, 3] = np.searchsorted(lo[order], hi[order], side="left")
-            cold = np.empty((len(order), COLD), dtype=np.int32)
-            cold[:, 0] = reach[order]
-            cold[:, 1:] = below[order]
-            kb, kn, sib = self._siblings(order, byte)
-            flat = self.__dict__["_flat"] = packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len]),
-                                                    kb, kn, sib])
-        return flat
+        levels = self.levels
+        cols = [np.concatenate([getattr(lvl, name) for lvl in levels]) if levels else np.zeros(0, np.int64)
+                for name in ("byte", "lo", "hi", "term", "reach")]
+        byte, lo, hi, term, reach = cols
+        depth = np.concatenate([np.full(len(lvl.lo), d) for d, lvl in enumerate(levels)]) if levels else lo
+        below = np.concatenate([lvl.below for lvl in levels]).view(np.int32) if levels else np.zeros((0, 8))
+        order = np.lexsort((depth, lo))
+        hot = np.empty((len(order), HOT), dtype=np.int32)
+        hot[:, 0] = (byte | depth << 8 | np.where(term >= 0, TERM, 0))[order]
+        hot[:, 1] = lo[order]
+        hot[:, 2] = hi[order]
+        hot[:, 3] = np.searchsorted(lo[order], hi[order], side="left")
+        cold = np.empty((len(order), COLD), dtype=np.int32)
+        cold[:, 0] = reach[order]
+        cold[:, 1:] = below[order]
+        kb, kn, sib = self._siblings(order, byte)
+        return packed([hot.reshape(-1), cold.reshape(-1), np.asarray([self.max_len]), kb, kn, sib])
 
-    @property
+    @functools.cached_property
     def all_words(self) -> np.ndarray:
         """Bitmask words (uint32) of every token that spells a string: masks accepting most strings start from
         it (nb_mask.set_words). Built on first use."""
-        words = self.__dict__.get("_all_words")
-        if words is None:
-            words = self.__dict__["_all_words"] = np.zeros(self.words, dtype=np.uint32)
-            everything = np.asarray([0, self.n], dtype=np.int32)
-            range_words(everything[:1], everything[1:], self.ids_start, self.ids, words)
+        words = np.zeros(self.words, dtype=np.uint32)
+        everything = np.asarray([0, self.n], dtype=np.int32)
+        range_words(everything[:1], everything[1:], self.ids_start, self.ids, words)
         return words
 
     def _siblings(self, order: np.ndarray, byte: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
