@@ -366,9 +366,11 @@ def test_logprobs_are_the_raw_log_softmax(device):
     assert out.logprobs[2] is None
 
 
-def test_bad_shapes_are_rejected():
-    sampler = Sampler(V, EOS, "cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_shapes_are_rejected(device):
+    """On CUDA the default row (temperature alone) goes to the device draw, which checks the mask itself."""
+    sampler = Sampler(V, EOS, device)
     with pytest.raises(ValueError, match="logits must be"):
-        sampler.sample(torch.zeros(2, V), [state()])
+        sampler.sample(torch.zeros(2, V, device=device), [state()])
     with pytest.raises(ValueError, match="bitmask must be"):
-        sampler.sample(torch.zeros(1, V), [state()], torch.zeros(1, 3, dtype=torch.int32))
+        sampler.sample(torch.zeros(1, V, device=device), [state()], torch.zeros(1, 3, dtype=torch.int32))
